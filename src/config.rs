@@ -1,0 +1,61 @@
+//! Every server setting in one struct, with its default. `main.rs` fills it from flags and NUN_* env.
+
+use std::path::PathBuf;
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Admin user name (NUN_USER); also used between cluster nodes.
+    pub admin_user: String,
+    /// Admin password (NUN_PWD).
+    pub admin_pwd: String,
+    /// Data directory (NUN_DBS_DIR), created if missing.
+    pub dbs_dir: PathBuf,
+    /// TCP listen address (NUN_TCP_ADDR).
+    pub tcp_addr: String,
+    /// WebSocket listen address (NUN_WS_ADDR).
+    pub ws_addr: String,
+    /// HTTP listen address (NUN_HTTP_ADDR).
+    pub http_addr: String,
+    /// Cluster peers (NUN_REPLICATE_ADDR), comma separated, may include this node.
+    pub replicate_addr: Vec<String>,
+    /// The name this node advertises to peers (defaults to the TCP address).
+    pub external_addr: String,
+    /// Election timeout in milliseconds (NUN_ELECTION_TIMEOUT).
+    pub election_timeout_ms: u64,
+    /// Longest accepted command line / frame / HTTP body in bytes (NUN_MAX_LINE).
+    pub max_line: usize,
+    /// Messages a session may have queued before a slow watcher is disconnected (NUN_OUTBOX_MESSAGES).
+    pub outbox_messages: usize,
+    /// Bytes a session may have queued before a slow watcher is disconnected (NUN_OUTBOX_BYTES).
+    pub outbox_bytes: usize,
+    /// Worker threads answering HTTP requests (NUN_HTTP_WORKERS).
+    pub http_workers: usize,
+}
+
+/// Default TCP address.
+pub const DEFAULT_TCP_ADDR: &str = "0.0.0.0:3014";
+/// Default WebSocket address.
+pub const DEFAULT_WS_ADDR: &str = "0.0.0.0:3012";
+/// Default HTTP address.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:3013";
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            admin_user: String::new(),
+            admin_pwd: String::new(),
+            dbs_dir: PathBuf::from("dbs"),
+            tcp_addr: DEFAULT_TCP_ADDR.to_string(),
+            ws_addr: DEFAULT_WS_ADDR.to_string(),
+            http_addr: DEFAULT_HTTP_ADDR.to_string(),
+            replicate_addr: Vec::new(),
+            external_addr: String::new(),
+            election_timeout_ms: 1000,
+            max_line: 16 * 1024 * 1024,
+            outbox_messages: 16 * 1024,
+            outbox_bytes: 64 * 1024 * 1024,
+            http_workers: 4,
+        }
+    }
+}

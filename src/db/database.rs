@@ -1,0 +1,359 @@
+//! One database: its keys with values and versions, the sessions watching them, and its arbiters.
+//! Every change happens under the data write lock and its notifications are queued before the
+//! lock is released, so each watcher sees a key's versions in order, without gaps.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::protocol::Strategy;
+use crate::server::outbox::Outbox;
+
+/// The key holding the number of sessions using the database.
+pub const CONNECTIONS_KEY: &str = "$connections";
+/// The key holding the database's (hashed) token.
+pub const TOKEN_KEY: &str = "$$token";
+
+/// A stored value. Removed keys stay as tombstones so versions keep increasing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The value text.
+    pub value: String,
+    /// The key's version (incremented by every change).
+    pub version: i32,
+    /// True for a removed key.
+    pub deleted: bool,
+}
+
+/// A change requested by a write command.
+#[derive(Debug, Clone, Copy)]
+pub enum WriteOp<'a> {
+    /// Plain `set`: always wins.
+    Set(&'a str),
+    /// `set-safe` with the client's version.
+    SetSafe(i32, &'a str),
+    /// `increment` by n.
+    Increment(i64),
+    /// `remove`.
+    Remove,
+}
+
+/// Why a write was refused; `Display` gives the exact client-facing message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// Stale `set-safe` under the `none` strategy.
+    InvalidVersion,
+    /// `increment` of a non-numeric value.
+    NotNumeric,
+    /// Stale `set-safe` under `arbiter` with no arbiter connected.
+    NoArbiter,
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriteError::InvalidVersion => "Invalid version!",
+            WriteError::NotNumeric => "Key is not numeric",
+            WriteError::NoArbiter => {
+                "An conflitct happend and there is no arbiter client not connected"
+            }
+        })
+    }
+}
+
+/// A database.
+#[derive(Debug)]
+pub struct Database {
+    name: String,
+    strategy: RwLock<Strategy>,
+    data: RwLock<HashMap<String, Entry>>,
+    watchers: Mutex<HashMap<String, Vec<Arc<Outbox>>>>,
+    arbiters: Mutex<Vec<Arc<Outbox>>>,
+    dropped: AtomicBool,
+}
+
+/// Reads a lock even if a panicking thread poisoned it (the data itself is always consistent:
+/// every change is a single map insert).
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Database {
+    /// An empty database with its `$connections` counter at 0.
+    pub fn new(name: &str, strategy: Strategy) -> Database {
+        let mut data = HashMap::new();
+        data.insert(
+            CONNECTIONS_KEY.to_string(),
+            Entry {
+                value: "0".to_string(),
+                version: 0,
+                deleted: false,
+            },
+        );
+        Database {
+            name: name.to_string(),
+            strategy: RwLock::new(strategy),
+            data: RwLock::new(data),
+            watchers: Mutex::new(HashMap::new()),
+            arbiters: Mutex::new(Vec::new()),
+            dropped: AtomicBool::new(false),
+        }
+    }
+
+    /// The database name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The conflict strategy.
+    pub fn strategy(&self) -> Strategy {
+        *read(&self.strategy)
+    }
+
+    /// Marks the database deleted; sessions still holding it get `no-db-selected`.
+    pub fn mark_dropped(&self) {
+        self.dropped.store(true, Ordering::Release);
+    }
+
+    /// True after `delete-db`.
+    pub fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Acquire)
+    }
+
+    /// The live value and version of `key`.
+    pub fn get(&self, key: &str) -> Option<(String, i32)> {
+        read(&self.data)
+            .get(key)
+            .filter(|e| !e.deleted)
+            .map(|e| (e.value.clone(), e.version))
+    }
+
+    /// Sorted live keys matching `filter`.
+    pub fn keys(&self, filter: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut keys: Vec<String> = read(&self.data)
+            .iter()
+            .filter(|(k, e)| !e.deleted && filter(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Number of live keys.
+    pub fn len(&self) -> usize {
+        read(&self.data).values().filter(|e| !e.deleted).count()
+    }
+
+    /// True when the database holds no live key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies a write and notifies watchers; returns the key's new version.
+    pub fn write(&self, key: &str, op: WriteOp<'_>) -> Result<i32, WriteError> {
+        let mut data = write(&self.data);
+        let existing = data.get(key);
+        let live = existing.filter(|e| !e.deleted);
+        let floor = existing.map(|e| e.version);
+        let (value, version) = match op {
+            WriteOp::Set(value) => (value.to_string(), next_version(floor, -1)),
+            WriteOp::SetSafe(requested, value) => match live {
+                Some(e) if requested < e.version => match self.strategy() {
+                    Strategy::None => return Err(WriteError::InvalidVersion),
+                    Strategy::Newer => (value.to_string(), e.version + 1),
+                    Strategy::Arbiter => return Err(WriteError::NoArbiter),
+                },
+                _ => (value.to_string(), next_version(floor, requested)),
+            },
+            WriteOp::Increment(by) => {
+                let current = match live {
+                    Some(e) => e
+                        .value
+                        .trim()
+                        .parse::<i64>()
+                        .map_err(|_| WriteError::NotNumeric)?,
+                    None => 0,
+                };
+                (
+                    current.saturating_add(by).to_string(),
+                    next_version(floor, -1),
+                )
+            }
+            WriteOp::Remove => {
+                let Some(e) = live else {
+                    return Ok(floor.unwrap_or(-1));
+                };
+                let version = e.version + 1;
+                data.insert(
+                    key.to_string(),
+                    Entry {
+                        value: String::new(),
+                        version,
+                        deleted: true,
+                    },
+                );
+                self.notify(key, vec![format!("removed {key}\n")]);
+                return Ok(version);
+            }
+        };
+        let messages = vec![
+            format!("changed {key} {value}\n"),
+            format!("changed-version {key} {version} {value}\n"),
+        ];
+        data.insert(
+            key.to_string(),
+            Entry {
+                value,
+                version,
+                deleted: false,
+            },
+        );
+        self.notify(key, messages);
+        Ok(version)
+    }
+
+    /// Adds `delta` to `$connections` and notifies its watchers.
+    pub fn add_connections(&self, delta: i64) {
+        // `$connections` always holds a number, so the increment cannot fail.
+        let _ = self.write(CONNECTIONS_KEY, WriteOp::Increment(delta));
+    }
+
+    /// Registers `outbox` as a watcher of `key` (once per session).
+    pub fn watch(&self, key: &str, outbox: &Arc<Outbox>) {
+        let mut watchers = lock(&self.watchers);
+        let list = watchers.entry(key.to_string()).or_default();
+        if !list.iter().any(|o| o.id() == outbox.id()) {
+            list.push(Arc::clone(outbox));
+        }
+    }
+
+    /// Removes the session's watcher of `key`.
+    pub fn unwatch(&self, key: &str, session_id: u64) {
+        let mut watchers = lock(&self.watchers);
+        if let Some(list) = watchers.get_mut(key) {
+            list.retain(|o| o.id() != session_id);
+            if list.is_empty() {
+                watchers.remove(key);
+            }
+        }
+    }
+
+    /// Number of sessions watching `key`.
+    pub fn watcher_count(&self, key: &str) -> usize {
+        lock(&self.watchers).get(key).map_or(0, Vec::len)
+    }
+
+    /// Registers an arbiter session.
+    pub fn add_arbiter(&self, outbox: &Arc<Outbox>) {
+        let mut arbiters = lock(&self.arbiters);
+        if !arbiters.iter().any(|o| o.id() == outbox.id()) {
+            arbiters.push(Arc::clone(outbox));
+        }
+    }
+
+    /// Forgets an arbiter session.
+    pub fn remove_arbiter(&self, session_id: u64) {
+        lock(&self.arbiters).retain(|o| o.id() != session_id);
+    }
+
+    /// Queues `messages` to every watcher of `key`, dropping watchers that are gone or too slow.
+    fn notify(&self, key: &str, messages: Vec<String>) {
+        let mut watchers = lock(&self.watchers);
+        let Some(list) = watchers.get_mut(key) else {
+            return;
+        };
+        let messages = Arc::new(messages);
+        list.retain(|o| o.notify(&messages));
+        if list.is_empty() {
+            watchers.remove(key);
+        }
+    }
+}
+
+/// Version of a key after a write requested at `requested`, given the stored version (if any).
+fn next_version(stored: Option<i32>, requested: i32) -> i32 {
+    match stored {
+        Some(v) => v.max(requested).saturating_add(1),
+        None => requested.saturating_add(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_follow_nundb_rules() {
+        let db = Database::new("t", Strategy::None);
+        assert_eq!(db.write("a", WriteOp::Set("1")), Ok(0));
+        assert_eq!(db.write("a", WriteOp::Set("2")), Ok(1));
+        assert_eq!(
+            db.write("a", WriteOp::SetSafe(0, "x")),
+            Err(WriteError::InvalidVersion)
+        );
+        assert_eq!(db.write("a", WriteOp::SetSafe(1, "y")), Ok(2));
+        assert_eq!(db.write("b", WriteOp::SetSafe(5, "y")), Ok(6));
+        assert_eq!(db.get("a"), Some(("y".to_string(), 2)));
+    }
+
+    #[test]
+    fn newer_strategy_accepts_stale() {
+        let db = Database::new("t", Strategy::Newer);
+        db.write("a", WriteOp::Set("1")).unwrap();
+        db.write("a", WriteOp::Set("2")).unwrap();
+        assert_eq!(db.write("a", WriteOp::SetSafe(0, "z")), Ok(2));
+        assert_eq!(db.get("a"), Some(("z".to_string(), 2)));
+    }
+
+    #[test]
+    fn remove_keeps_versions_monotonic() {
+        let db = Database::new("t", Strategy::None);
+        db.write("a", WriteOp::Set("1")).unwrap();
+        assert_eq!(db.write("a", WriteOp::Remove), Ok(1));
+        assert_eq!(db.get("a"), None);
+        assert_eq!(db.write("a", WriteOp::Set("2")), Ok(2));
+        assert_eq!(db.write("a", WriteOp::SetSafe(0, "3")), Err(WriteError::InvalidVersion));
+    }
+
+    #[test]
+    fn increment_rules() {
+        let db = Database::new("t", Strategy::None);
+        assert_eq!(db.write("n", WriteOp::Increment(5)), Ok(0));
+        assert_eq!(db.write("n", WriteOp::Increment(-2)), Ok(1));
+        assert_eq!(db.get("n"), Some(("3".to_string(), 1)));
+        db.write("s", WriteOp::Set("abc")).unwrap();
+        assert_eq!(
+            db.write("s", WriteOp::Increment(1)),
+            Err(WriteError::NotNumeric)
+        );
+    }
+
+    #[test]
+    fn watchers_get_changes_in_order() {
+        let db = Database::new("t", Strategy::None);
+        let (outbox, rx) = Outbox::new(100, 1 << 20);
+        db.watch("a", &outbox);
+        db.write("a", WriteOp::Set("1")).unwrap();
+        db.write("a", WriteOp::Remove).unwrap();
+        let got: Vec<String> = rx
+            .try_iter()
+            .flat_map(|o| o.messages().to_vec())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "changed a 1\n",
+                "changed-version a 0 1\n",
+                "removed a\n"
+            ]
+        );
+    }
+}

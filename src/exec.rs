@@ -1,0 +1,335 @@
+//! Command + Session -> effects on the databases and an [`Outcome`]. The one place where command
+//! semantics live; knows nothing about sockets.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::db::security::{self, Access, Permissions};
+use crate::db::{
+    self, pattern, Database, WriteError, WriteOp, CONNECTIONS_KEY, TOKEN_KEY, TOKEN_USER,
+};
+use crate::protocol::{Command, Outcome, VERBS};
+use crate::server::session::Session;
+
+const NOT_AUTH: &str = "Not auth";
+const NO_DB: &str = "no-db-selected";
+const READ_SECURITY: &str = "To read security keys you must auth as an admin!";
+const WRITE_SECURITY: &str = "To write security keys you must auth as an admin!";
+const PERMISSION_DENIED: &str = "permission denied";
+
+/// Parses and executes one command line.
+pub fn execute_line(session: &mut Session, line: &str) -> Outcome {
+    match Command::parse(line) {
+        Ok(cmd) => execute(session, cmd),
+        Err(e) => Outcome::error(e),
+    }
+}
+
+/// Executes one command for `session`.
+pub fn execute(session: &mut Session, cmd: Command) -> Outcome {
+    session.node().count_command();
+    match run(session, cmd) {
+        Ok(outcome) => outcome,
+        Err(outcome) => outcome,
+    }
+}
+
+type Res = Result<Outcome, Outcome>;
+
+fn require_admin(session: &Session) -> Result<(), Outcome> {
+    if session.admin {
+        Ok(())
+    } else {
+        Err(Outcome::error(NOT_AUTH))
+    }
+}
+
+fn selected_db(session: &Session) -> Result<Arc<Database>, Outcome> {
+    match &session.db {
+        Some(db) if !db.is_dropped() => Ok(Arc::clone(db)),
+        _ => Err(Outcome {
+            messages: vec![format!("error {NO_DB}")],
+            error: Some(NO_DB.to_string()),
+        }),
+    }
+}
+
+fn denied() -> Outcome {
+    Outcome {
+        messages: vec![PERMISSION_DENIED.to_string()],
+        error: Some(format!("{PERMISSION_DENIED}\n")),
+    }
+}
+
+/// Checks `$$` protection and the session user's permission for `access` on `key`.
+fn check_key(session: &Session, db: &Database, access: Access, key: &str) -> Result<(), Outcome> {
+    if key.starts_with("$$") && !session.admin {
+        return Err(Outcome::error(if access == Access::Read {
+            READ_SECURITY
+        } else {
+            WRITE_SECURITY
+        }));
+    }
+    if session.admin {
+        return Ok(());
+    }
+    let spec = db.get(&db::permission_key(&session.user)).map(|(v, _)| v);
+    let allowed = match spec {
+        None => session.user == TOKEN_USER,
+        Some(spec) => Permissions::parse(&spec)
+            .map(|p| p.allows(access, key))
+            .unwrap_or(false),
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(denied())
+    }
+}
+
+fn check_writable(key: &str) -> Result<(), Outcome> {
+    if key == CONNECTIONS_KEY {
+        Err(Outcome::error(format!("{CONNECTIONS_KEY} is read only")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Values of secret keys are stored hashed, whoever writes them.
+fn stored_value(key: &str, value: &str) -> String {
+    let secret = key == TOKEN_KEY || key.starts_with(db::USER_KEY_PREFIX);
+    if secret && !security::is_hashed(value) {
+        security::hash_secret(value)
+    } else {
+        value.to_string()
+    }
+}
+
+fn write_result(r: Result<i32, WriteError>) -> Res {
+    r.map(|_| Outcome::ok())
+        .map_err(|e| Outcome::error(e.to_string()))
+}
+
+fn run(session: &mut Session, cmd: Command) -> Res {
+    let node = Arc::clone(session.node());
+    match cmd {
+        Command::Ping => Ok(Outcome::message("pong")),
+        Command::Auth { user, pwd } => {
+            let ok = security::ct_eq(user.as_bytes(), node.config.admin_user.as_bytes())
+                & security::ct_eq(pwd.as_bytes(), node.config.admin_pwd.as_bytes());
+            if ok {
+                session.admin = true;
+                Ok(Outcome::message("valid auth"))
+            } else {
+                Ok(Outcome::message("invalid auth"))
+            }
+        }
+        Command::UseDb { db, user, token } => {
+            let database = node
+                .dbs
+                .get(&db)
+                .ok_or_else(|| Outcome::error("Not a valid database name"))?;
+            let (stored, acting) = match &user {
+                None => (database.get(TOKEN_KEY), TOKEN_USER.to_string()),
+                Some(u) => (database.get(&db::user_key(u)), u.clone()),
+            };
+            let valid = session.admin
+                || stored.is_some_and(|(hash, _)| security::verify_secret(&token, &hash));
+            if !valid {
+                return Err(Outcome::error("Invalid token"));
+            }
+            session.select_db(database, acting);
+            Ok(Outcome::ok())
+        }
+        Command::CreateDb {
+            name,
+            token,
+            strategy,
+        } => {
+            require_admin(session)?;
+            if !db::valid_db_name(&name) {
+                return Err(Outcome::error(format!("Invalid database name: {name}")));
+            }
+            match node
+                .dbs
+                .create(&name, &security::hash_secret(&token), strategy)
+            {
+                Some(_) => Ok(Outcome::message("create-db success")),
+                None => Err(Outcome::error("database already exists")),
+            }
+        }
+        Command::DeleteDb { name } => {
+            require_admin(session)?;
+            if node.dbs.delete(&name) {
+                Ok(Outcome::ok())
+            } else {
+                Err(Outcome::error("Not a valid database name"))
+            }
+        }
+        Command::Get { key } => {
+            let db = selected_db(session)?;
+            check_key(session, &db, Access::Read, &key)?;
+            let value = db.get(&key).map(|(v, _)| v);
+            Ok(Outcome::message(format!(
+                "value {}",
+                value.as_deref().unwrap_or("<Empty>")
+            )))
+        }
+        Command::GetSafe { key } => {
+            let db = selected_db(session)?;
+            check_key(session, &db, Access::Read, &key)?;
+            Ok(Outcome::message(match db.get(&key) {
+                Some((v, version)) => format!("value-version {version} {v}"),
+                None => "value-version 1 <Empty>".to_string(),
+            }))
+        }
+        Command::Set { key, value } => {
+            let db = selected_db(session)?;
+            check_key(session, &db, Access::Write, &key)?;
+            check_writable(&key)?;
+            write_result(db.write(&key, WriteOp::Set(&stored_value(&key, &value))))
+        }
+        Command::SetSafe {
+            key,
+            version,
+            value,
+        } => {
+            let db = selected_db(session)?;
+            check_key(session, &db, Access::Write, &key)?;
+            check_writable(&key)?;
+            write_result(db.write(
+                &key,
+                WriteOp::SetSafe(version, &stored_value(&key, &value)),
+            ))
+        }
+        Command::Increment { key, by } => {
+            let db = selected_db(session)?;
+            check_key(session, &db, Access::Increment, &key)?;
+            check_writable(&key)?;
+            write_result(db.write(&key, WriteOp::Increment(by)))
+        }
+        Command::Remove { key } => {
+            let db = selected_db(session)?;
+            if key == TOKEN_KEY {
+                return Err(Outcome::error("The $$token key can not be removed"));
+            }
+            check_key(session, &db, Access::Remove, &key)?;
+            check_writable(&key)?;
+            write_result(db.write(&key, WriteOp::Remove))
+        }
+        Command::Keys { pattern } => {
+            let db = selected_db(session)?;
+            let admin = session.admin;
+            let pattern = pattern.unwrap_or_default();
+            let keys = db.keys(|k| (admin || !k.starts_with("$$")) && pattern::matches(&pattern, k));
+            let mut line = String::from("keys ");
+            for k in keys {
+                line.push(',');
+                line.push_str(&k);
+            }
+            Ok(Outcome::message(line))
+        }
+        Command::Watch { key } => {
+            let db = selected_db(session)?;
+            check_key(session, &db, Access::Read, &key)?;
+            db.watch(&key, &session.outbox);
+            if !session
+                .watching
+                .iter()
+                .any(|(d, k)| Arc::ptr_eq(d, &db) && *k == key)
+            {
+                session.watching.push((db, key));
+            }
+            Ok(Outcome::ok())
+        }
+        Command::Unwatch { key } => {
+            let db = selected_db(session)?;
+            db.unwatch(&key, session.outbox.id());
+            session
+                .watching
+                .retain(|(d, k)| !(Arc::ptr_eq(d, &db) && *k == key));
+            Ok(Outcome::ok())
+        }
+        Command::UnwatchAll => {
+            session.unwatch_all();
+            Ok(Outcome::ok())
+        }
+        Command::Snapshot { dbs, .. } => {
+            require_admin(session)?;
+            if let Some(missing) = dbs.iter().find(|d| node.dbs.get(d).is_none()) {
+                return Err(Outcome::error(format!("Not a valid database name: {missing}")));
+            }
+            Ok(Outcome::ok())
+        }
+        Command::Arbiter => {
+            let db = selected_db(session)?;
+            db.add_arbiter(&session.outbox);
+            if !session.arbiter_of.iter().any(|d| Arc::ptr_eq(d, &db)) {
+                session.arbiter_of.push(db);
+            }
+            Ok(Outcome::ok())
+        }
+        Command::Resolve { opp_id, .. } => {
+            selected_db(session)?;
+            Err(Outcome::error(format!("No pending conflict {opp_id}")))
+        }
+        Command::CreateUser { user, token } => {
+            require_admin(session)?;
+            let db = selected_db(session)?;
+            write_result(db.write(
+                &db::user_key(&user),
+                WriteOp::Set(&security::hash_secret(&token)),
+            ))
+        }
+        Command::SetPermissions { user, spec } => {
+            require_admin(session)?;
+            let db = selected_db(session)?;
+            Permissions::parse(&spec).map_err(Outcome::error)?;
+            write_result(db.write(&db::permission_key(&user), WriteOp::Set(&spec)))
+        }
+        Command::ClusterState => {
+            require_admin(session)?;
+            Ok(Outcome::message(format!(
+                "cluster-state  {}(self):Primary ",
+                node.advertised_addr()
+            )))
+        }
+        Command::MetricsState => {
+            require_admin(session)?;
+            Ok(Outcome::message(
+                "metrics-state pending_ops: 0, op_log_file_size: 0, op_log_count: 0,replication_time_moving_avg: 0.0, get_query_time_moving_avg: 0.0",
+            ))
+        }
+        Command::ListCommands => {
+            require_admin(session)?;
+            let mut line = String::from("commands-list ");
+            for verb in VERBS {
+                line.push(',');
+                line.push_str(verb);
+            }
+            Ok(Outcome::message(line))
+        }
+        Command::Debug { sub } => {
+            require_admin(session)?;
+            match sub.as_str() {
+                "process-info" => Ok(Outcome::message(format!(
+                    "process-info uptime_secs: {}, sessions: {}, commands: {}, dbs: {}",
+                    node.started.elapsed().as_secs(),
+                    node.sessions.load(Ordering::Relaxed),
+                    node.commands.load(Ordering::Relaxed),
+                    node.dbs.names().len()
+                ))),
+                "pending-ops" => Ok(Outcome::message("pending-ops 0")),
+                other => Err(Outcome::error(format!(
+                    "Invalid debug command: {other} (try process-info, pending-ops)"
+                ))),
+            }
+        }
+        Command::Join { .. } | Command::Leave { .. } => {
+            require_admin(session)?;
+            Err(Outcome::error(
+                "Cluster membership is not available on a single node",
+            ))
+        }
+    }
+}

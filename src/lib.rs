@@ -1,0 +1,12 @@
+//! nun-db: a NunDB-compatible realtime key-value database.
+//!
+//! Data flows one way: bytes -> [`protocol`] -> [`exec`] -> [`db`] -> replies and watch
+//! notifications -> session queue -> transport ([`server`]).
+
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod exec;
+pub mod node;
+pub mod protocol;
+pub mod server;

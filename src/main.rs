@@ -1,0 +1,219 @@
+//! The `nun-db` binary: `start` a server, `exec` commands over HTTP, `create-db`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{ArgAction, Parser, Subcommand};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use nundb::client;
+use nundb::config::{self, Config};
+use nundb::node::Node;
+use nundb::server;
+
+/// A NunDB-compatible realtime database.
+#[derive(Parser, Debug)]
+#[command(name = "nun-db", version, disable_help_flag = true)]
+struct Cli {
+    /// Admin user.
+    #[arg(short = 'u', long = "user", env = "NUN_USER", global = true)]
+    user: Option<String>,
+    /// Admin password.
+    #[arg(short = 'p', long = "pwd", env = "NUN_PWD", global = true)]
+    pwd: Option<String>,
+    /// HTTP address of the server, for exec and create-db.
+    #[arg(
+        short = 'h',
+        long = "host",
+        env = "NUN_HOST",
+        default_value = "http://localhost:3013",
+        global = true
+    )]
+    host: String,
+    /// Print help.
+    #[arg(long = "help", action = ArgAction::Help, global = true)]
+    help: Option<bool>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a server node.
+    Start(StartArgs),
+    /// Run `;`-separated commands over HTTP as admin and print the response.
+    Exec {
+        /// The commands, e.g. "use-db demo demo-pwd; keys".
+        command: String,
+    },
+    /// Create a database over HTTP.
+    CreateDb {
+        /// Database name.
+        #[arg(short = 'd', long = "db-name")]
+        db_name: String,
+        /// Database token.
+        #[arg(short = 't', long = "token")]
+        token: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct StartArgs {
+    /// TCP address.
+    #[arg(long = "tcp-address", env = "NUN_TCP_ADDR", default_value = config::DEFAULT_TCP_ADDR)]
+    tcp_address: String,
+    /// WebSocket address.
+    #[arg(long = "ws-address", env = "NUN_WS_ADDR", default_value = config::DEFAULT_WS_ADDR)]
+    ws_address: String,
+    /// HTTP address.
+    #[arg(long = "http-address", env = "NUN_HTTP_ADDR", default_value = config::DEFAULT_HTTP_ADDR)]
+    http_address: String,
+    /// Comma-separated cluster members (TCP addresses, may include this node).
+    #[arg(long = "replicate-address", env = "NUN_REPLICATE_ADDR", default_value = "")]
+    replicate_address: String,
+    /// The address this node advertises to its peers.
+    #[arg(long = "external-address", env = "NUN_EXTERNAL_ADDR", default_value = "")]
+    external_address: String,
+    /// Data directory (created if missing).
+    #[arg(long = "dbs-dir", env = "NUN_DBS_DIR", default_value = "dbs")]
+    dbs_dir: String,
+    /// Election timeout in milliseconds.
+    #[arg(long = "election-timeout", env = "NUN_ELECTION_TIMEOUT", default_value_t = 1000)]
+    election_timeout: u64,
+    /// Longest accepted command line, frame or HTTP body, in bytes.
+    #[arg(long = "max-line", env = "NUN_MAX_LINE", default_value_t = 16 * 1024 * 1024)]
+    max_line: usize,
+    /// Messages a session may have queued before a slow watcher is disconnected.
+    #[arg(long = "outbox-messages", env = "NUN_OUTBOX_MESSAGES", default_value_t = 16 * 1024)]
+    outbox_messages: usize,
+    /// Bytes a session may have queued before a slow watcher is disconnected.
+    #[arg(long = "outbox-bytes", env = "NUN_OUTBOX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    outbox_bytes: usize,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long = "log-level", env = "NUN_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("nun-db: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Clap errors reduced to one line (help and version are printed as usual).
+fn parse_cli() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return Err(ExitCode::SUCCESS);
+            }
+            let text = e.to_string();
+            let main = text.split("\n\nUsage:").next().unwrap_or(&text);
+            let line = main.split_whitespace().collect::<Vec<_>>().join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            eprintln!("nun-db: {line} (see nun-db --help)");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match cli.command {
+        Cmd::Start(ref args) => start(&cli, args),
+        Cmd::Exec { ref command } => exec(&cli, command),
+        Cmd::CreateDb {
+            ref db_name,
+            ref token,
+        } => exec(&cli, &format!("create-db {db_name} {token}")),
+    }
+}
+
+fn credentials(cli: &Cli) -> Option<(String, String)> {
+    match (&cli.user, &cli.pwd) {
+        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.clone(), p.clone())),
+        _ => None,
+    }
+}
+
+fn exec(cli: &Cli, command: &str) -> ExitCode {
+    let Some((user, pwd)) = credentials(cli) else {
+        return fail("admin credentials are required: pass -u USER -p PWD or set NUN_USER/NUN_PWD");
+    };
+    match client::post(&cli.host, &format!("auth {user} {pwd}; {command}")) {
+        Ok(body) => {
+            println!("Response {body:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("{} ({})", e, cli.host)),
+    }
+}
+
+fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
+    let Some((user, pwd)) = credentials(cli) else {
+        return fail("refusing to start without admin credentials: set NUN_USER and NUN_PWD (or -u/-p)");
+    };
+    let level = match args.log_level.parse::<log::LevelFilter>() {
+        Ok(l) => l,
+        Err(_) => return fail(&format!("invalid log level `{}`", args.log_level)),
+    };
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(level)
+        .with_utc_timestamps()
+        .init();
+    let config = Config {
+        admin_user: user,
+        admin_pwd: pwd,
+        dbs_dir: args.dbs_dir.clone().into(),
+        tcp_addr: args.tcp_address.clone(),
+        ws_addr: args.ws_address.clone(),
+        http_addr: args.http_address.clone(),
+        replicate_addr: args
+            .replicate_address
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        external_addr: args.external_address.clone(),
+        election_timeout_ms: args.election_timeout,
+        max_line: args.max_line,
+        outbox_messages: args.outbox_messages,
+        outbox_bytes: args.outbox_bytes,
+        ..Config::default()
+    };
+    if let Err(e) = std::fs::create_dir_all(&config.dbs_dir) {
+        return fail(&format!(
+            "cannot create data directory {}: {e}",
+            config.dbs_dir.display()
+        ));
+    }
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
+    };
+    let node: Arc<Node> = Node::new(config);
+    let bound = match server::start(&node) {
+        Ok(b) => b,
+        Err(e) => return fail(&format!("cannot listen: {e}")),
+    };
+    log::info!(
+        "nun-db ready: tcp {} ws {} http {} data {}",
+        bound.tcp,
+        bound.ws,
+        bound.http,
+        node.config.dbs_dir.display()
+    );
+    // Machine-readable readiness line (tests and scripts wait for it).
+    println!("ready tcp={} ws={} http={}", bound.tcp, bound.ws, bound.http);
+    if let Some(signal) = signals.forever().next() {
+        log::info!("signal {signal} received, shutting down");
+    }
+    ExitCode::SUCCESS
+}

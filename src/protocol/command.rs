@@ -1,0 +1,458 @@
+//! One command line -> [`Command`]. Parse errors carry the exact text sent after `error `.
+
+/// Conflict strategy of a database, chosen at `create-db`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// A stale `set-safe` is rejected with `Invalid version!`.
+    None,
+    /// A stale `set-safe` wins and the version becomes `old+1`.
+    Newer,
+    /// A stale `set-safe` is handed to an arbiter client.
+    Arbiter,
+}
+
+impl Strategy {
+    /// Parses the name used by `create-db` (`none`, `newer`, `arbiter`).
+    pub fn parse(name: &str) -> Option<Strategy> {
+        match name {
+            "none" => Some(Strategy::None),
+            "newer" => Some(Strategy::Newer),
+            "arbiter" => Some(Strategy::Arbiter),
+            _ => None,
+        }
+    }
+
+    /// The name used by `create-db`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::None => "none",
+            Strategy::Newer => "newer",
+            Strategy::Arbiter => "arbiter",
+        }
+    }
+
+    /// NunDB's numeric code in its `.madadata` files (0 none, 1 newer, 2 arbiter).
+    pub fn code(self) -> i32 {
+        match self {
+            Strategy::None => 0,
+            Strategy::Newer => 1,
+            Strategy::Arbiter => 2,
+        }
+    }
+
+    /// Inverse of [`Strategy::code`].
+    pub fn from_code(code: i32) -> Option<Strategy> {
+        match code {
+            0 => Some(Strategy::None),
+            1 => Some(Strategy::Newer),
+            2 => Some(Strategy::Arbiter),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `auth <user> <pwd>`: become admin.
+    Auth { user: String, pwd: String },
+    /// `use-db <db> [<user>] <token>`: select a database.
+    UseDb {
+        db: String,
+        user: Option<String>,
+        token: String,
+    },
+    /// `create-db <name> <token> [strategy]`.
+    CreateDb {
+        name: String,
+        token: String,
+        strategy: Strategy,
+    },
+    /// `delete-db <name>`.
+    DeleteDb { name: String },
+    /// `get <key>`.
+    Get { key: String },
+    /// `get-safe <key>`: value with its version.
+    GetSafe { key: String },
+    /// `set <key> <value…>`.
+    Set { key: String, value: String },
+    /// `set-safe <key> <version> <value…>`.
+    SetSafe {
+        key: String,
+        version: i32,
+        value: String,
+    },
+    /// `increment <key> [n]`.
+    Increment { key: String, by: i64 },
+    /// `remove <key>`.
+    Remove { key: String },
+    /// `keys [pattern]` / `ls [pattern]`.
+    Keys { pattern: Option<String> },
+    /// `watch <key>`.
+    Watch { key: String },
+    /// `unwatch <key>`.
+    Unwatch { key: String },
+    /// `unwatch-all`.
+    UnwatchAll,
+    /// `snapshot [reclaim] [db1|db2…]`.
+    Snapshot { reclaim: bool, dbs: Vec<String> },
+    /// `arbiter`: register as the conflict arbiter of the selected db.
+    Arbiter,
+    /// `resolve <opp_id> <db> <key> <version> <value…>`.
+    Resolve {
+        opp_id: String,
+        db: String,
+        key: String,
+        version: i32,
+        value: String,
+    },
+    /// `create-user <user> <token>`.
+    CreateUser { user: String, token: String },
+    /// `set-permissions <user> <spec>`.
+    SetPermissions { user: String, spec: String },
+    /// `cluster-state`.
+    ClusterState,
+    /// `metrics-state`.
+    MetricsState,
+    /// `list-commands`.
+    ListCommands,
+    /// `debug <sub>`.
+    Debug { sub: String },
+    /// `ping`.
+    Ping,
+    /// `join <node>`.
+    Join { node: String },
+    /// `leave <node>`.
+    Leave { node: String },
+}
+
+/// Splits off the next space-separated word; returns (word, rest after one separator).
+fn next_word(text: &str) -> (&str, &str) {
+    let text = text.trim_start_matches(' ');
+    match text.find(' ') {
+        Some(i) => (&text[..i], &text[i + 1..]),
+        None => (text, ""),
+    }
+}
+
+/// Collects up to `n` words and the free text after them.
+fn words(text: &str, n: usize) -> (Vec<&str>, &str) {
+    let mut out = Vec::with_capacity(n);
+    let mut rest = text;
+    for _ in 0..n {
+        let (w, r) = next_word(rest);
+        if w.is_empty() {
+            break;
+        }
+        out.push(w);
+        rest = r;
+    }
+    (out, rest)
+}
+
+fn usage(text: &str) -> String {
+    format!("Invalid command, usage: {text}")
+}
+
+fn parse_version(text: &str) -> Result<i32, String> {
+    text.parse::<i32>()
+        .map_err(|_| format!("Invalid version number: {text}"))
+}
+
+impl Command {
+    /// Parses one command line (no trailing newline). The error is the message after `error `.
+    pub fn parse(line: &str) -> Result<Command, String> {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (verb, args) = next_word(line);
+        let exact = |n: usize, text: &str| -> Result<Vec<String>, String> {
+            let all: Vec<&str> = args.split(' ').filter(|w| !w.is_empty()).collect();
+            if all.len() == n {
+                Ok(all.into_iter().map(str::to_string).collect())
+            } else {
+                Err(usage(text))
+            }
+        };
+        let key = |text: &str| -> Result<String, String> { exact(1, text).map(|mut v| v.remove(0)) };
+        let cmd = match verb {
+            "auth" => {
+                let mut a = exact(2, "auth <user> <pwd>")?;
+                let pwd = a.remove(1);
+                Command::Auth {
+                    user: a.remove(0),
+                    pwd,
+                }
+            }
+            "use-db" | "use" => {
+                let all: Vec<&str> = args.split(' ').filter(|w| !w.is_empty()).collect();
+                match all.as_slice() {
+                    [db, token] => Command::UseDb {
+                        db: db.to_string(),
+                        user: None,
+                        token: token.to_string(),
+                    },
+                    [db, user, token] => Command::UseDb {
+                        db: db.to_string(),
+                        user: Some(user.to_string()),
+                        token: token.to_string(),
+                    },
+                    _ => return Err(usage("use-db <db> [<user>] <token>")),
+                }
+            }
+            "create-db" => {
+                let all: Vec<&str> = args.split(' ').filter(|w| !w.is_empty()).collect();
+                let text = "create-db <name> <token> [none|newer|arbiter]";
+                let (name, token, strategy) = match all.as_slice() {
+                    [name, token] => (name, token, Strategy::None),
+                    [name, token, s] => (
+                        name,
+                        token,
+                        Strategy::parse(s).ok_or_else(|| format!("Invalid strategy: {s}"))?,
+                    ),
+                    _ => return Err(usage(text)),
+                };
+                Command::CreateDb {
+                    name: name.to_string(),
+                    token: token.to_string(),
+                    strategy,
+                }
+            }
+            "delete-db" => Command::DeleteDb {
+                name: key("delete-db <name>")?,
+            },
+            "get" => Command::Get {
+                key: key("get <key>")?,
+            },
+            "get-safe" => Command::GetSafe {
+                key: key("get-safe <key>")?,
+            },
+            "set" => {
+                let (w, value) = words(args, 1);
+                if w.len() < 1 {
+                    return Err(usage("set <key> <value>"));
+                }
+                Command::Set {
+                    key: w[0].to_string(),
+                    value: value.to_string(),
+                }
+            }
+            "set-safe" => {
+                let (w, value) = words(args, 2);
+                if w.len() < 2 {
+                    return Err(usage("set-safe <key> <version> <value>"));
+                }
+                Command::SetSafe {
+                    key: w[0].to_string(),
+                    version: parse_version(w[1])?,
+                    value: value.to_string(),
+                }
+            }
+            "increment" => {
+                let all: Vec<&str> = args.split(' ').filter(|w| !w.is_empty()).collect();
+                let (key, by) = match all.as_slice() {
+                    [key] => (key, 1),
+                    [key, n] => (
+                        key,
+                        n.parse::<i64>()
+                            .map_err(|_| format!("Invalid increment value: {n}"))?,
+                    ),
+                    _ => return Err(usage("increment <key> [n]")),
+                };
+                Command::Increment {
+                    key: key.to_string(),
+                    by,
+                }
+            }
+            "remove" => Command::Remove {
+                key: key("remove <key>")?,
+            },
+            "keys" | "ls" => {
+                let all: Vec<&str> = args.split(' ').filter(|w| !w.is_empty()).collect();
+                match all.as_slice() {
+                    [] => Command::Keys { pattern: None },
+                    [p] => Command::Keys {
+                        pattern: Some(p.to_string()),
+                    },
+                    _ => return Err(usage("keys [pattern]")),
+                }
+            }
+            "watch" => Command::Watch {
+                key: key("watch <key>")?,
+            },
+            "unwatch" => Command::Unwatch {
+                key: key("unwatch <key>")?,
+            },
+            "unwatch-all" => {
+                exact(0, "unwatch-all")?;
+                Command::UnwatchAll
+            }
+            "snapshot" => {
+                let mut reclaim = false;
+                let mut dbs = Vec::new();
+                for w in args.split(' ').filter(|w| !w.is_empty()) {
+                    if w == "reclaim" && !reclaim && dbs.is_empty() {
+                        reclaim = true;
+                    } else {
+                        dbs.extend(w.split('|').filter(|d| !d.is_empty()).map(str::to_string));
+                    }
+                }
+                Command::Snapshot { reclaim, dbs }
+            }
+            "arbiter" => {
+                exact(0, "arbiter")?;
+                Command::Arbiter
+            }
+            "resolve" => {
+                let (w, value) = words(args, 4);
+                if w.len() < 4 {
+                    return Err(usage("resolve <opp_id> <db> <key> <version> <value>"));
+                }
+                Command::Resolve {
+                    opp_id: w[0].to_string(),
+                    db: w[1].to_string(),
+                    key: w[2].to_string(),
+                    version: parse_version(w[3])?,
+                    value: value.to_string(),
+                }
+            }
+            "create-user" => {
+                let mut a = exact(2, "create-user <user> <token>")?;
+                let token = a.remove(1);
+                Command::CreateUser {
+                    user: a.remove(0),
+                    token,
+                }
+            }
+            "set-permissions" => {
+                let (w, spec) = words(args, 1);
+                if w.is_empty() || spec.trim().is_empty() {
+                    return Err(usage("set-permissions <user> <spec>"));
+                }
+                Command::SetPermissions {
+                    user: w[0].to_string(),
+                    spec: spec.trim().to_string(),
+                }
+            }
+            "cluster-state" => Command::ClusterState,
+            "metrics-state" => Command::MetricsState,
+            "list-commands" => Command::ListCommands,
+            "debug" => Command::Debug {
+                sub: args.trim().to_string(),
+            },
+            "ping" => Command::Ping,
+            "join" => Command::Join {
+                node: key("join <node>")?,
+            },
+            "leave" => Command::Leave {
+                node: key("leave <node>")?,
+            },
+            other => return Err(format!("unknown command: {}", printable(other))),
+        };
+        Ok(cmd)
+    }
+
+    /// True for commands that change data (forwarded to the primary in a cluster).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Command::CreateDb { .. }
+                | Command::DeleteDb { .. }
+                | Command::Set { .. }
+                | Command::SetSafe { .. }
+                | Command::Increment { .. }
+                | Command::Remove { .. }
+                | Command::CreateUser { .. }
+                | Command::SetPermissions { .. }
+                | Command::Snapshot { .. }
+                | Command::Resolve { .. }
+        )
+    }
+}
+
+/// Echoes a client-supplied word in an error without letting it flood the reply.
+fn printable(word: &str) -> String {
+    const MAX: usize = 64;
+    if word.len() <= MAX {
+        word.to_string()
+    } else {
+        let mut end = MAX;
+        while !word.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &word[..end])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_keeps_spaces_in_value() {
+        assert_eq!(
+            Command::parse("set name mateus freira").unwrap(),
+            Command::Set {
+                key: "name".into(),
+                value: "mateus freira".into()
+            }
+        );
+    }
+
+    #[test]
+    fn set_safe_and_resolve_take_free_text() {
+        assert_eq!(
+            Command::parse("set-safe k 3 a b;c").unwrap(),
+            Command::SetSafe {
+                key: "k".into(),
+                version: 3,
+                value: "a b;c".into()
+            }
+        );
+        assert_eq!(
+            Command::parse("resolve 7 db k 2 v w").unwrap(),
+            Command::Resolve {
+                opp_id: "7".into(),
+                db: "db".into(),
+                key: "k".into(),
+                version: 2,
+                value: "v w".into()
+            }
+        );
+    }
+
+    #[test]
+    fn errors_are_exact() {
+        assert_eq!(Command::parse("foo").unwrap_err(), "unknown command: foo");
+        assert_eq!(
+            Command::parse("set-safe k x v").unwrap_err(),
+            "Invalid version number: x"
+        );
+        assert!(Command::parse("get").is_err());
+        assert!(Command::parse("get a b").is_err());
+    }
+
+    #[test]
+    fn use_db_forms() {
+        assert_eq!(
+            Command::parse("use db u t").unwrap(),
+            Command::UseDb {
+                db: "db".into(),
+                user: Some("u".into()),
+                token: "t".into()
+            }
+        );
+        assert_eq!(
+            Command::parse("use-db db t").unwrap(),
+            Command::UseDb {
+                db: "db".into(),
+                user: None,
+                token: "t".into()
+            }
+        );
+    }
+
+    #[test]
+    fn long_unknown_verb_is_truncated() {
+        let long = "x".repeat(10_000);
+        assert!(Command::parse(&long).unwrap_err().len() < 100);
+    }
+}

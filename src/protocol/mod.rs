@@ -1,0 +1,10 @@
+//! The NunDB text protocol: splitting request text into commands, parsing a command line into a
+//! [`Command`], and formatting replies. Pure functions, no I/O, safe on any input.
+
+mod command;
+mod reply;
+mod split;
+
+pub use command::{Command, Strategy};
+pub use reply::{Outcome, ERROR_PREFIX, OK};
+pub use split::{split_commands, VERBS};

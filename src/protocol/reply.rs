@@ -1,0 +1,108 @@
+//! Replies: the messages a command produces and its envelope, rendered per transport.
+
+/// The success envelope, exactly as NunDB sends it.
+pub const OK: &str = "ok \n";
+/// The start of a failure envelope: `error <message> \n`.
+pub const ERROR_PREFIX: &str = "error ";
+
+/// What one command produced: output messages (without `\n`) and the envelope result.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// Messages sent before the envelope, e.g. `value 1`.
+    pub messages: Vec<String>,
+    /// `None` for `ok`, `Some(msg)` for `error <msg>`.
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    /// Success with no output.
+    pub fn ok() -> Outcome {
+        Outcome::default()
+    }
+
+    /// Success with one output message.
+    pub fn message(msg: impl Into<String>) -> Outcome {
+        Outcome {
+            messages: vec![msg.into()],
+            error: None,
+        }
+    }
+
+    /// Failure with no output.
+    pub fn error(msg: impl Into<String>) -> Outcome {
+        Outcome {
+            messages: Vec::new(),
+            error: Some(msg.into()),
+        }
+    }
+
+    /// The wire messages for stream transports (TCP, WebSocket): each output then the envelope.
+    pub fn wire_messages(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.messages.iter().map(|m| format!("{m}\n")).collect();
+        out.push(match &self.error {
+            None => OK.to_string(),
+            Some(e) => format!("{ERROR_PREFIX}{e} \n"),
+        });
+        out
+    }
+
+    /// The messages for the line-framed TCP transport: as [`Outcome::wire_messages`], but a
+    /// message never contains an inner newline (NunDB's `error permission denied\n \n` becomes
+    /// `error permission denied \n`), so one line is always one message.
+    pub fn line_messages(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .messages
+            .iter()
+            .map(|m| format!("{}\n", m.replace('\n', " ")))
+            .collect();
+        out.push(match &self.error {
+            None => OK.to_string(),
+            Some(e) => format!("{ERROR_PREFIX}{} \n", e.trim_end().replace('\n', " ")),
+        });
+        out
+    }
+
+    /// The single HTTP item: first output message, else `empty`; for an error the bare message.
+    pub fn http_item(&self) -> String {
+        match &self.error {
+            Some(e) => e.trim_end().to_string(),
+            None => self
+                .messages
+                .first()
+                .map(|m| m.trim_end().to_string())
+                .unwrap_or_else(|| "empty".to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes() {
+        assert_eq!(Outcome::ok().wire_messages(), vec!["ok \n"]);
+        assert_eq!(
+            Outcome::message("value 1").wire_messages(),
+            vec!["value 1\n", "ok \n"]
+        );
+        assert_eq!(
+            Outcome::error("Invalid token").wire_messages(),
+            vec!["error Invalid token \n"]
+        );
+        let denied = Outcome {
+            messages: vec!["permission denied".into()],
+            error: Some("permission denied\n".into()),
+        };
+        assert_eq!(
+            denied.wire_messages(),
+            vec!["permission denied\n", "error permission denied\n \n"]
+        );
+        assert_eq!(denied.http_item(), "permission denied");
+        assert_eq!(
+            denied.line_messages(),
+            vec!["permission denied\n", "error permission denied \n"]
+        );
+        assert_eq!(Outcome::ok().http_item(), "empty");
+    }
+}

@@ -1,0 +1,76 @@
+//! HTTP transport (tiny_http): any method and path; the body holds `;`-separated commands run in
+//! a fresh session; the response is one item per command joined by `;`.
+
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tiny_http::{Header, Request, Response, Server};
+
+use crate::exec;
+use crate::node::Node;
+use crate::protocol::split_commands;
+use crate::server::outbox::Outbox;
+use crate::server::session::Session;
+
+/// Binds the HTTP listener and starts the worker threads that answer requests.
+pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
+    let server = Server::http(&node.config.http_addr).map_err(io::Error::other)?;
+    let addr = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| io::Error::other("http listener has no IP address"))?;
+    let server = Arc::new(server);
+    for i in 0..node.config.http_workers.max(1) {
+        let server = Arc::clone(&server);
+        let node = Arc::clone(node);
+        std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .spawn(move || {
+                while let Ok(request) = server.recv() {
+                    handle(&node, request);
+                }
+            })?;
+    }
+    Ok(addr)
+}
+
+fn text_response(status: u16, body: String) -> Response<io::Cursor<Vec<u8>>> {
+    let mut response = Response::from_string(body).with_status_code(status);
+    if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], &b"text/plain; charset=utf-8"[..]) {
+        response = response.with_header(h);
+    }
+    if let Ok(h) = Header::from_bytes(&b"Access-Control-Allow-Origin"[..], &b"*"[..]) {
+        response = response.with_header(h);
+    }
+    response
+}
+
+/// Runs every command of `body` in a fresh session and joins the reply items with `;`.
+pub fn run_body(node: &Arc<Node>, body: &str) -> String {
+    let (outbox, _rx) = Outbox::new(1, 1);
+    let mut session = Session::new(node, outbox);
+    split_commands(body)
+        .into_iter()
+        .map(|command| exec::execute_line(&mut session, command).http_item())
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+fn handle(node: &Arc<Node>, mut request: Request) {
+    let max = node.config.max_line;
+    let mut body = Vec::new();
+    let read = request
+        .as_reader()
+        .take(max as u64 + 1)
+        .read_to_end(&mut body);
+    let response = match read {
+        Err(e) => text_response(400, format!("error reading body: {e}")),
+        Ok(_) if body.len() > max => text_response(413, "line too long".to_string()),
+        Ok(_) => match String::from_utf8(body) {
+            Ok(text) => text_response(200, run_body(node, &text)),
+            Err(_) => text_response(400, "Invalid UTF-8 in command".to_string()),
+        },
+    };
+    let _ = request.respond(response);
+}

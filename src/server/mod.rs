@@ -1,0 +1,52 @@
+//! Listeners. Each transport only moves bytes: it frames commands, runs them through
+//! [`crate::exec`] and writes the session's queue back out.
+
+pub mod http;
+pub mod outbox;
+pub mod session;
+pub mod tcp;
+pub mod ws;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread;
+
+use crate::node::Node;
+
+/// Stack size for per-connection threads: sessions need little, and thousands may be open.
+pub const CONNECTION_STACK: usize = 256 * 1024;
+
+/// Addresses the listeners actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// TCP listener.
+    pub tcp: SocketAddr,
+    /// WebSocket listener.
+    pub ws: SocketAddr,
+    /// HTTP listener.
+    pub http: SocketAddr,
+}
+
+/// Binds all three listeners and starts serving on background threads.
+pub fn start(node: &Arc<Node>) -> io::Result<Bound> {
+    let tcp = tcp::listen(node)?;
+    let ws = ws::listen(node)?;
+    let http = http::listen(node)?;
+    Ok(Bound { tcp, ws, http })
+}
+
+/// Spawns a named thread with the small connection stack; logs instead of panicking on failure.
+pub fn spawn_connection_thread(name: String, f: impl FnOnce() + Send + 'static) -> bool {
+    match thread::Builder::new()
+        .name(name)
+        .stack_size(CONNECTION_STACK)
+        .spawn(f)
+    {
+        Ok(_) => true,
+        Err(e) => {
+            log::error!("cannot start a connection thread: {e}");
+            false
+        }
+    }
+}

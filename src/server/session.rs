@@ -1,0 +1,80 @@
+//! A client session: admin flag, selected database, acting user, watches and its outbound queue.
+//! Dropping a session undoes everything it registered; its queue then drains and the writer ends.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::db::Database;
+use crate::node::Node;
+use crate::server::outbox::Outbox;
+
+/// Per-connection (or per-HTTP-request) state.
+#[derive(Debug)]
+pub struct Session {
+    node: Arc<Node>,
+    /// Where replies and notifications go.
+    pub outbox: Arc<Outbox>,
+    /// True after a successful admin `auth`.
+    pub admin: bool,
+    /// The selected database.
+    pub db: Option<Arc<Database>>,
+    /// The user whose permissions apply (`all` for token sessions).
+    pub user: String,
+    /// Keys this session watches.
+    pub watching: Vec<(Arc<Database>, String)>,
+    /// Databases this session is an arbiter of.
+    pub arbiter_of: Vec<Arc<Database>>,
+}
+
+impl Session {
+    /// A fresh, unauthenticated session.
+    pub fn new(node: &Arc<Node>, outbox: Arc<Outbox>) -> Session {
+        node.sessions.fetch_add(1, Ordering::Relaxed);
+        Session {
+            node: Arc::clone(node),
+            outbox,
+            admin: false,
+            db: None,
+            user: String::new(),
+            watching: Vec::new(),
+            arbiter_of: Vec::new(),
+        }
+    }
+
+    /// The node this session belongs to.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Selects `db`, moving this session's `$connections` count to it.
+    pub fn select_db(&mut self, db: Arc<Database>, user: String) {
+        if let Some(old) = self.db.take() {
+            old.add_connections(-1);
+        }
+        db.add_connections(1);
+        self.db = Some(db);
+        self.user = user;
+    }
+
+    /// Forgets every watch.
+    pub fn unwatch_all(&mut self) {
+        let id = self.outbox.id();
+        for (db, key) in self.watching.drain(..) {
+            db.unwatch(&key, id);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.unwatch_all();
+        let id = self.outbox.id();
+        for db in self.arbiter_of.drain(..) {
+            db.remove_arbiter(id);
+        }
+        if let Some(db) = self.db.take() {
+            db.add_connections(-1);
+        }
+        self.node.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}

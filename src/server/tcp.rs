@@ -1,0 +1,196 @@
+//! TCP transport: one command per line, replies in order, pipelining allowed. A reader thread
+//! runs commands; a writer thread drains the session queue, batching whatever is ready into one write.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::exec;
+use crate::node::Node;
+use crate::protocol::Outcome;
+use crate::server::outbox::{Outbox, Outgoing};
+use crate::server::session::Session;
+use crate::server::spawn_connection_thread;
+
+/// Binds the TCP listener and accepts connections on a background thread.
+pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(&node.config.tcp_addr)?;
+    let addr = listener.local_addr()?;
+    let node = Arc::clone(node);
+    std::thread::Builder::new()
+        .name("tcp-accept".into())
+        .spawn(move || accept_loop(&node, &listener))?;
+    Ok(addr)
+}
+
+fn accept_loop(node: &Arc<Node>, listener: &TcpListener) {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let node = Arc::clone(node);
+                spawn_connection_thread(format!("tcp-{peer}"), move || serve(&node, stream));
+            }
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                log::warn!("tcp accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Result of reading one line with a length limit.
+pub enum Line {
+    /// A complete line (without the terminator) is in the buffer.
+    Complete,
+    /// The line exceeded the limit and was discarded up to its newline.
+    TooLong,
+    /// The peer closed the connection.
+    Eof,
+}
+
+/// Reads one `\n`-terminated line into `buf` (cleared first), never holding more than `max` bytes.
+pub fn read_line_bounded(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok(if too_long || !buf.is_empty() {
+                if too_long {
+                    Line::TooLong
+                } else {
+                    Line::Complete
+                }
+            } else {
+                Line::Eof
+            });
+        }
+        let (chunk, found) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        if !too_long {
+            if buf.len() + chunk.len() > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        let used = found.unwrap_or(available.len());
+        reader.consume(used);
+        if found.is_some() {
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            return Ok(if too_long { Line::TooLong } else { Line::Complete });
+        }
+    }
+}
+
+fn serve(node: &Arc<Node>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let (Ok(write_half), Ok(shutdown_half)) = (stream.try_clone(), stream.try_clone()) else {
+        return;
+    };
+    let (outbox, rx) = Outbox::new(node.config.outbox_messages, node.config.outbox_bytes);
+    outbox.set_close_hook(move || {
+        let _ = shutdown_half.shutdown(Shutdown::Both);
+    });
+    let weak = Arc::downgrade(&outbox);
+    if !spawn_connection_thread("tcp-writer".into(), move || write_loop(write_half, &rx, &weak)) {
+        return;
+    }
+    let mut session = Session::new(node, outbox);
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let mut buf = Vec::new();
+    loop {
+        let outcome = match read_line_bounded(&mut reader, &mut buf, node.config.max_line) {
+            Ok(Line::Eof) | Err(_) => break,
+            Ok(Line::TooLong) => Outcome::error("line too long"),
+            Ok(Line::Complete) => match std::str::from_utf8(&buf) {
+                Ok(line) if line.trim().is_empty() => continue,
+                Ok(line) => exec::execute_line(&mut session, line),
+                Err(_) => Outcome::error("Invalid UTF-8 in command"),
+            },
+        };
+        if !session.outbox.reply(outcome.line_messages()) {
+            break;
+        }
+    }
+}
+
+fn append(buf: &mut Vec<u8>, item: &Outgoing) {
+    for m in item.messages() {
+        buf.extend_from_slice(m.as_bytes());
+    }
+}
+
+/// Writes queued items until every sender is gone (session ended) or the socket fails.
+pub fn write_loop(mut stream: TcpStream, rx: &Receiver<Outgoing>, outbox: &Weak<Outbox>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    while let Ok(first) = rx.recv() {
+        buf.clear();
+        append(&mut buf, &first);
+        let mut size = first.size();
+        while buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(item) => {
+                    append(&mut buf, &item);
+                    size += item.size();
+                }
+                Err(_) => break,
+            }
+        }
+        let ok = stream.write_all(&buf).is_ok();
+        if let Some(outbox) = outbox.upgrade() {
+            outbox.written(size);
+            if !ok {
+                outbox.close();
+            }
+        }
+        if !ok {
+            return;
+        }
+    }
+    let _ = stream.flush();
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], max: usize) -> Vec<String> {
+        let mut r = BufReader::with_capacity(4, input);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            match read_line_bounded(&mut r, &mut buf, max).unwrap() {
+                Line::Complete => out.push(String::from_utf8_lossy(&buf).to_string()),
+                Line::TooLong => out.push("<too long>".into()),
+                Line::Eof => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn bounded_lines() {
+        assert_eq!(lines(b"ab\r\ncd\nlast", 10), vec!["ab", "cd", "last"]);
+        assert_eq!(
+            lines(b"short\n0123456789abc\nok\n", 10),
+            vec!["short", "<too long>", "ok"]
+        );
+    }
+}

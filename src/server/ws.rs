@@ -1,0 +1,190 @@
+//! WebSocket transport (tungstenite): one text frame may hold several `;`-separated commands;
+//! every reply message goes out as its own text frame. Reads and writes run on separate threads
+//! over clones of one socket; writes share a lock so frames never interleave.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use crate::exec;
+use crate::node::Node;
+use crate::protocol::{split_commands, Outcome};
+use crate::server::outbox::{Outbox, Outgoing};
+use crate::server::session::Session;
+use crate::server::spawn_connection_thread;
+
+/// How long a client may take to complete the WebSocket handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the WebSocket listener and accepts connections on a background thread.
+pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(&node.config.ws_addr)?;
+    let addr = listener.local_addr()?;
+    let node = Arc::clone(node);
+    std::thread::Builder::new()
+        .name("ws-accept".into())
+        .spawn(move || loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let node = Arc::clone(&node);
+                    spawn_connection_thread(format!("ws-{peer}"), move || serve(&node, stream));
+                }
+                Err(e) => {
+                    log::warn!("ws accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })?;
+    Ok(addr)
+}
+
+/// A socket whose reads are private and whose writes go through a shared lock, one whole buffer
+/// per call, so the reader's control frames (pong, close) and the writer's frames never interleave.
+struct SharedStream {
+    read: TcpStream,
+    write: Arc<Mutex<TcpStream>>,
+}
+
+impl Read for SharedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read.read(buf)
+    }
+}
+
+impl Write for SharedStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut s = self
+            .write
+            .lock()
+            .map_err(|_| io::Error::other("poisoned socket lock"))?;
+        s.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ws_config(node: &Node) -> WebSocketConfig {
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(node.config.max_line);
+    config.max_frame_size = Some(node.config.max_line);
+    config
+}
+
+fn serve(node: &Arc<Node>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let (Ok(read2), Ok(write), Ok(shutdown_half)) =
+        (stream.try_clone(), stream.try_clone(), stream.try_clone())
+    else {
+        return;
+    };
+    let write = Arc::new(Mutex::new(write));
+    let shared = SharedStream {
+        read: stream,
+        write: Arc::clone(&write),
+    };
+    let mut ws = match tungstenite::accept_with_config(shared, Some(ws_config(node))) {
+        Ok(ws) => ws,
+        Err(e) => {
+            log::debug!("ws handshake failed: {e}");
+            let _ = shutdown_half.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    let _ = ws.get_ref().read.set_read_timeout(None);
+    let writer_ws = WebSocket::from_raw_socket(
+        SharedStream { read: read2, write },
+        Role::Server,
+        Some(ws_config(node)),
+    );
+    let (outbox, rx) = Outbox::new(node.config.outbox_messages, node.config.outbox_bytes);
+    outbox.set_close_hook(move || {
+        let _ = shutdown_half.shutdown(Shutdown::Both);
+    });
+    let weak = Arc::downgrade(&outbox);
+    if !spawn_connection_thread("ws-writer".into(), move || write_loop(writer_ws, &rx, &weak)) {
+        return;
+    }
+    let mut session = Session::new(node, outbox);
+    loop {
+        let text = match ws.read() {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Binary(bytes)) => match String::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(_) => {
+                    reply(&session, &Outcome::error("Invalid UTF-8 in command"));
+                    continue;
+                }
+            },
+            Ok(Message::Close(_)) => {
+                // tungstenite answers the close frame on the next read; drain until it reports closed.
+                continue;
+            }
+            Ok(_) => continue,
+            Err(tungstenite::Error::Utf8) => {
+                reply(&session, &Outcome::error("Invalid UTF-8 in command"));
+                continue;
+            }
+            Err(tungstenite::Error::Capacity(_)) => {
+                reply(&session, &Outcome::error("line too long"));
+                break;
+            }
+            Err(e) => {
+                log::debug!("ws session ended: {e}");
+                break;
+            }
+        };
+        for command in split_commands(&text) {
+            let outcome = exec::execute_line(&mut session, command);
+            if !reply(&session, &outcome) {
+                return;
+            }
+        }
+    }
+}
+
+fn reply(session: &Session, outcome: &Outcome) -> bool {
+    session.outbox.reply(outcome.wire_messages())
+}
+
+fn write_item(ws: &mut WebSocket<SharedStream>, item: &Outgoing) -> bool {
+    item.messages()
+        .iter()
+        .all(|m| ws.write(Message::Text(m.clone())).is_ok())
+}
+
+fn write_loop(mut ws: WebSocket<SharedStream>, rx: &Receiver<Outgoing>, outbox: &Weak<Outbox>) {
+    while let Ok(first) = rx.recv() {
+        let mut size = first.size();
+        let mut ok = write_item(&mut ws, &first);
+        while ok && size < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(item) => {
+                    size += item.size();
+                    ok = write_item(&mut ws, &item);
+                }
+                Err(_) => break,
+            }
+        }
+        ok = ok && ws.flush().is_ok();
+        if let Some(outbox) = outbox.upgrade() {
+            outbox.written(size);
+            if !ok {
+                outbox.close();
+            }
+        }
+        if !ok {
+            return;
+        }
+    }
+    let _ = ws.close(None);
+    let _ = ws.flush();
+}
