@@ -133,8 +133,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 None => (database.get(TOKEN_KEY), TOKEN_USER.to_string()),
                 Some(u) => (database.get(&db::user_key(u)), u.clone()),
             };
-            let valid = session.admin
-                || stored.is_some_and(|(hash, _)| security::verify_secret(&token, &hash));
+            let valid = stored.is_some_and(|(hash, _)| security::verify_secret(&token, &hash));
             if !valid {
                 return Err(Outcome::error("Invalid token"));
             }
@@ -197,10 +196,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Write, &key)?;
             check_writable(&key)?;
-            write_result(db.write(
-                &key,
-                WriteOp::SetSafe(version, &stored_value(&key, &value)),
-            ))
+            write_result(db.write(&key, WriteOp::SetSafe(version, &stored_value(&key, &value))))
         }
         Command::Increment { key, by } => {
             let db = selected_db(session)?;
@@ -221,7 +217,8 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             let admin = session.admin;
             let pattern = pattern.unwrap_or_default();
-            let keys = db.keys(|k| (admin || !k.starts_with("$$")) && pattern::matches(&pattern, k));
+            let keys =
+                db.keys(|k| (admin || !k.starts_with("$$")) && pattern::matches(&pattern, k));
             let mut line = String::from("keys ");
             for k in keys {
                 line.push(',');
@@ -257,7 +254,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::Snapshot { dbs, .. } => {
             require_admin(session)?;
             if let Some(missing) = dbs.iter().find(|d| node.dbs.get(d).is_none()) {
-                return Err(Outcome::error(format!("Not a valid database name: {missing}")));
+                return Err(Outcome::error(format!(
+                    "Not a valid database name: {missing}"
+                )));
             }
             Ok(Outcome::ok())
         }

@@ -70,16 +70,28 @@ struct StartArgs {
     #[arg(long = "http-address", env = "NUN_HTTP_ADDR", default_value = config::DEFAULT_HTTP_ADDR)]
     http_address: String,
     /// Comma-separated cluster members (TCP addresses, may include this node).
-    #[arg(long = "replicate-address", env = "NUN_REPLICATE_ADDR", default_value = "")]
+    #[arg(
+        long = "replicate-address",
+        env = "NUN_REPLICATE_ADDR",
+        default_value = ""
+    )]
     replicate_address: String,
     /// The address this node advertises to its peers.
-    #[arg(long = "external-address", env = "NUN_EXTERNAL_ADDR", default_value = "")]
+    #[arg(
+        long = "external-address",
+        env = "NUN_EXTERNAL_ADDR",
+        default_value = ""
+    )]
     external_address: String,
     /// Data directory (created if missing).
     #[arg(long = "dbs-dir", env = "NUN_DBS_DIR", default_value = "dbs")]
     dbs_dir: String,
     /// Election timeout in milliseconds.
-    #[arg(long = "election-timeout", env = "NUN_ELECTION_TIMEOUT", default_value_t = 1000)]
+    #[arg(
+        long = "election-timeout",
+        env = "NUN_ELECTION_TIMEOUT",
+        default_value_t = 1000
+    )]
     election_timeout: u64,
     /// Longest accepted command line, frame or HTTP body, in bytes.
     #[arg(long = "max-line", env = "NUN_MAX_LINE", default_value_t = 16 * 1024 * 1024)]
@@ -157,7 +169,9 @@ fn exec(cli: &Cli, command: &str) -> ExitCode {
 
 fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
     let Some((user, pwd)) = credentials(cli) else {
-        return fail("refusing to start without admin credentials: set NUN_USER and NUN_PWD (or -u/-p)");
+        return fail(
+            "refusing to start without admin credentials: set NUN_USER and NUN_PWD (or -u/-p)",
+        );
     };
     let level = match args.log_level.parse::<log::LevelFilter>() {
         Ok(l) => l,
@@ -211,7 +225,10 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         node.config.dbs_dir.display()
     );
     // Machine-readable readiness line (tests and scripts wait for it).
-    println!("ready tcp={} ws={} http={}", bound.tcp, bound.ws, bound.http);
+    println!(
+        "ready tcp={} ws={} http={}",
+        bound.tcp, bound.ws, bound.http
+    );
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal} received, shutting down");
     }

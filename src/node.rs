@@ -1,7 +1,8 @@
 //! The running node: configuration, databases and counters shared by every session.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::config::Config;
@@ -20,6 +21,8 @@ pub struct Node {
     pub commands: AtomicU64,
     /// Sessions currently open.
     pub sessions: AtomicU64,
+    /// The TCP address actually bound (differs from the configured one with port 0).
+    pub tcp_bound: OnceLock<SocketAddr>,
 }
 
 impl Node {
@@ -31,15 +34,18 @@ impl Node {
             started: Instant::now(),
             commands: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
+            tcp_bound: OnceLock::new(),
         })
     }
 
-    /// The address this node advertises (external address, else its TCP address).
-    pub fn advertised_addr(&self) -> &str {
-        if self.config.external_addr.is_empty() {
-            &self.config.tcp_addr
+    /// The address this node advertises (external address, else its bound TCP address).
+    pub fn advertised_addr(&self) -> String {
+        if !self.config.external_addr.is_empty() {
+            self.config.external_addr.clone()
+        } else if let Some(addr) = self.tcp_bound.get() {
+            addr.to_string()
         } else {
-            &self.config.external_addr
+            self.config.tcp_addr.clone()
         }
     }
 

@@ -285,8 +285,7 @@ impl Client {
 
     /// `increment <key> <by>`.
     pub fn increment(&mut self, key: &str, by: i64) -> Result<(), ClientError> {
-        self.call(&format!("increment {key} {by}"))?
-            .into_result()?;
+        self.call(&format!("increment {key} {by}"))?.into_result()?;
         Ok(())
     }
 
@@ -338,7 +337,10 @@ mod tests {
         assert!(
             matches!(classify("error permission denied\n \n"), Incoming::Envelope(Some(e)) if e == "permission denied")
         );
-        assert!(matches!(classify("error no-db-selected\n"), Incoming::Output(_)));
+        assert!(matches!(
+            classify("error no-db-selected\n"),
+            Incoming::Output(_)
+        ));
         assert!(matches!(
             classify("changed-version a 3 x y\n"),
             Incoming::Event(Event::Changed { version: 3, .. })

@@ -320,7 +320,10 @@ mod tests {
         assert_eq!(db.write("a", WriteOp::Remove), Ok(1));
         assert_eq!(db.get("a"), None);
         assert_eq!(db.write("a", WriteOp::Set("2")), Ok(2));
-        assert_eq!(db.write("a", WriteOp::SetSafe(0, "3")), Err(WriteError::InvalidVersion));
+        assert_eq!(
+            db.write("a", WriteOp::SetSafe(0, "3")),
+            Err(WriteError::InvalidVersion)
+        );
     }
 
     #[test]
@@ -343,17 +346,10 @@ mod tests {
         db.watch("a", &outbox);
         db.write("a", WriteOp::Set("1")).unwrap();
         db.write("a", WriteOp::Remove).unwrap();
-        let got: Vec<String> = rx
-            .try_iter()
-            .flat_map(|o| o.messages().to_vec())
-            .collect();
+        let got: Vec<String> = rx.try_iter().flat_map(|o| o.messages().to_vec()).collect();
         assert_eq!(
             got,
-            vec![
-                "changed a 1\n",
-                "changed-version a 0 1\n",
-                "removed a\n"
-            ]
+            vec!["changed a 1\n", "changed-version a 0 1\n", "removed a\n"]
         );
     }
 }

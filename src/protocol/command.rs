@@ -172,7 +172,8 @@ impl Command {
                 Err(usage(text))
             }
         };
-        let key = |text: &str| -> Result<String, String> { exact(1, text).map(|mut v| v.remove(0)) };
+        let key =
+            |text: &str| -> Result<String, String> { exact(1, text).map(|mut v| v.remove(0)) };
         let cmd = match verb {
             "auth" => {
                 let mut a = exact(2, "auth <user> <pwd>")?;

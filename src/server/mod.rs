@@ -31,6 +31,7 @@ pub struct Bound {
 /// Binds all three listeners and starts serving on background threads.
 pub fn start(node: &Arc<Node>) -> io::Result<Bound> {
     let tcp = tcp::listen(node)?;
+    let _ = node.tcp_bound.set(tcp);
     let ws = ws::listen(node)?;
     let http = http::listen(node)?;
     Ok(Bound { tcp, ws, http })

@@ -94,7 +94,11 @@ pub fn read_line_bounded(
             if buf.last() == Some(&b'\r') {
                 buf.pop();
             }
-            return Ok(if too_long { Line::TooLong } else { Line::Complete });
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete
+            });
         }
     }
 }
@@ -109,7 +113,9 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
         let _ = shutdown_half.shutdown(Shutdown::Both);
     });
     let weak = Arc::downgrade(&outbox);
-    if !spawn_connection_thread("tcp-writer".into(), move || write_loop(write_half, &rx, &weak)) {
+    if !spawn_connection_thread("tcp-writer".into(), move || {
+        write_loop(write_half, &rx, &weak)
+    }) {
         return;
     }
     let mut session = Session::new(node, outbox);

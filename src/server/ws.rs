@@ -110,7 +110,9 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
         let _ = shutdown_half.shutdown(Shutdown::Both);
     });
     let weak = Arc::downgrade(&outbox);
-    if !spawn_connection_thread("ws-writer".into(), move || write_loop(writer_ws, &rx, &weak)) {
+    if !spawn_connection_thread("ws-writer".into(), move || {
+        write_loop(writer_ws, &rx, &weak)
+    }) {
         return;
     }
     let mut session = Session::new(node, outbox);

@@ -1,0 +1,299 @@
+//! Test harness: spawns the real `nun-db` binary on ephemeral loopback ports with a temp data
+//! dir, waits for its readiness line, and kills exactly that process on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nundb::client::Client;
+use tungstenite::{Message, WebSocket};
+
+pub const ADMIN: &str = "admin";
+pub const ADMIN_PWD: &str = "admin-pwd";
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A unique, fresh temp directory (removed by [`Server`]'s drop).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("nundb-{tag}-{}-{n}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A running server process.
+pub struct Server {
+    child: Child,
+    pub tcp: String,
+    pub ws: String,
+    pub http: String,
+    pub dir: PathBuf,
+}
+
+impl Server {
+    /// Starts a node with default settings.
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts a node with extra NUN_* environment variables.
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        Server::start_in(temp_dir("srv"), env)
+    }
+
+    /// Starts a node on an existing data dir.
+    pub fn start_in(dir: PathBuf, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nun-db"));
+        cmd.arg("start")
+            .arg("--tcp-address")
+            .arg("127.0.0.1:0")
+            .arg("--ws-address")
+            .arg("127.0.0.1:0")
+            .arg("--http-address")
+            .arg("127.0.0.1:0")
+            .arg("--dbs-dir")
+            .arg(&dir)
+            .env("NUN_USER", ADMIN)
+            .env("NUN_PWD", ADMIN_PWD)
+            .env("NUN_LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn nun-db");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if line.starts_with("ready ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not print its ready line");
+            }
+        };
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .expect("ready field")
+                .to_string()
+        };
+        Server {
+            tcp: field("tcp"),
+            ws: field("ws"),
+            http: field("http"),
+            child,
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.ws)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// A TCP client already authenticated as admin.
+    pub fn admin(&self) -> Client {
+        let mut c = Client::connect_tcp(&self.tcp).expect("connect");
+        c.auth(ADMIN, ADMIN_PWD).expect("auth");
+        c
+    }
+
+    /// Creates `db` with token `token` (strategy optional).
+    pub fn create_db(&self, db: &str, token: &str, strategy: Option<&str>) {
+        let mut c = self.admin();
+        let cmd = match strategy {
+            Some(s) => format!("create-db {db} {token} {s}"),
+            None => format!("create-db {db} {token}"),
+        };
+        let r = c.call(&cmd).expect("create-db");
+        assert_eq!(r.error, None, "create-db failed: {r:?}");
+    }
+
+    /// A TCP client using `db`.
+    pub fn tcp_client(&self, db: &str, token: &str) -> Client {
+        let mut c = Client::connect_tcp(&self.tcp).expect("connect");
+        c.use_db(db, token).expect("use-db");
+        c
+    }
+
+    /// A WebSocket client using `db`.
+    pub fn ws_client(&self, db: &str, token: &str) -> Client {
+        let mut c = Client::connect_ws(&self.ws_url()).expect("connect ws");
+        c.use_db(db, token).expect("use-db");
+        c
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to 30 s for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Raw line-level TCP connection for exact-bytes assertions.
+pub struct RawTcp {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl RawTcp {
+    pub fn connect(addr: &str) -> RawTcp {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        RawTcp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Reads one line including its `\n`; empty string at EOF.
+    pub fn line(&mut self) -> String {
+        let mut buf = Vec::new();
+        self.reader.read_until(b'\n', &mut buf).expect("read line");
+        String::from_utf8_lossy(&buf).to_string()
+    }
+
+    /// Sends a command line and returns every line up to and including the envelope.
+    pub fn cmd(&mut self, line: &str) -> Vec<String> {
+        self.send(format!("{line}\n").as_bytes());
+        self.until_envelope()
+    }
+
+    pub fn until_envelope(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let l = self.line();
+            assert!(!l.is_empty(), "connection closed; got so far {out:?}");
+            let end = l == "ok \n" || (l.starts_with("error ") && l.ends_with(" \n"));
+            out.push(l);
+            if end {
+                return out;
+            }
+        }
+    }
+
+    pub fn read_to_end(&mut self) -> String {
+        let mut s = Vec::new();
+        let _ = self.reader.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).to_string()
+    }
+}
+
+/// Raw WebSocket connection for exact-frame assertions.
+pub struct RawWs {
+    pub ws: WebSocket<TcpStream>,
+}
+
+impl RawWs {
+    pub fn connect(addr: &str) -> RawWs {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");
+        RawWs { ws }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.to_string())).expect("send");
+    }
+
+    pub fn frame(&mut self) -> String {
+        loop {
+            match self.ws.read().expect("read frame") {
+                Message::Text(t) => return t,
+                Message::Close(_) => panic!("closed"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Frames up to and including the `n`-th envelope.
+    pub fn envelopes(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut seen = 0;
+        while seen < n {
+            let f = self.frame();
+            if f == "ok \n" || (f.starts_with("error ") && f.ends_with(" \n")) {
+                seen += 1;
+            }
+            out.push(f);
+        }
+        out
+    }
+
+    /// Sends one frame holding one command and returns its frames.
+    pub fn cmd(&mut self, text: &str) -> Vec<String> {
+        self.send(text);
+        self.envelopes(1)
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
