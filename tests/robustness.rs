@@ -53,7 +53,7 @@ fn random_line(rng: &mut StdRng) -> Vec<u8> {
         // A huge token.
         3 if rng.gen_ratio(1, 50) => {
             let mut l = b"set big ".to_vec();
-            l.extend(std::iter::repeat(b'z').take(rng.gen_range(10_000..200_000)));
+            l.extend(std::iter::repeat_n(b'z', rng.gen_range(10_000..200_000)));
             l
         }
         // Lone separators and whitespace.

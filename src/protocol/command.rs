@@ -228,7 +228,7 @@ impl Command {
             },
             "set" => {
                 let (w, value) = words(args, 1);
-                if w.len() < 1 {
+                if w.is_empty() {
                     return Err(usage("set <key> <value>"));
                 }
                 Command::Set {
