@@ -1,6 +1,9 @@
 //! Every server setting in one struct, with its default. `main.rs` fills it from flags and NUN_* env.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::storage::oplog::FsyncPolicy;
 
 /// Server configuration.
 #[derive(Debug, Clone)]
@@ -31,6 +34,12 @@ pub struct Config {
     pub outbox_bytes: usize,
     /// Worker threads answering HTTP requests (NUN_HTTP_WORKERS).
     pub http_workers: usize,
+    /// When the operation log is fsynced (NUN_FSYNC).
+    pub fsync: FsyncPolicy,
+    /// Time between periodic snapshots of changed databases (NUN_SNAPSHOT_INTERVAL, seconds).
+    pub snapshot_interval: Duration,
+    /// Operation log size that triggers an early snapshot (NUN_MAX_OP_LOG_SIZE, bytes).
+    pub max_log_size: u64,
 }
 
 /// Default TCP address.
@@ -56,6 +65,9 @@ impl Default for Config {
             outbox_messages: 16 * 1024,
             outbox_bytes: 64 * 1024 * 1024,
             http_workers: 4,
+            fsync: FsyncPolicy::EverySec,
+            snapshot_interval: Duration::from_secs(60),
+            max_log_size: 256 * 1024 * 1024,
         }
     }
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use crate::db::security::{self, Access, Permissions};
 use crate::db::{
-    self, pattern, Database, WriteError, WriteOp, CONNECTIONS_KEY, TOKEN_KEY, TOKEN_USER,
+    self, pattern, Database, WriteError, WriteOp, Written, CONNECTIONS_KEY, TOKEN_KEY, TOKEN_USER,
 };
+use crate::node::Node;
 use crate::protocol::{Command, Outcome, VERBS};
 use crate::server::session::Session;
 
@@ -105,9 +106,16 @@ fn stored_value(key: &str, value: &str) -> String {
     }
 }
 
-fn write_result(r: Result<i32, WriteError>) -> Res {
-    r.map(|_| Outcome::ok())
-        .map_err(|e| Outcome::error(e.to_string()))
+/// Acknowledges a write once its log record is durable (per the fsync policy).
+fn write_result(node: &Node, r: Result<Written, WriteError>) -> Res {
+    let written = r.map_err(|e| Outcome::error(e.to_string()))?;
+    durable(node, written.lsn)
+}
+
+fn durable(node: &Node, lsn: u64) -> Res {
+    node.wait_durable(lsn)
+        .map(|_| Outcome::ok())
+        .map_err(|e| Outcome::error(format!("Storage error: {e}")))
 }
 
 fn run(session: &mut Session, cmd: Command) -> Res {
@@ -153,16 +161,20 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 .dbs
                 .create(&name, &security::hash_secret(&token), strategy)
             {
-                Some(_) => Ok(Outcome::message("create-db success")),
-                None => Err(Outcome::error("database already exists")),
+                Ok(Some((_, lsn))) => {
+                    durable(&node, lsn)?;
+                    Ok(Outcome::message("create-db success"))
+                }
+                Ok(None) => Err(Outcome::error("database already exists")),
+                Err(e) => Err(Outcome::error(e.to_string())),
             }
         }
         Command::DeleteDb { name } => {
             require_admin(session)?;
-            if node.dbs.delete(&name) {
-                Ok(Outcome::ok())
-            } else {
-                Err(Outcome::error("Not a valid database name"))
+            match node.dbs.delete(&name) {
+                Ok(Some(lsn)) => durable(&node, lsn),
+                Ok(None) => Err(Outcome::error("Not a valid database name")),
+                Err(e) => Err(Outcome::error(e.to_string())),
             }
         }
         Command::Get { key } => {
@@ -186,7 +198,10 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Write, &key)?;
             check_writable(&key)?;
-            write_result(db.write(&key, WriteOp::Set(&stored_value(&key, &value))))
+            write_result(
+                &node,
+                db.write(&key, WriteOp::Set(&stored_value(&key, &value))),
+            )
         }
         Command::SetSafe {
             key,
@@ -196,13 +211,16 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Write, &key)?;
             check_writable(&key)?;
-            write_result(db.write(&key, WriteOp::SetSafe(version, &stored_value(&key, &value))))
+            write_result(
+                &node,
+                db.write(&key, WriteOp::SetSafe(version, &stored_value(&key, &value))),
+            )
         }
         Command::Increment { key, by } => {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Increment, &key)?;
             check_writable(&key)?;
-            write_result(db.write(&key, WriteOp::Increment(by)))
+            write_result(&node, db.write(&key, WriteOp::Increment(by)))
         }
         Command::Remove { key } => {
             let db = selected_db(session)?;
@@ -211,7 +229,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             }
             check_key(session, &db, Access::Remove, &key)?;
             check_writable(&key)?;
-            write_result(db.write(&key, WriteOp::Remove))
+            write_result(&node, db.write(&key, WriteOp::Remove))
         }
         Command::Keys { pattern } => {
             let db = selected_db(session)?;
@@ -275,16 +293,22 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::CreateUser { user, token } => {
             require_admin(session)?;
             let db = selected_db(session)?;
-            write_result(db.write(
-                &db::user_key(&user),
-                WriteOp::Set(&security::hash_secret(&token)),
-            ))
+            write_result(
+                &node,
+                db.write(
+                    &db::user_key(&user),
+                    WriteOp::Set(&security::hash_secret(&token)),
+                ),
+            )
         }
         Command::SetPermissions { user, spec } => {
             require_admin(session)?;
             let db = selected_db(session)?;
             Permissions::parse(&spec).map_err(Outcome::error)?;
-            write_result(db.write(&db::permission_key(&user), WriteOp::Set(&spec)))
+            write_result(
+                &node,
+                db.write(&db::permission_key(&user), WriteOp::Set(&spec)),
+            )
         }
         Command::ClusterState => {
             require_admin(session)?;
@@ -295,9 +319,10 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::MetricsState => {
             require_admin(session)?;
-            Ok(Outcome::message(
-                "metrics-state pending_ops: 0, op_log_file_size: 0, op_log_count: 0,replication_time_moving_avg: 0.0, get_query_time_moving_avg: 0.0",
-            ))
+            let (size, count) = node.log_stats();
+            Ok(Outcome::message(format!(
+                "metrics-state pending_ops: 0, op_log_file_size: {size}, op_log_count: {count},replication_time_moving_avg: 0.0, get_query_time_moving_avg: 0.0"
+            )))
         }
         Command::ListCommands => {
             require_admin(session)?;

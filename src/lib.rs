@@ -10,3 +10,4 @@ pub mod exec;
 pub mod node;
 pub mod protocol;
 pub mod server;
+pub mod storage;

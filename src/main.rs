@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{ArgAction, Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -11,6 +12,7 @@ use nundb::client;
 use nundb::config::{self, Config};
 use nundb::node::Node;
 use nundb::server;
+use nundb::storage::oplog::FsyncPolicy;
 
 /// A NunDB-compatible realtime database.
 #[derive(Parser, Debug)]
@@ -102,6 +104,19 @@ struct StartArgs {
     /// Bytes a session may have queued before a slow watcher is disconnected.
     #[arg(long = "outbox-bytes", env = "NUN_OUTBOX_BYTES", default_value_t = 64 * 1024 * 1024)]
     outbox_bytes: usize,
+    /// Operation log fsync policy: always, everysec or no.
+    #[arg(long = "fsync", env = "NUN_FSYNC", default_value = "everysec")]
+    fsync: String,
+    /// Seconds between periodic snapshots of changed databases.
+    #[arg(
+        long = "snapshot-interval",
+        env = "NUN_SNAPSHOT_INTERVAL",
+        default_value_t = 60
+    )]
+    snapshot_interval: u64,
+    /// Operation log size in bytes that triggers an early snapshot.
+    #[arg(long = "max-op-log-size", env = "NUN_MAX_OP_LOG_SIZE", default_value_t = 256 * 1024 * 1024)]
+    max_op_log_size: u64,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long = "log-level", env = "NUN_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -181,7 +196,16 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         .with_level(level)
         .with_utc_timestamps()
         .init();
+    let Some(fsync) = FsyncPolicy::parse(&args.fsync) else {
+        return fail(&format!(
+            "invalid NUN_FSYNC `{}`: use always, everysec or no",
+            args.fsync
+        ));
+    };
     let config = Config {
+        fsync,
+        snapshot_interval: Duration::from_secs(args.snapshot_interval.max(1)),
+        max_log_size: args.max_op_log_size,
         admin_user: user,
         admin_pwd: pwd,
         dbs_dir: args.dbs_dir.clone().into(),
@@ -202,17 +226,14 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         outbox_bytes: args.outbox_bytes,
         ..Config::default()
     };
-    if let Err(e) = std::fs::create_dir_all(&config.dbs_dir) {
-        return fail(&format!(
-            "cannot create data directory {}: {e}",
-            config.dbs_dir.display()
-        ));
-    }
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
     };
-    let node: Arc<Node> = Node::new(config);
+    let node: Arc<Node> = match Node::open(config) {
+        Ok(n) => n,
+        Err(e) => return fail(&e),
+    };
     let bound = match server::start(&node) {
         Ok(b) => b,
         Err(e) => return fail(&format!("cannot listen: {e}")),
@@ -230,7 +251,10 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         bound.tcp, bound.ws, bound.http
     );
     if let Some(signal) = signals.forever().next() {
-        log::info!("signal {signal} received, shutting down");
+        log::info!("signal {signal} received, flushing and shutting down");
     }
-    ExitCode::SUCCESS
+    match node.flush() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("flushing the operation log failed: {e}")),
+    }
 }

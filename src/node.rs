@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::config::Config;
 use crate::db::Databases;
+use crate::storage::{Storage, StorageConfig};
 
 /// Shared state of one server process.
 #[derive(Debug)]
@@ -14,7 +15,9 @@ pub struct Node {
     /// Settings.
     pub config: Config,
     /// All databases.
-    pub dbs: Databases,
+    pub dbs: Arc<Databases>,
+    /// Durable storage (absent for purely in-memory nodes used in unit tests).
+    pub storage: Option<Arc<Storage>>,
     /// When the node started.
     pub started: Instant,
     /// Commands executed, for `metrics-state` and `debug process-info`.
@@ -26,11 +29,34 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node with no databases.
+    /// A purely in-memory node with no databases.
     pub fn new(config: Config) -> Arc<Node> {
+        Node::build(config, Arc::new(Databases::new()), None)
+    }
+
+    /// Opens the data directory (recovering every database) and starts the snapshotter.
+    pub fn open(config: Config) -> Result<Arc<Node>, String> {
+        let dbs = Arc::new(Databases::new());
+        let storage = Storage::open(
+            StorageConfig {
+                dir: config.dbs_dir.clone(),
+                fsync: config.fsync,
+                snapshot_interval: config.snapshot_interval,
+                max_log_size: config.max_log_size,
+            },
+            &dbs,
+        )?;
+        storage
+            .start_snapshotter(Arc::downgrade(&dbs))
+            .map_err(|e| format!("cannot start the snapshotter: {e}"))?;
+        Ok(Node::build(config, dbs, Some(storage)))
+    }
+
+    fn build(config: Config, dbs: Arc<Databases>, storage: Option<Arc<Storage>>) -> Arc<Node> {
         Arc::new(Node {
             config,
-            dbs: Databases::new(),
+            dbs,
+            storage,
             started: Instant::now(),
             commands: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
@@ -46,6 +72,38 @@ impl Node {
             addr.to_string()
         } else {
             self.config.tcp_addr.clone()
+        }
+    }
+
+    /// Waits until the log record `lsn` is durable per the fsync policy.
+    pub fn wait_durable(&self, lsn: u64) -> std::io::Result<()> {
+        match &self.storage {
+            Some(s) => s.wait_durable(lsn),
+            None => Ok(()),
+        }
+    }
+
+    /// Snapshots every changed database now.
+    pub fn snapshot(&self) -> std::io::Result<usize> {
+        match &self.storage {
+            Some(s) => s.snapshot(&self.dbs),
+            None => Ok(0),
+        }
+    }
+
+    /// (bytes, records) currently in the operation log.
+    pub fn log_stats(&self) -> (u64, u64) {
+        match &self.storage {
+            Some(s) => (s.log().size(), s.log().count()),
+            None => (0, 0),
+        }
+    }
+
+    /// Flushes the log to disk (on shutdown).
+    pub fn flush(&self) -> std::io::Result<()> {
+        match &self.storage {
+            Some(s) => s.flush(),
+            None => Ok(()),
         }
     }
 

@@ -3,11 +3,13 @@
 //! lock is released, so each watcher sees a key's versions in order, without gaps.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::protocol::Strategy;
 use crate::server::outbox::Outbox;
+use crate::storage::oplog::OpLog;
+use crate::storage::record::{Op, Record};
 
 /// The key holding the number of sessions using the database.
 pub const CONNECTIONS_KEY: &str = "$connections";
@@ -23,6 +25,26 @@ pub struct Entry {
     pub version: i32,
     /// True for a removed key.
     pub deleted: bool,
+}
+
+impl Entry {
+    /// A live entry.
+    pub fn live(value: &str, version: i32) -> Entry {
+        Entry {
+            value: value.to_string(),
+            version,
+            deleted: false,
+        }
+    }
+}
+
+/// The result of a successful write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// The key's new version.
+    pub version: i32,
+    /// The log record's LSN to wait on before acknowledging (0 if none was written).
+    pub lsn: u64,
 }
 
 /// A change requested by a write command.
@@ -47,17 +69,20 @@ pub enum WriteError {
     NotNumeric,
     /// Stale `set-safe` under `arbiter` with no arbiter connected.
     NoArbiter,
+    /// The operation log could not be written; nothing was changed.
+    Storage(String),
 }
 
 impl std::fmt::Display for WriteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WriteError::InvalidVersion => "Invalid version!",
-            WriteError::NotNumeric => "Key is not numeric",
+        match self {
+            WriteError::InvalidVersion => f.write_str("Invalid version!"),
+            WriteError::NotNumeric => f.write_str("Key is not numeric"),
             WriteError::NoArbiter => {
-                "An conflitct happend and there is no arbiter client not connected"
+                f.write_str("An conflitct happend and there is no arbiter client not connected")
             }
-        })
+            WriteError::Storage(e) => write!(f, "Storage error: {e}"),
+        }
     }
 }
 
@@ -70,6 +95,10 @@ pub struct Database {
     watchers: Mutex<HashMap<String, Vec<Arc<Outbox>>>>,
     arbiters: Mutex<Vec<Arc<Outbox>>>,
     dropped: AtomicBool,
+    log: OnceLock<Arc<OpLog>>,
+    last_lsn: AtomicU64,
+    force_snapshot: AtomicBool,
+    snapshot_lsn: AtomicU64,
 }
 
 /// Reads a lock even if a panicking thread poisoned it (the data itself is always consistent:
@@ -87,8 +116,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Database {
-    /// An empty database with its `$connections` counter at 0.
+    /// An empty database with its `$connections` counter at 0 (in memory only).
     pub fn new(name: &str, strategy: Strategy) -> Database {
+        Database::with_log(name, strategy, None)
+    }
+
+    /// An empty database whose changes are appended to `log`.
+    pub fn with_log(name: &str, strategy: Strategy, log: Option<Arc<OpLog>>) -> Database {
         let mut data = HashMap::new();
         data.insert(
             CONNECTIONS_KEY.to_string(),
@@ -105,6 +139,10 @@ impl Database {
             watchers: Mutex::new(HashMap::new()),
             arbiters: Mutex::new(Vec::new()),
             dropped: AtomicBool::new(false),
+            log: log.map(OnceLock::from).unwrap_or_default(),
+            last_lsn: AtomicU64::new(0),
+            force_snapshot: AtomicBool::new(false),
+            snapshot_lsn: AtomicU64::new(0),
         }
     }
 
@@ -157,21 +195,23 @@ impl Database {
         self.len() == 0
     }
 
-    /// Applies a write and notifies watchers; returns the key's new version.
-    pub fn write(&self, key: &str, op: WriteOp<'_>) -> Result<i32, WriteError> {
+    /// Applies a write: computes the new entry, appends it to the operation log (if any), stores
+    /// it and notifies watchers, all under the data lock. Returns the new version and the LSN to
+    /// wait on before acknowledging (0 when nothing was logged).
+    pub fn write(&self, key: &str, op: WriteOp<'_>) -> Result<Written, WriteError> {
         let mut data = write(&self.data);
         let existing = data.get(key);
         let live = existing.filter(|e| !e.deleted);
         let floor = existing.map(|e| e.version);
-        let (value, version) = match op {
-            WriteOp::Set(value) => (value.to_string(), next_version(floor, -1)),
+        let entry = match op {
+            WriteOp::Set(value) => Entry::live(value, next_version(floor, -1)),
             WriteOp::SetSafe(requested, value) => match live {
                 Some(e) if requested < e.version => match self.strategy() {
                     Strategy::None => return Err(WriteError::InvalidVersion),
-                    Strategy::Newer => (value.to_string(), e.version + 1),
+                    Strategy::Newer => Entry::live(value, e.version + 1),
                     Strategy::Arbiter => return Err(WriteError::NoArbiter),
                 },
-                _ => (value.to_string(), next_version(floor, requested)),
+                _ => Entry::live(value, next_version(floor, requested)),
             },
             WriteOp::Increment(by) => {
                 let current = match live {
@@ -182,42 +222,133 @@ impl Database {
                         .map_err(|_| WriteError::NotNumeric)?,
                     None => 0,
                 };
-                (
-                    current.saturating_add(by).to_string(),
+                Entry::live(
+                    &current.saturating_add(by).to_string(),
                     next_version(floor, -1),
                 )
             }
-            WriteOp::Remove => {
-                let Some(e) = live else {
-                    return Ok(floor.unwrap_or(-1));
-                };
-                let version = e.version + 1;
-                data.insert(
-                    key.to_string(),
-                    Entry {
-                        value: String::new(),
-                        version,
-                        deleted: true,
-                    },
-                );
-                self.notify(key, vec![format!("removed {key}\n")]);
-                return Ok(version);
-            }
-        };
-        let messages = vec![
-            format!("changed {key} {value}\n"),
-            format!("changed-version {key} {version} {value}\n"),
-        ];
-        data.insert(
-            key.to_string(),
-            Entry {
-                value,
-                version,
-                deleted: false,
+            WriteOp::Remove => match live {
+                Some(e) => Entry {
+                    value: String::new(),
+                    version: e.version + 1,
+                    deleted: true,
+                },
+                None => {
+                    return Ok(Written {
+                        version: floor.unwrap_or(-1),
+                        lsn: 0,
+                    })
+                }
             },
-        );
+        };
+        let lsn = match self.log.get() {
+            Some(log) if key != CONNECTIONS_KEY => {
+                let mut record = Record {
+                    lsn: 0,
+                    term: 0,
+                    op: if entry.deleted { Op::Remove } else { Op::Set },
+                    db: self.name.clone(),
+                    key: key.to_string(),
+                    version: entry.version,
+                    value: entry.value.clone(),
+                };
+                let lsn = log
+                    .append(&mut record)
+                    .map_err(|e| WriteError::Storage(e.to_string()))?;
+                self.last_lsn.store(lsn, Ordering::Release);
+                lsn
+            }
+            _ => 0,
+        };
+        let version = entry.version;
+        self.store(&mut data, key, entry);
+        Ok(Written { version, lsn })
+    }
+
+    /// Applies a record that is already in the log (start-up replay, replication): stores the
+    /// entry it describes and notifies watchers. Records at or below the last LSN are skipped.
+    pub fn apply_record(&self, record: &Record) {
+        let mut data = write(&self.data);
+        if record.lsn != 0 && record.lsn <= self.last_lsn.load(Ordering::Acquire) {
+            return;
+        }
+        let entry = match record.op {
+            Op::Set => Entry::live(&record.value, record.version),
+            Op::Remove => Entry {
+                value: String::new(),
+                version: record.version,
+                deleted: true,
+            },
+            Op::CreateDb | Op::DeleteDb => return,
+        };
+        self.last_lsn.store(record.lsn, Ordering::Release);
+        self.store(&mut data, &record.key, entry);
+    }
+
+    /// Inserts `entry` and queues its notification to the key's watchers.
+    fn store(&self, data: &mut HashMap<String, Entry>, key: &str, entry: Entry) {
+        let messages = if entry.deleted {
+            vec![format!("removed {key}\n")]
+        } else {
+            vec![
+                format!("changed {key} {}\n", entry.value),
+                format!("changed-version {key} {} {}\n", entry.version, entry.value),
+            ]
+        };
+        data.insert(key.to_string(), entry);
         self.notify(key, messages);
-        Ok(version)
+    }
+
+    /// Replaces the contents with snapshot entries taken at `lsn`.
+    pub fn load(&self, entries: Vec<(String, Entry)>, lsn: u64) {
+        let mut data = write(&self.data);
+        for (key, entry) in entries {
+            if key != CONNECTIONS_KEY {
+                data.insert(key, entry);
+            }
+        }
+        self.last_lsn.store(lsn, Ordering::Release);
+        self.snapshot_lsn.store(lsn, Ordering::Release);
+    }
+
+    /// LSN of the last logged change.
+    pub fn last_lsn(&self) -> u64 {
+        self.last_lsn.load(Ordering::Acquire)
+    }
+
+    /// True when changes were logged since the last snapshot.
+    pub fn changed_since_snapshot(&self) -> bool {
+        self.force_snapshot.load(Ordering::Acquire)
+            || self.last_lsn() > self.snapshot_lsn.load(Ordering::Acquire)
+    }
+
+    /// Copies every entry (tombstones included, `$connections` excluded) and the LSN they reflect.
+    /// Readers are never blocked; writers wait only for the copy.
+    pub fn copy_entries(&self) -> (Vec<(String, Entry)>, u64) {
+        let data = read(&self.data);
+        let lsn = self.last_lsn();
+        let entries = data
+            .iter()
+            .filter(|(k, _)| k.as_str() != CONNECTIONS_KEY)
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        (entries, lsn)
+    }
+
+    /// Forces the next snapshot to include this database.
+    pub fn mark_unsnapshotted(&self) {
+        self.force_snapshot.store(true, Ordering::Release);
+    }
+
+    /// Attaches the operation log (once, after start-up replay).
+    pub fn attach_log(&self, log: Arc<OpLog>) {
+        let _ = self.log.set(log);
+    }
+
+    /// Records that a snapshot now covers everything up to `lsn`.
+    pub fn mark_snapshotted(&self, lsn: u64) {
+        self.snapshot_lsn.fetch_max(lsn, Ordering::AcqRel);
+        self.force_snapshot.store(false, Ordering::Release);
     }
 
     /// Adds `delta` to `$connections` and notifies its watchers.
@@ -290,17 +421,21 @@ fn next_version(stored: Option<i32>, requested: i32) -> i32 {
 mod tests {
     use super::*;
 
+    fn version(r: Result<Written, WriteError>) -> Result<i32, WriteError> {
+        r.map(|w| w.version)
+    }
+
     #[test]
     fn versions_follow_nundb_rules() {
         let db = Database::new("t", Strategy::None);
-        assert_eq!(db.write("a", WriteOp::Set("1")), Ok(0));
-        assert_eq!(db.write("a", WriteOp::Set("2")), Ok(1));
+        assert_eq!(version(db.write("a", WriteOp::Set("1"))), Ok(0));
+        assert_eq!(version(db.write("a", WriteOp::Set("2"))), Ok(1));
         assert_eq!(
-            db.write("a", WriteOp::SetSafe(0, "x")),
+            version(db.write("a", WriteOp::SetSafe(0, "x"))),
             Err(WriteError::InvalidVersion)
         );
-        assert_eq!(db.write("a", WriteOp::SetSafe(1, "y")), Ok(2));
-        assert_eq!(db.write("b", WriteOp::SetSafe(5, "y")), Ok(6));
+        assert_eq!(version(db.write("a", WriteOp::SetSafe(1, "y"))), Ok(2));
+        assert_eq!(version(db.write("b", WriteOp::SetSafe(5, "y"))), Ok(6));
         assert_eq!(db.get("a"), Some(("y".to_string(), 2)));
     }
 
@@ -309,7 +444,7 @@ mod tests {
         let db = Database::new("t", Strategy::Newer);
         db.write("a", WriteOp::Set("1")).unwrap();
         db.write("a", WriteOp::Set("2")).unwrap();
-        assert_eq!(db.write("a", WriteOp::SetSafe(0, "z")), Ok(2));
+        assert_eq!(version(db.write("a", WriteOp::SetSafe(0, "z"))), Ok(2));
         assert_eq!(db.get("a"), Some(("z".to_string(), 2)));
     }
 
@@ -317,11 +452,11 @@ mod tests {
     fn remove_keeps_versions_monotonic() {
         let db = Database::new("t", Strategy::None);
         db.write("a", WriteOp::Set("1")).unwrap();
-        assert_eq!(db.write("a", WriteOp::Remove), Ok(1));
+        assert_eq!(version(db.write("a", WriteOp::Remove)), Ok(1));
         assert_eq!(db.get("a"), None);
-        assert_eq!(db.write("a", WriteOp::Set("2")), Ok(2));
+        assert_eq!(version(db.write("a", WriteOp::Set("2"))), Ok(2));
         assert_eq!(
-            db.write("a", WriteOp::SetSafe(0, "3")),
+            version(db.write("a", WriteOp::SetSafe(0, "3"))),
             Err(WriteError::InvalidVersion)
         );
     }
@@ -329,12 +464,12 @@ mod tests {
     #[test]
     fn increment_rules() {
         let db = Database::new("t", Strategy::None);
-        assert_eq!(db.write("n", WriteOp::Increment(5)), Ok(0));
-        assert_eq!(db.write("n", WriteOp::Increment(-2)), Ok(1));
+        assert_eq!(version(db.write("n", WriteOp::Increment(5))), Ok(0));
+        assert_eq!(version(db.write("n", WriteOp::Increment(-2))), Ok(1));
         assert_eq!(db.get("n"), Some(("3".to_string(), 1)));
         db.write("s", WriteOp::Set("abc")).unwrap();
         assert_eq!(
-            db.write("s", WriteOp::Increment(1)),
+            version(db.write("s", WriteOp::Increment(1))),
             Err(WriteError::NotNumeric)
         );
     }

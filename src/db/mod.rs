@@ -4,12 +4,14 @@ mod database;
 pub mod pattern;
 pub mod security;
 
-pub use database::{Database, Entry, WriteError, WriteOp, CONNECTIONS_KEY, TOKEN_KEY};
+pub use database::{Database, Entry, WriteError, WriteOp, Written, CONNECTIONS_KEY, TOKEN_KEY};
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::protocol::Strategy;
+use crate::storage::oplog::OpLog;
+use crate::storage::record::{Op, Record};
 
 /// Prefix of keys holding a user's hashed token.
 pub const USER_KEY_PREFIX: &str = "$$user_";
@@ -38,10 +40,12 @@ pub fn valid_db_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// All databases by name: the one global RwLock-guarded map.
+/// All databases by name: the one global RwLock-guarded map. Creating and deleting databases
+/// is logged like any other write once a log is attached.
 #[derive(Debug, Default)]
 pub struct Databases {
     map: RwLock<HashMap<String, Arc<Database>>>,
+    log: OnceLock<Arc<OpLog>>,
 }
 
 impl Databases {
@@ -50,57 +54,142 @@ impl Databases {
         Databases::default()
     }
 
-    /// The database called `name`.
-    pub fn get(&self, name: &str) -> Option<Arc<Database>> {
-        self.map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+    /// Attaches the operation log: from now on every change is logged before it is applied.
+    pub fn attach_log(&self, log: Arc<OpLog>) {
+        for db in self.all() {
+            db.attach_log(Arc::clone(&log));
+        }
+        let _ = self.log.set(log);
     }
 
-    /// Creates a database whose `$$token` holds `token_hash`; `None` if it already exists.
+    /// The attached log.
+    pub fn log(&self) -> Option<&Arc<OpLog>> {
+        self.log.get()
+    }
+
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Database>>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Database>>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The database called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Database>> {
+        self.read_map().get(name).cloned()
+    }
+
+    /// Every database.
+    pub fn all(&self) -> Vec<Arc<Database>> {
+        self.read_map().values().cloned().collect()
+    }
+
+    fn log_db_op(&self, op: Op, name: &str, value: &str) -> Result<u64, WriteError> {
+        match self.log.get() {
+            None => Ok(0),
+            Some(log) => log
+                .append(&mut Record {
+                    lsn: 0,
+                    term: 0,
+                    op,
+                    db: name.to_string(),
+                    key: String::new(),
+                    version: 0,
+                    value: value.to_string(),
+                })
+                .map_err(|e| WriteError::Storage(e.to_string())),
+        }
+    }
+
+    /// Creates a database whose `$$token` holds `token_hash`. `Ok(None)` if it already exists;
+    /// otherwise the database and the LSN to wait on before acknowledging.
     pub fn create(
         &self,
         name: &str,
         token_hash: &str,
         strategy: Strategy,
-    ) -> Option<Arc<Database>> {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+    ) -> Result<Option<(Arc<Database>, u64)>, WriteError> {
+        let mut map = self.write_map();
         if map.contains_key(name) {
-            return None;
+            return Ok(None);
         }
-        let db = Arc::new(Database::new(name, strategy));
-        let _ = db.write(TOKEN_KEY, WriteOp::Set(token_hash));
+        let created = self.log_db_op(Op::CreateDb, name, strategy.name())?;
+        let db = Arc::new(Database::with_log(name, strategy, self.log.get().cloned()));
+        let token = db.write(TOKEN_KEY, WriteOp::Set(token_hash))?;
         map.insert(name.to_string(), Arc::clone(&db));
-        Some(db)
+        Ok(Some((db, token.lsn.max(created))))
     }
 
-    /// Removes a database; false if there was none.
-    pub fn delete(&self, name: &str) -> bool {
-        let removed = self
-            .map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        match removed {
-            Some(db) => {
-                db.mark_dropped();
-                true
+    /// Removes a database. `Ok(None)` if there was none, else the LSN to wait on.
+    pub fn delete(&self, name: &str) -> Result<Option<u64>, WriteError> {
+        let mut map = self.write_map();
+        if !map.contains_key(name) {
+            return Ok(None);
+        }
+        let lsn = self.log_db_op(Op::DeleteDb, name, "")?;
+        if let Some(db) = map.remove(name) {
+            db.mark_dropped();
+        }
+        Ok(Some(lsn))
+    }
+
+    /// Adds a database loaded from a snapshot (replacing any of the same name).
+    pub fn insert_loaded(
+        &self,
+        name: &str,
+        strategy: Strategy,
+        entries: Vec<(String, Entry)>,
+        lsn: u64,
+    ) {
+        let db = Arc::new(Database::with_log(name, strategy, self.log.get().cloned()));
+        db.load(entries, lsn);
+        self.write_map().insert(name.to_string(), db);
+    }
+
+    /// Applies a record already in the log (replay or replication), without logging it again.
+    pub fn apply_record(&self, record: &Record) {
+        match record.op {
+            Op::CreateDb => {
+                let exists = self
+                    .get(&record.db)
+                    .is_some_and(|db| db.last_lsn() >= record.lsn);
+                if !exists {
+                    let strategy = Strategy::parse(&record.value).unwrap_or(Strategy::None);
+                    let db = Arc::new(Database::with_log(
+                        &record.db,
+                        strategy,
+                        self.log.get().cloned(),
+                    ));
+                    db.load(Vec::new(), record.lsn);
+                    self.write_map().insert(record.db.clone(), db);
+                }
             }
-            None => false,
+            Op::DeleteDb => {
+                let mut map = self.write_map();
+                if map
+                    .get(&record.db)
+                    .is_some_and(|db| db.last_lsn() < record.lsn)
+                {
+                    if let Some(db) = map.remove(&record.db) {
+                        db.mark_dropped();
+                    }
+                }
+            }
+            Op::Set | Op::Remove => match self.get(&record.db) {
+                Some(db) => db.apply_record(record),
+                None => log::warn!(
+                    "log record {} for unknown database {} skipped",
+                    record.lsn,
+                    record.db
+                ),
+            },
         }
     }
 
     /// Sorted database names.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let mut names: Vec<String> = self.read_map().keys().cloned().collect();
         names.sort();
         names
     }

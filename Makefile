@@ -1,0 +1,45 @@
+# nun-db — `make run` starts a dev node, `make test` installs test deps and runs every test.
+
+NUN_USER ?= admin
+NUN_PWD ?= admin
+NUN_DBS_DIR ?= ./data
+SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+
+.PHONY: run build release test deps lint test-rust test-sh test-js bench clean
+
+build:
+	cargo build
+
+release:
+	cargo build --release
+
+## Start one node on the default ports (WS 3012, HTTP 3013, TCP 3014) with a local data dir.
+run: release
+	@echo "nun-db dev node: admin user '$(NUN_USER)' password '$(NUN_PWD)' (override with NUN_USER/NUN_PWD), data in $(NUN_DBS_DIR)"
+	@echo "try: telnet localhost 3014   then   auth $(NUN_USER) $(NUN_PWD)"
+	NUN_USER='$(NUN_USER)' NUN_PWD='$(NUN_PWD)' NUN_DBS_DIR='$(NUN_DBS_DIR)' ./target/release/nun-db start
+
+## Install what the tests need (netcat for tests-sh, the npm driver for tests-js).
+deps:
+	@command -v nc >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq netcat-openbsd; }
+	@command -v node >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; }
+	cd tests-js && npm ci --no-audit --no-fund
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+test-rust:
+	cargo test --all-targets
+
+test-sh: build
+	NUN_DB_BIN=$(CURDIR)/target/debug/nun-db bash tests-sh/run-all.sh
+
+test-js: build
+	cd tests-js && NUN_DB_BIN=$(CURDIR)/target/debug/nun-db npm test
+
+## Everything CI runs.
+test: deps lint test-rust test-sh test-js
+
+clean:
+	cargo clean

@@ -1,0 +1,502 @@
+//! The operation log (WAL): numbered segment files of [`Record`]s. Every write is appended here
+//! before it is acknowledged; `always` waits for an fsync shared by all concurrent writers (group
+//! commit), `everysec` lets a background thread fsync once a second, `no` leaves it to the OS.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use super::record::{decode, Decoded, Record, HEADER};
+
+/// When appended records are forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fsync before acknowledging (group commit).
+    Always,
+    /// fsync once a second in the background.
+    EverySec,
+    /// Never fsync explicitly.
+    No,
+}
+
+impl FsyncPolicy {
+    /// Parses `always`, `everysec` or `no`.
+    pub fn parse(s: &str) -> Option<FsyncPolicy> {
+        match s {
+            "always" => Some(FsyncPolicy::Always),
+            "everysec" => Some(FsyncPolicy::EverySec),
+            "no" => Some(FsyncPolicy::No),
+            _ => None,
+        }
+    }
+}
+
+const SEGMENT_SUFFIX: &str = ".oplog";
+
+struct Inner {
+    file: File,
+    /// A second handle on the current segment, used to fsync without holding the append lock.
+    sync_handle: File,
+    next_lsn: u64,
+    written_lsn: u64,
+    buf: Vec<u8>,
+    /// (first LSN, path) of every live segment, oldest first; the last one is being appended to.
+    segments: Vec<(u64, PathBuf)>,
+}
+
+struct SyncState {
+    synced_lsn: u64,
+    syncing: bool,
+}
+
+/// The log of one node.
+pub struct OpLog {
+    dir: PathBuf,
+    policy: FsyncPolicy,
+    inner: Mutex<Inner>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    size: AtomicU64,
+    count: AtomicU64,
+    term: AtomicU64,
+}
+
+impl std::fmt::Debug for OpLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpLog").field("dir", &self.dir).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
+    dir.join(format!("{first_lsn:020}{SEGMENT_SUFFIX}"))
+}
+
+fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(num) = name.strip_suffix(SEGMENT_SUFFIX) {
+            if let Ok(first) = num.parse::<u64>() {
+                out.push((first, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Fsyncs a directory so renames and new files in it survive a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Reads one segment, calling `apply` for each valid record. Returns the length of the valid
+/// prefix. A record cut short at the end of the last segment is a torn tail (reported, not an
+/// error); any other damage is an error naming the file.
+fn read_segment(
+    path: &Path,
+    is_last: bool,
+    apply: &mut dyn FnMut(Record) -> Result<(), String>,
+) -> Result<(u64, u64), String> {
+    let err = |e: io::Error| format!("cannot read operation log {}: {e}", path.display());
+    let file = File::open(path).map_err(err)?;
+    let file_len = file.metadata().map_err(err)?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut offset: u64 = 0;
+    let mut count = 0;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let mut header = [0u8; HEADER];
+        let got = read_up_to(&mut reader, &mut header).map_err(err)?;
+        if got == 0 {
+            return Ok((offset, count));
+        }
+        if got < HEADER {
+            return torn(path, is_last, offset, file_len, count, "incomplete header");
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
+        if offset + HEADER as u64 + len > file_len {
+            return torn(path, is_last, offset, file_len, count, "incomplete record");
+        }
+        buf.extend_from_slice(&header);
+        buf.resize(HEADER + len as usize, 0);
+        reader.read_exact(&mut buf[HEADER..]).map_err(err)?;
+        match decode(&buf) {
+            Decoded::Record(record, n) => {
+                apply(record)?;
+                offset += n as u64;
+                count += 1;
+            }
+            Decoded::Incomplete => {
+                return torn(path, is_last, offset, file_len, count, "incomplete record")
+            }
+            Decoded::Corrupt(why) => {
+                let end = offset + HEADER as u64 + len;
+                if is_last && end == file_len {
+                    return torn(path, is_last, offset, file_len, count, &why);
+                }
+                return Err(format!(
+                    "corrupted operation log {} at offset {offset}: {why}; refusing to start (move the file away to start without it)",
+                    path.display()
+                ));
+            }
+        }
+    }
+}
+
+fn torn(
+    path: &Path,
+    is_last: bool,
+    offset: u64,
+    file_len: u64,
+    count: u64,
+    why: &str,
+) -> Result<(u64, u64), String> {
+    if !is_last {
+        return Err(format!(
+            "corrupted operation log {} at offset {offset}: {why} in a sealed segment; refusing to start",
+            path.display()
+        ));
+    }
+    log::warn!(
+        "operation log {}: torn tail at offset {offset} ({why}); cutting {} bytes",
+        path.display(),
+        file_len - offset
+    );
+    Ok((offset, count))
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+impl OpLog {
+    /// Opens (creating if needed) the log in `dir`, replaying every record through `apply`.
+    pub fn open(
+        dir: &Path,
+        policy: FsyncPolicy,
+        apply: &mut dyn FnMut(Record) -> Result<(), String>,
+    ) -> Result<OpLog, String> {
+        let err = |e: io::Error| format!("operation log {}: {e}", dir.display());
+        fs::create_dir_all(dir).map_err(err)?;
+        let mut segments = list_segments(dir).map_err(err)?;
+        let mut last_lsn = 0;
+        let mut size = 0;
+        let mut count = 0;
+        let n = segments.len();
+        for (i, (_, path)) in segments.iter().enumerate() {
+            let is_last = i + 1 == n;
+            let mut check = |r: Record| {
+                if r.lsn <= last_lsn {
+                    return Err(format!(
+                        "operation log {}: LSN {} after {last_lsn}; refusing to start",
+                        path.display(),
+                        r.lsn
+                    ));
+                }
+                last_lsn = r.lsn;
+                apply(r)
+            };
+            let (valid, records) = read_segment(path, is_last, &mut check)?;
+            if is_last {
+                let file = OpenOptions::new().write(true).open(path).map_err(err)?;
+                if file.metadata().map_err(err)?.len() != valid {
+                    file.set_len(valid).map_err(err)?;
+                    file.sync_all().map_err(err)?;
+                }
+            }
+            size += valid;
+            count += records;
+        }
+        if segments.is_empty() {
+            let path = segment_path(dir, last_lsn + 1);
+            File::create(&path).map_err(err)?;
+            sync_dir(dir).map_err(err)?;
+            segments.push((last_lsn + 1, path));
+        }
+        let current = &segments[segments.len() - 1].1;
+        let file = OpenOptions::new().append(true).open(current).map_err(err)?;
+        let sync_handle = file.try_clone().map_err(err)?;
+        Ok(OpLog {
+            dir: dir.to_path_buf(),
+            policy,
+            inner: Mutex::new(Inner {
+                file,
+                sync_handle,
+                next_lsn: last_lsn + 1,
+                written_lsn: last_lsn,
+                buf: Vec::with_capacity(4096),
+                segments,
+            }),
+            sync: Mutex::new(SyncState {
+                synced_lsn: last_lsn,
+                syncing: false,
+            }),
+            synced: Condvar::new(),
+            size: AtomicU64::new(size),
+            count: AtomicU64::new(count),
+            term: AtomicU64::new(1),
+        })
+    }
+
+    /// The fsync policy.
+    pub fn policy(&self) -> FsyncPolicy {
+        self.policy
+    }
+
+    /// Current election term stamped on new records.
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
+    }
+
+    /// Sets the term stamped on new records.
+    pub fn set_term(&self, term: u64) {
+        self.term.store(term, Ordering::Release);
+    }
+
+    /// LSN of the last appended record.
+    pub fn last_lsn(&self) -> u64 {
+        lock(&self.inner).written_lsn
+    }
+
+    /// Bytes in live segments.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Records in live segments.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Appends `record`, giving it the next LSN (and the current term) when its `lsn` is 0;
+    /// a replica passes the primary's LSN, which must be greater than the last one.
+    pub fn append(&self, record: &mut Record) -> io::Result<u64> {
+        let mut inner = lock(&self.inner);
+        if record.lsn == 0 {
+            record.lsn = inner.next_lsn;
+            record.term = self.term();
+        } else if record.lsn < inner.next_lsn {
+            return Err(io::Error::other(format!(
+                "LSN {} is not after {}",
+                record.lsn, inner.written_lsn
+            )));
+        }
+        let inner = &mut *inner;
+        inner.buf.clear();
+        record.encode(&mut inner.buf);
+        inner.file.write_all(&inner.buf)?;
+        inner.next_lsn = record.lsn + 1;
+        inner.written_lsn = record.lsn;
+        self.size
+            .fetch_add(inner.buf.len() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Ok(record.lsn)
+    }
+
+    /// Returns once `lsn` is as durable as the policy promises (fsynced, for `always`).
+    pub fn wait_durable(&self, lsn: u64) -> io::Result<()> {
+        if self.policy != FsyncPolicy::Always {
+            return Ok(());
+        }
+        let mut state = lock(&self.sync);
+        loop {
+            if state.synced_lsn >= lsn {
+                return Ok(());
+            }
+            if !state.syncing {
+                state.syncing = true;
+                drop(state);
+                let result = self.sync_now();
+                state = lock(&self.sync);
+                state.syncing = false;
+                self.synced.notify_all();
+                result?;
+                continue;
+            }
+            state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Fsyncs everything written so far.
+    pub fn sync_now(&self) -> io::Result<()> {
+        let (handle, target) = {
+            let inner = lock(&self.inner);
+            (inner.sync_handle.try_clone()?, inner.written_lsn)
+        };
+        handle.sync_data()?;
+        let mut state = lock(&self.sync);
+        state.synced_lsn = state.synced_lsn.max(target);
+        self.synced.notify_all();
+        Ok(())
+    }
+
+    /// Seals the current segment (fsynced) and starts a new one; returns the new segment's first
+    /// LSN: every record below it is in older segments.
+    pub fn roll(&self) -> io::Result<u64> {
+        let mut inner = lock(&self.inner);
+        inner.file.sync_data()?;
+        let first = inner.next_lsn;
+        if inner.segments.last().map(|(f, _)| *f) == Some(first) {
+            return Ok(first);
+        }
+        let path = segment_path(&self.dir, first);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        sync_dir(&self.dir)?;
+        inner.sync_handle = file.try_clone()?;
+        inner.file = file;
+        inner.segments.push((first, path));
+        Ok(first)
+    }
+
+    /// Deletes every segment that holds only records below `lsn`.
+    pub fn drop_before(&self, lsn: u64) -> io::Result<()> {
+        let mut inner = lock(&self.inner);
+        while inner.segments.len() > 1 && inner.segments[1].0 <= lsn {
+            let (_, path) = inner.segments.remove(0);
+            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let records = count_records(&path);
+            fs::remove_file(&path)?;
+            self.size.fetch_sub(len.min(self.size()), Ordering::Relaxed);
+            self.count
+                .fetch_sub(records.min(self.count()), Ordering::Relaxed);
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Reads every record with LSN ≥ `from` still in the log (for replication catch-up);
+    /// `None` when `from` was already truncated away.
+    pub fn read_from(&self, from: u64) -> Result<Option<Vec<Record>>, String> {
+        let segments = lock(&self.inner).segments.clone();
+        if segments.first().map(|(f, _)| *f > from).unwrap_or(true) {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        let n = segments.len();
+        for (i, (first, path)) in segments.iter().enumerate() {
+            let next_first = segments.get(i + 1).map(|(f, _)| *f);
+            if next_first.is_some_and(|nf| nf <= from) {
+                continue;
+            }
+            let _ = first;
+            read_segment(path, i + 1 == n, &mut |r| {
+                if r.lsn >= from {
+                    out.push(r);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(Some(out))
+    }
+}
+
+fn count_records(path: &Path) -> u64 {
+    read_segment(path, true, &mut |_| Ok(()))
+        .map(|(_, c)| c)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::record::Op;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "nundb-oplog-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn rec(key: &str) -> Record {
+        Record {
+            lsn: 0,
+            term: 0,
+            op: Op::Set,
+            db: "d".into(),
+            key: key.into(),
+            version: 0,
+            value: "v".into(),
+        }
+    }
+
+    fn replay(dir: &Path) -> Result<Vec<Record>, String> {
+        let mut out = Vec::new();
+        OpLog::open(dir, FsyncPolicy::Always, &mut |r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn append_replay_roll_truncate() {
+        let dir = tmp("a");
+        let log = OpLog::open(&dir, FsyncPolicy::Always, &mut |_| Ok(())).unwrap();
+        for k in ["a", "b", "c"] {
+            let lsn = log.append(&mut rec(k)).unwrap();
+            log.wait_durable(lsn).unwrap();
+        }
+        let first = log.roll().unwrap();
+        assert_eq!(first, 4);
+        log.append(&mut rec("d")).unwrap();
+        assert_eq!(log.read_from(2).unwrap().unwrap().len(), 3);
+        log.drop_before(first).unwrap();
+        assert!(log.read_from(2).unwrap().is_none());
+        drop(log);
+        let got = replay(&dir).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].lsn, 4);
+        assert_eq!(got[0].key, "d");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_mid_log_corruption_refused() {
+        let dir = tmp("b");
+        let log = OpLog::open(&dir, FsyncPolicy::No, &mut |_| Ok(())).unwrap();
+        for k in ["a", "b", "c"] {
+            log.append(&mut rec(k)).unwrap();
+        }
+        drop(log);
+        let seg = list_segments(&dir).unwrap()[0].1.clone();
+        let bytes = fs::read(&seg).unwrap();
+        fs::write(&seg, &bytes[..bytes.len() - 3]).unwrap();
+        assert_eq!(replay(&dir).unwrap().len(), 2);
+        // The cut is permanent and appends continue after the last valid record.
+        let log = OpLog::open(&dir, FsyncPolicy::No, &mut |_| Ok(())).unwrap();
+        assert_eq!(log.append(&mut rec("z")).unwrap(), 3);
+        drop(log);
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[HEADER + 3] ^= 0x40;
+        fs::write(&seg, &bytes).unwrap();
+        let e = replay(&dir).unwrap_err();
+        assert!(
+            e.contains("corrupted operation log") && e.contains(".oplog"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

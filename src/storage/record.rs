@@ -1,0 +1,206 @@
+//! One operation-log record and its byte format:
+//! `len u32 LE | crc32 u32 LE | payload` where payload =
+//! `lsn u64 | term u64 | op u8 | db (u16 len + bytes) | key (u32 len + bytes) | version i32 | value (u32 len + bytes)`.
+//! The CRC covers the payload; a record is only trusted when its CRC matches.
+
+/// What a record does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Key takes `value` at `version` (set, set-safe, increment, users, permissions…).
+    Set = 1,
+    /// Key removed at `version`.
+    Remove = 2,
+    /// Database created; `value` holds its strategy name.
+    CreateDb = 3,
+    /// Database deleted.
+    DeleteDb = 4,
+}
+
+impl Op {
+    fn from_u8(b: u8) -> Option<Op> {
+        match b {
+            1 => Some(Op::Set),
+            2 => Some(Op::Remove),
+            3 => Some(Op::CreateDb),
+            4 => Some(Op::DeleteDb),
+            _ => None,
+        }
+    }
+}
+
+/// A logged change, as applied (values and versions are final, so replay is deterministic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Log sequence number: strictly increasing, never a timestamp.
+    pub lsn: u64,
+    /// Election term of the primary that wrote it.
+    pub term: u64,
+    /// The operation.
+    pub op: Op,
+    /// Database name.
+    pub db: String,
+    /// Key (empty for database operations).
+    pub key: String,
+    /// Resulting version.
+    pub version: i32,
+    /// Resulting value (strategy name for `CreateDb`).
+    pub value: String,
+}
+
+/// Bytes before the payload.
+pub const HEADER: usize = 8;
+
+impl Record {
+    /// Appends the encoded record to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; HEADER]);
+        out.extend_from_slice(&self.lsn.to_le_bytes());
+        out.extend_from_slice(&self.term.to_le_bytes());
+        out.push(self.op as u8);
+        let db = self.db.as_bytes();
+        out.extend_from_slice(&(db.len().min(u16::MAX as usize) as u16).to_le_bytes());
+        out.extend_from_slice(&db[..db.len().min(u16::MAX as usize)]);
+        out.extend_from_slice(&(self.key.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.key.as_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(self.value.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.value.as_bytes());
+        let payload_len = (out.len() - start - HEADER) as u32;
+        let crc = crc32fast::hash(&out[start + HEADER..]);
+        out[start..start + 4].copy_from_slice(&payload_len.to_le_bytes());
+        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Encoded size.
+    pub fn encoded_len(&self) -> usize {
+        HEADER + 8 + 8 + 1 + 2 + self.db.len() + 4 + self.key.len() + 4 + 4 + self.value.len()
+    }
+}
+
+/// Result of decoding the record at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// A valid record and its total encoded length.
+    Record(Record, usize),
+    /// The buffer ends before the record does (a torn tail, or simply the end).
+    Incomplete,
+    /// The record is complete but its checksum or contents are wrong.
+    Corrupt(String),
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(|b| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_le_bytes(a)
+        })
+    }
+    fn string(&mut self, n: usize) -> Option<Result<String, ()>> {
+        self.take(n)
+            .map(|b| String::from_utf8(b.to_vec()).map_err(|_| ()))
+    }
+}
+
+/// Decodes the record at the start of `buf`.
+pub fn decode(buf: &[u8]) -> Decoded {
+    if buf.len() < HEADER {
+        return Decoded::Incomplete;
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let Some(payload) = buf.get(HEADER..HEADER + len) else {
+        return Decoded::Incomplete;
+    };
+    if crc32fast::hash(payload) != crc {
+        return Decoded::Corrupt("checksum mismatch".into());
+    }
+    let mut c = Cursor {
+        buf: payload,
+        pos: 0,
+    };
+    let parsed = (|| {
+        let lsn = c.u64()?;
+        let term = c.u64()?;
+        let op = Op::from_u8(c.u8()?)?;
+        let db_len = c.u16()? as usize;
+        let db = c.string(db_len)?.ok()?;
+        let key_len = c.u32()? as usize;
+        let key = c.string(key_len)?.ok()?;
+        let version = c.u32()? as i32;
+        let value_len = c.u32()? as usize;
+        let value = c.string(value_len)?.ok()?;
+        (c.pos == payload.len()).then_some(Record {
+            lsn,
+            term,
+            op,
+            db,
+            key,
+            version,
+            value,
+        })
+    })();
+    match parsed {
+        Some(r) => Decoded::Record(r, HEADER + len),
+        None => Decoded::Corrupt("malformed record".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            lsn: 42,
+            term: 3,
+            op: Op::Set,
+            db: "db".into(),
+            key: "k ü".into(),
+            version: -1,
+            value: "a; b\nc".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut buf = Vec::new();
+        sample().encode(&mut buf);
+        assert_eq!(buf.len(), sample().encoded_len());
+        assert_eq!(decode(&buf), Decoded::Record(sample(), buf.len()));
+    }
+
+    #[test]
+    fn torn_and_corrupt() {
+        let mut buf = Vec::new();
+        sample().encode(&mut buf);
+        assert_eq!(decode(&buf[..buf.len() - 1]), Decoded::Incomplete);
+        assert_eq!(decode(&buf[..3]), Decoded::Incomplete);
+        let mut bad = buf.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(decode(&bad), Decoded::Corrupt(_)));
+    }
+}
