@@ -276,7 +276,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                     "Not a valid database name: {missing}"
                 )));
             }
-            Ok(Outcome::ok())
+            node.snapshot()
+                .map(|_| Outcome::ok())
+                .map_err(|e| Outcome::error(format!("Snapshot failed: {e}")))
         }
         Command::Arbiter => {
             let db = selected_db(session)?;
