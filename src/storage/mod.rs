@@ -55,11 +55,12 @@ impl Storage {
             .map(|s| s.name.clone())
             .collect();
         let loaded = snapshots.len();
+        let floor = snapshots.iter().map(|s| s.lsn).max().unwrap_or(0);
         for s in snapshots {
             dbs.insert_loaded(&s.name, s.strategy, s.entries, s.lsn);
         }
         let mut replayed = 0u64;
-        let log = OpLog::open(&log_dir(&config.dir), config.fsync, &mut |record| {
+        let log = OpLog::open(&log_dir(&config.dir), config.fsync, floor, &mut |record| {
             dbs.apply_record(&record);
             replayed += 1;
             Ok(())

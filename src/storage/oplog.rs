@@ -191,9 +191,12 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 impl OpLog {
     /// Opens (creating if needed) the log in `dir`, replaying every record through `apply`.
+    /// New LSNs continue after the last record, the newest segment's first LSN and `floor`
+    /// (the highest LSN already covered by snapshots), so they never go backwards.
     pub fn open(
         dir: &Path,
         policy: FsyncPolicy,
+        floor: u64,
         apply: &mut dyn FnMut(Record) -> Result<(), String>,
     ) -> Result<OpLog, String> {
         let err = |e: io::Error| format!("operation log {}: {e}", dir.display());
@@ -227,6 +230,10 @@ impl OpLog {
             size += valid;
             count += records;
         }
+        let segment_floor = segments
+            .last()
+            .map_or(0, |(first, _)| first.saturating_sub(1));
+        let last_lsn = last_lsn.max(segment_floor).max(floor);
         if segments.is_empty() {
             let path = segment_path(dir, last_lsn + 1);
             File::create(&path).map_err(err)?;
@@ -444,7 +451,7 @@ mod tests {
 
     fn replay(dir: &Path) -> Result<Vec<Record>, String> {
         let mut out = Vec::new();
-        OpLog::open(dir, FsyncPolicy::Always, &mut |r| {
+        OpLog::open(dir, FsyncPolicy::Always, 0, &mut |r| {
             out.push(r);
             Ok(())
         })?;
@@ -454,7 +461,7 @@ mod tests {
     #[test]
     fn append_replay_roll_truncate() {
         let dir = tmp("a");
-        let log = OpLog::open(&dir, FsyncPolicy::Always, &mut |_| Ok(())).unwrap();
+        let log = OpLog::open(&dir, FsyncPolicy::Always, 0, &mut |_| Ok(())).unwrap();
         for k in ["a", "b", "c"] {
             let lsn = log.append(&mut rec(k)).unwrap();
             log.wait_durable(lsn).unwrap();
@@ -465,18 +472,23 @@ mod tests {
         assert_eq!(log.read_from(2).unwrap().unwrap().len(), 3);
         log.drop_before(first).unwrap();
         assert!(log.read_from(2).unwrap().is_none());
+        let second = log.roll().unwrap();
+        log.drop_before(second).unwrap();
         drop(log);
-        let got = replay(&dir).unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].lsn, 4);
-        assert_eq!(got[0].key, "d");
+        // Only an empty segment is left: LSNs still continue after it.
+        assert!(replay(&dir).unwrap().is_empty());
+        let log = OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap();
+        assert_eq!(log.append(&mut rec("e")).unwrap(), 5);
+        drop(log);
+        let log = OpLog::open(&dir, FsyncPolicy::No, 9, &mut |_| Ok(())).unwrap();
+        assert_eq!(log.append(&mut rec("f")).unwrap(), 10);
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn torn_tail_is_cut_and_mid_log_corruption_refused() {
         let dir = tmp("b");
-        let log = OpLog::open(&dir, FsyncPolicy::No, &mut |_| Ok(())).unwrap();
+        let log = OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap();
         for k in ["a", "b", "c"] {
             log.append(&mut rec(k)).unwrap();
         }
@@ -486,7 +498,7 @@ mod tests {
         fs::write(&seg, &bytes[..bytes.len() - 3]).unwrap();
         assert_eq!(replay(&dir).unwrap().len(), 2);
         // The cut is permanent and appends continue after the last valid record.
-        let log = OpLog::open(&dir, FsyncPolicy::No, &mut |_| Ok(())).unwrap();
+        let log = OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap();
         assert_eq!(log.append(&mut rec("z")).unwrap(), 3);
         drop(log);
         let mut bytes = fs::read(&seg).unwrap();

@@ -30,6 +30,46 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The command that starts a node on `dir` with ephemeral loopback ports.
+pub fn server_command(dir: &std::path::Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nun-db"));
+    cmd.arg("start")
+        .arg("--tcp-address")
+        .arg("127.0.0.1:0")
+        .arg("--ws-address")
+        .arg("127.0.0.1:0")
+        .arg("--http-address")
+        .arg("127.0.0.1:0")
+        .arg("--dbs-dir")
+        .arg(dir)
+        .env("NUN_USER", ADMIN)
+        .env("NUN_PWD", ADMIN_PWD)
+        .env("NUN_LOG_LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Starts a node expected to refuse to start; returns its exit code and everything it printed.
+pub fn start_failing(dir: &std::path::Path) -> (Option<i32>, String) {
+    let mut cmd = server_command(dir, &[]);
+    cmd.stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// A running server process.
 pub struct Server {
     child: Child,
@@ -37,6 +77,7 @@ pub struct Server {
     pub ws: String,
     pub http: String,
     pub dir: PathBuf,
+    owns_dir: bool,
 }
 
 impl Server {
@@ -47,30 +88,14 @@ impl Server {
 
     /// Starts a node with extra NUN_* environment variables.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
-        Server::start_in(temp_dir("srv"), env)
+        let mut s = Server::start_in(temp_dir("srv"), env);
+        s.owns_dir = true;
+        s
     }
 
-    /// Starts a node on an existing data dir.
+    /// Starts a node on a data dir the caller owns (kept on drop, for restarts).
     pub fn start_in(dir: PathBuf, env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nun-db"));
-        cmd.arg("start")
-            .arg("--tcp-address")
-            .arg("127.0.0.1:0")
-            .arg("--ws-address")
-            .arg("127.0.0.1:0")
-            .arg("--http-address")
-            .arg("127.0.0.1:0")
-            .arg("--dbs-dir")
-            .arg(&dir)
-            .env("NUN_USER", ADMIN)
-            .env("NUN_PWD", ADMIN_PWD)
-            .env("NUN_LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = server_command(&dir, env);
         let mut child = cmd.spawn().expect("spawn nun-db");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
@@ -103,6 +128,7 @@ impl Server {
             http: field("http"),
             child,
             dir,
+            owns_dir: false,
         }
     }
 
@@ -177,7 +203,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
