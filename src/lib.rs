@@ -3,6 +3,7 @@
 //! Data flows one way: bytes -> [`protocol`] -> [`exec`] -> [`db`] -> replies and watch
 //! notifications -> session queue -> transport ([`server`]).
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod db;

@@ -8,6 +8,7 @@ use clap::{ArgAction, Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use nundb::bench::BenchOptions;
 use nundb::client;
 use nundb::config::{self, Config};
 use nundb::node::Node;
@@ -49,6 +50,8 @@ enum Cmd {
         /// The commands, e.g. "use-db demo demo-pwd; keys".
         command: String,
     },
+    /// Benchmark a running server (and optionally Redis) and print markdown tables.
+    Bench(BenchArgs),
     /// Create a database over HTTP.
     CreateDb {
         /// Database name.
@@ -58,6 +61,43 @@ enum Cmd {
         #[arg(short = 't', long = "token")]
         token: String,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Our server's TCP address.
+    #[arg(long = "tcp", default_value = "127.0.0.1:3014")]
+    tcp: String,
+    /// Our server's WebSocket address.
+    #[arg(long = "ws", default_value = "127.0.0.1:3012")]
+    ws: String,
+    /// Compare against Redis at redis://host:port in the same run.
+    #[arg(long = "target")]
+    target: Option<String>,
+    /// Seconds per load row.
+    #[arg(long = "duration", default_value_t = 3.0)]
+    duration: f64,
+    /// Number of distinct keys.
+    #[arg(long = "keyspace", default_value_t = 10_000)]
+    keyspace: usize,
+    /// Value size in bytes.
+    #[arg(long = "value-size", default_value_t = 100)]
+    value_size: usize,
+    /// Connection counts, comma separated.
+    #[arg(long = "conns", default_value = "1,50")]
+    conns: String,
+    /// Pipeline depths, comma separated.
+    #[arg(long = "pipeline", default_value = "1,16")]
+    pipeline: String,
+    /// Watcher counts, comma separated.
+    #[arg(long = "watchers", default_value = "1,100,1000")]
+    watchers: String,
+    /// Writes per watch row.
+    #[arg(long = "watch-writes", default_value_t = 300)]
+    watch_writes: usize,
+    /// A few seconds in all: proves the tool works, measures nothing.
+    #[arg(long = "quick")]
+    quick: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +195,7 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Start(ref args) => start(&cli, args),
         Cmd::Exec { ref command } => exec(&cli, command),
+        Cmd::Bench(ref args) => bench(&cli, args),
         Cmd::CreateDb {
             ref db_name,
             ref token,
@@ -179,6 +220,65 @@ fn exec(cli: &Cli, command: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("{} ({})", e, cli.host)),
+    }
+}
+
+fn numbers(list: &str, what: &str) -> Result<Vec<usize>, String> {
+    list.split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    format!("invalid {what} `{n}`: expected positive numbers separated by commas")
+                })
+        })
+        .collect()
+}
+
+fn bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
+    let Some((user, pwd)) = credentials(cli) else {
+        return fail("admin credentials are required to create the bench database: -u USER -p PWD");
+    };
+    let redis = match &args.target {
+        None => None,
+        Some(t) => match t.strip_prefix("redis://") {
+            Some(addr) if !addr.is_empty() => Some(addr.trim_end_matches('/').to_string()),
+            _ => {
+                return fail(&format!(
+                    "invalid --target `{t}`: expected redis://host:port"
+                ))
+            }
+        },
+    };
+    let parsed = (|| -> Result<BenchOptions, String> {
+        Ok(BenchOptions {
+            tcp: args.tcp.clone(),
+            ws: args.ws.clone(),
+            user,
+            pwd,
+            redis,
+            duration: Duration::from_secs_f64(args.duration.max(0.05)),
+            keyspace: args.keyspace.max(1),
+            value_size: args.value_size,
+            conns: numbers(&args.conns, "--conns")?,
+            pipelines: numbers(&args.pipeline, "--pipeline")?,
+            watchers: numbers(&args.watchers, "--watchers")?,
+            watch_writes: args.watch_writes.max(1),
+        })
+    })();
+    let opts = match parsed {
+        Ok(o) if args.quick => o.quick(),
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    match nundb::bench::run(&opts) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("benchmark failed: {e}")),
     }
 }
 

@@ -1,0 +1,243 @@
+//! Benchmark connections: our protocol over TCP or WebSocket, and Redis's RESP over TCP.
+//! Each sends a pipelined batch and reads exactly its replies.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::TcpStream;
+
+use tungstenite::{Message, WebSocket};
+
+/// A key-value operation driven by the load generator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvOp {
+    /// `set key value`.
+    Set,
+    /// `get key`.
+    Get,
+}
+
+/// One benchmark connection.
+pub trait Conn: Send {
+    /// Sends one command per key (all at once), then reads every reply.
+    fn batch(&mut self, op: KvOp, keys: &[String], value: &str) -> io::Result<()>;
+}
+
+fn is_envelope(msg: &[u8]) -> bool {
+    msg == b"ok \n" || (msg.starts_with(b"error ") && msg.ends_with(b" \n"))
+}
+
+fn protocol_error(msg: &str) -> io::Error {
+    io::Error::other(msg.to_string())
+}
+
+fn command(op: KvOp, key: &str, value: &str) -> String {
+    match op {
+        KvOp::Set => format!("set {key} {value}"),
+        KvOp::Get => format!("get {key}"),
+    }
+}
+
+/// Our protocol over TCP lines.
+pub struct NunTcp {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    out: Vec<u8>,
+    line: Vec<u8>,
+}
+
+impl NunTcp {
+    /// Connects and selects `db`.
+    pub fn connect(addr: &str, db: &str, token: &str) -> io::Result<NunTcp> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut c = NunTcp {
+            reader: BufReader::with_capacity(256 * 1024, stream.try_clone()?),
+            stream,
+            out: Vec::new(),
+            line: Vec::new(),
+        };
+        c.stream
+            .write_all(format!("use-db {db} {token}\n").as_bytes())?;
+        c.read_envelopes(1)?;
+        Ok(c)
+    }
+
+    fn read_envelopes(&mut self, n: usize) -> io::Result<()> {
+        let mut seen = 0;
+        while seen < n {
+            self.line.clear();
+            if self.reader.read_until(b'\n', &mut self.line)? == 0 {
+                return Err(protocol_error("server closed the connection"));
+            }
+            if is_envelope(&self.line) {
+                if self.line.starts_with(b"error") {
+                    return Err(protocol_error(&String::from_utf8_lossy(&self.line)));
+                }
+                seen += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Conn for NunTcp {
+    fn batch(&mut self, op: KvOp, keys: &[String], value: &str) -> io::Result<()> {
+        self.out.clear();
+        for k in keys {
+            self.out.extend_from_slice(command(op, k, value).as_bytes());
+            self.out.push(b'\n');
+        }
+        self.stream.write_all(&self.out)?;
+        self.read_envelopes(keys.len())
+    }
+}
+
+/// Our protocol over WebSocket: one command per frame, as the JS driver sends them.
+pub struct NunWs {
+    ws: WebSocket<TcpStream>,
+}
+
+impl NunWs {
+    /// Connects to `ws://addr` and selects `db`.
+    pub fn connect(addr: &str, db: &str, token: &str) -> io::Result<NunWs> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream)
+            .map_err(|e| protocol_error(&e.to_string()))?;
+        let mut c = NunWs { ws };
+        c.send_all(&[format!("use-db {db} {token}")])?;
+        c.read_envelopes(1)?;
+        Ok(c)
+    }
+
+    fn send_all(&mut self, commands: &[String]) -> io::Result<()> {
+        for c in commands {
+            self.ws
+                .write(Message::Text(c.clone()))
+                .map_err(|e| protocol_error(&e.to_string()))?;
+        }
+        self.ws.flush().map_err(|e| protocol_error(&e.to_string()))
+    }
+
+    fn read_envelopes(&mut self, n: usize) -> io::Result<()> {
+        let mut seen = 0;
+        while seen < n {
+            match self.ws.read().map_err(|e| protocol_error(&e.to_string()))? {
+                Message::Text(t) if is_envelope(t.as_bytes()) => {
+                    if t.starts_with("error") {
+                        return Err(protocol_error(&t));
+                    }
+                    seen += 1;
+                }
+                Message::Close(_) => return Err(protocol_error("server closed the connection")),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Conn for NunWs {
+    fn batch(&mut self, op: KvOp, keys: &[String], value: &str) -> io::Result<()> {
+        let commands: Vec<String> = keys.iter().map(|k| command(op, k, value)).collect();
+        self.send_all(&commands)?;
+        self.read_envelopes(keys.len())
+    }
+}
+
+/// Redis over RESP.
+pub struct Redis {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    out: Vec<u8>,
+    line: Vec<u8>,
+}
+
+/// Encodes a RESP command.
+pub fn resp_command(out: &mut Vec<u8>, args: &[&str]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+impl Redis {
+    /// Connects to `host:port`.
+    pub fn connect(addr: &str) -> io::Result<Redis> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok(Redis {
+            reader: BufReader::with_capacity(256 * 1024, stream.try_clone()?),
+            stream,
+            out: Vec::new(),
+            line: Vec::new(),
+        })
+    }
+
+    /// Reads one RESP reply (simple, error, integer, bulk or array), discarding it.
+    pub fn read_reply(&mut self) -> io::Result<Vec<Vec<u8>>> {
+        self.line.clear();
+        if self.reader.read_until(b'\n', &mut self.line)? == 0 {
+            return Err(protocol_error("redis closed the connection"));
+        }
+        let kind = self.line.first().copied().unwrap_or(b'?');
+        let rest = String::from_utf8_lossy(&self.line[1..]).trim().to_string();
+        match kind {
+            b'+' | b':' => Ok(vec![rest.into_bytes()]),
+            b'-' => Err(protocol_error(&rest)),
+            b'$' => {
+                let len: i64 = rest
+                    .parse()
+                    .map_err(|_| protocol_error("bad bulk length"))?;
+                if len < 0 {
+                    return Ok(vec![]);
+                }
+                let mut buf = vec![0u8; len as usize + 2];
+                std::io::Read::read_exact(&mut self.reader, &mut buf)?;
+                buf.truncate(len as usize);
+                Ok(vec![buf])
+            }
+            b'*' => {
+                let n: i64 = rest
+                    .parse()
+                    .map_err(|_| protocol_error("bad array length"))?;
+                let mut items = Vec::new();
+                for _ in 0..n.max(0) {
+                    items.extend(self.read_reply()?);
+                }
+                Ok(items)
+            }
+            _ => Err(protocol_error("unknown RESP reply")),
+        }
+    }
+
+    /// A second handle on the socket (to shut it down from another thread).
+    pub fn stream_clone(&self) -> io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+
+    /// Sends a raw RESP command.
+    pub fn send(&mut self, args: &[&str]) -> io::Result<()> {
+        self.out.clear();
+        resp_command(&mut self.out, args);
+        self.stream.write_all(&self.out)
+    }
+}
+
+impl Conn for Redis {
+    fn batch(&mut self, op: KvOp, keys: &[String], value: &str) -> io::Result<()> {
+        self.out.clear();
+        for k in keys {
+            match op {
+                KvOp::Set => resp_command(&mut self.out, &["SET", k, value]),
+                KvOp::Get => resp_command(&mut self.out, &["GET", k]),
+            }
+        }
+        self.stream.write_all(&self.out)?;
+        for _ in keys {
+            self.read_reply()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! `nun-db bench`: drives set/get load and watch fan-out against our server and, optionally,
+//! Redis in the same run, and prints markdown tables with throughput, latency percentiles and
+//! the ours/Redis ratio.
+
+pub mod conn;
+pub mod stats;
+mod watch;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use conn::{Conn, KvOp, NunTcp, NunWs, Redis};
+use stats::Samples;
+
+/// What to measure and against whom.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Our server's TCP address.
+    pub tcp: String,
+    /// Our server's WebSocket address (`host:port`).
+    pub ws: String,
+    /// Admin credentials (to create the bench database).
+    pub user: String,
+    /// Admin password.
+    pub pwd: String,
+    /// Redis address (`host:port`) to compare against, if any.
+    pub redis: Option<String>,
+    /// Time per load row.
+    pub duration: Duration,
+    /// Distinct keys used.
+    pub keyspace: usize,
+    /// Value size in bytes.
+    pub value_size: usize,
+    /// Connection counts to try.
+    pub conns: Vec<usize>,
+    /// Pipeline depths to try.
+    pub pipelines: Vec<usize>,
+    /// Watcher counts to try.
+    pub watchers: Vec<usize>,
+    /// Writes per watch row.
+    pub watch_writes: usize,
+}
+
+impl BenchOptions {
+    /// Shrinks every dimension so the whole suite runs in a few seconds (used by `make test`).
+    pub fn quick(mut self) -> BenchOptions {
+        self.duration = Duration::from_millis(200);
+        self.keyspace = self.keyspace.min(1000);
+        self.conns = vec![1, 4];
+        self.pipelines = vec![1, 16];
+        self.watchers = vec![1, 10];
+        self.watch_writes = 20;
+        self
+    }
+}
+
+/// Which server and transport a row drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Our TCP protocol.
+    NunTcp,
+    /// Our WebSocket protocol.
+    NunWs,
+    /// Redis RESP.
+    Redis,
+}
+
+/// Result of one load row.
+#[derive(Debug, Clone)]
+pub struct LoadRow {
+    /// Operation.
+    pub op: KvOp,
+    /// Transport.
+    pub transport: Transport,
+    /// Connections.
+    pub conns: usize,
+    /// Pipeline depth.
+    pub pipeline: usize,
+    /// Operations per second.
+    pub ops_per_sec: f64,
+    /// Median latency, µs.
+    pub p50: u64,
+    /// 99th percentile, µs.
+    pub p99: u64,
+    /// 99.9th percentile, µs.
+    pub p999: u64,
+}
+
+const DB: &str = "bench";
+const TOKEN: &str = "bench-token";
+
+fn connect(opts: &BenchOptions, t: Transport) -> io::Result<Box<dyn Conn>> {
+    Ok(match t {
+        Transport::NunTcp => Box::new(NunTcp::connect(&opts.tcp, DB, TOKEN)?),
+        Transport::NunWs => Box::new(NunWs::connect(&opts.ws, DB, TOKEN)?),
+        Transport::Redis => Box::new(Redis::connect(opts.redis.as_deref().unwrap_or_default())?),
+    })
+}
+
+fn key(i: usize) -> String {
+    format!("key:{i:010}")
+}
+
+/// Creates the bench database (if needed) and fills the keyspace on every target.
+fn prepare(opts: &BenchOptions) -> io::Result<()> {
+    let mut admin = crate::client::Client::connect_tcp(&opts.tcp).map_err(io::Error::other)?;
+    admin
+        .auth(&opts.user, &opts.pwd)
+        .map_err(io::Error::other)?;
+    let r = admin
+        .call(&format!("create-db {DB} {TOKEN}"))
+        .map_err(io::Error::other)?;
+    if let Some(e) = r.error {
+        if e != "database already exists" {
+            return Err(io::Error::other(e));
+        }
+    }
+    let value = "v".repeat(opts.value_size);
+    let mut targets = vec![Transport::NunTcp];
+    if opts.redis.is_some() {
+        targets.push(Transport::Redis);
+    }
+    for t in targets {
+        let mut c = connect(opts, t)?;
+        let keys: Vec<String> = (0..opts.keyspace).map(key).collect();
+        for chunk in keys.chunks(256) {
+            c.batch(KvOp::Set, chunk, &value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one load row: `conns` connections each sending batches of `pipeline` commands for the
+/// configured duration.
+fn load_row(
+    opts: &BenchOptions,
+    transport: Transport,
+    op: KvOp,
+    conns: usize,
+    pipeline: usize,
+) -> io::Result<LoadRow> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(conns + 1));
+    let value = Arc::new("v".repeat(opts.value_size));
+    let mut handles = Vec::new();
+    for c in 0..conns {
+        let mut conn = connect(opts, transport)?;
+        let (stop, ops, barrier, value) = (
+            Arc::clone(&stop),
+            Arc::clone(&ops),
+            Arc::clone(&barrier),
+            Arc::clone(&value),
+        );
+        let keyspace = opts.keyspace.max(1);
+        handles.push(std::thread::spawn(move || -> io::Result<Samples> {
+            let mut samples = Samples::default();
+            let mut next = c * 7919 % keyspace;
+            barrier.wait();
+            while !stop.load(Ordering::Relaxed) {
+                let keys: Vec<String> = (0..pipeline).map(|i| key((next + i) % keyspace)).collect();
+                next = (next + pipeline) % keyspace;
+                let t = Instant::now();
+                conn.batch(op, &keys, &value)?;
+                samples.add_n(t.elapsed(), pipeline);
+                ops.fetch_add(pipeline as u64, Ordering::Relaxed);
+            }
+            Ok(samples)
+        }));
+    }
+    barrier.wait();
+    let started = Instant::now();
+    std::thread::sleep(opts.duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Samples::default();
+    for h in handles {
+        let samples = h
+            .join()
+            .map_err(|_| io::Error::other("bench thread panicked"))??;
+        all.merge(samples);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(LoadRow {
+        op,
+        transport,
+        conns,
+        pipeline,
+        ops_per_sec: ops.load(Ordering::Relaxed) as f64 / elapsed,
+        p50: all.percentile(50.0),
+        p99: all.percentile(99.0),
+        p999: all.percentile(99.9),
+    })
+}
+
+fn op_name(op: KvOp) -> &'static str {
+    match op {
+        KvOp::Set => "set",
+        KvOp::Get => "get",
+    }
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::NunTcp => "tcp",
+        Transport::NunWs => "ws",
+        Transport::Redis => "redis",
+    }
+}
+
+/// Runs the whole suite and returns the markdown report.
+pub fn run(opts: &BenchOptions) -> io::Result<String> {
+    prepare(opts)?;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Load: {} keys, {}-byte values, {:?} per row. Latency is per operation (a pipelined batch's round trip), in µs.\n\n",
+        opts.keyspace, opts.value_size, opts.duration
+    ));
+    out.push_str("| op | transport | conns | pipeline | nun-db ops/s | p50 | p99 | p99.9 |");
+    if opts.redis.is_some() {
+        out.push_str(" redis ops/s | redis p50 | redis p99 | redis p99.9 | ours/redis |");
+    }
+    out.push('\n');
+    out.push_str("|---|---|---|---|---|---|---|---|");
+    if opts.redis.is_some() {
+        out.push_str("---|---|---|---|---|");
+    }
+    out.push('\n');
+    for op in [KvOp::Set, KvOp::Get] {
+        for &conns in &opts.conns {
+            for &pipeline in &opts.pipelines {
+                let redis = match opts.redis {
+                    Some(_) => Some(load_row(opts, Transport::Redis, op, conns, pipeline)?),
+                    None => None,
+                };
+                for t in [Transport::NunTcp, Transport::NunWs] {
+                    let row = load_row(opts, t, op, conns, pipeline)?;
+                    out.push_str(&format!(
+                        "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                        op_name(op),
+                        transport_name(t),
+                        conns,
+                        pipeline,
+                        row.ops_per_sec,
+                        row.p50,
+                        row.p99,
+                        row.p999
+                    ));
+                    if let Some(r) = &redis {
+                        out.push_str(&format!(
+                            " {:.0} | {} | {} | {} | {:.2}× |",
+                            r.ops_per_sec,
+                            r.p50,
+                            r.p99,
+                            r.p999,
+                            row.ops_per_sec / r.ops_per_sec.max(1.0)
+                        ));
+                    }
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out.push('\n');
+    out.push_str(&watch::report(opts)?);
+    Ok(out)
+}
