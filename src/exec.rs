@@ -51,6 +51,7 @@ fn selected_db(session: &Session) -> Result<Arc<Database>, Outcome> {
         _ => Err(Outcome {
             messages: vec![format!("error {NO_DB}")],
             error: Some(NO_DB.to_string()),
+            lsn: 0,
         }),
     }
 }
@@ -59,6 +60,7 @@ fn denied() -> Outcome {
     Outcome {
         messages: vec![PERMISSION_DENIED.to_string()],
         error: Some(format!("{PERMISSION_DENIED}\n")),
+        lsn: 0,
     }
 }
 
@@ -106,16 +108,30 @@ fn stored_value(key: &str, value: &str) -> String {
     }
 }
 
-/// Acknowledges a write once its log record is durable (per the fsync policy).
-fn write_result(node: &Node, r: Result<Written, WriteError>) -> Res {
-    let written = r.map_err(|e| Outcome::error(e.to_string()))?;
-    durable(node, written.lsn)
+/// A successful write's reply carries its LSN: the transport sends it only once that log record
+/// is durable (see [`acknowledge`]).
+fn write_result(r: Result<Written, WriteError>) -> Res {
+    r.map(|w| Outcome::written(w.lsn))
+        .map_err(|e| Outcome::error(e.to_string()))
 }
 
-fn durable(node: &Node, lsn: u64) -> Res {
-    node.wait_durable(lsn)
-        .map(|_| Outcome::ok())
-        .map_err(|e| Outcome::error(format!("Storage error: {e}")))
+/// Makes every log record acknowledged by `outcomes` durable (one group flush for the whole
+/// batch), turning their `ok` into a storage error if that fails. Transports call this before
+/// sending replies.
+pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
+    let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
+    if lsn == 0 {
+        return;
+    }
+    if let Err(e) = node.wait_durable(lsn) {
+        log::error!("operation log write failed: {e}");
+        for o in outcomes
+            .iter_mut()
+            .filter(|o| o.lsn > 0 && o.error.is_none())
+        {
+            o.error = Some(format!("Storage error: {e}"));
+        }
+    }
 }
 
 fn run(session: &mut Session, cmd: Command) -> Res {
@@ -161,10 +177,10 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 .dbs
                 .create(&name, &security::hash_secret(&token), strategy)
             {
-                Ok(Some((_, lsn))) => {
-                    durable(&node, lsn)?;
-                    Ok(Outcome::message("create-db success"))
-                }
+                Ok(Some((_, lsn))) => Ok(Outcome {
+                    lsn,
+                    ..Outcome::message("create-db success")
+                }),
                 Ok(None) => Err(Outcome::error("database already exists")),
                 Err(e) => Err(Outcome::error(e.to_string())),
             }
@@ -172,7 +188,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::DeleteDb { name } => {
             require_admin(session)?;
             match node.dbs.delete(&name) {
-                Ok(Some(lsn)) => durable(&node, lsn),
+                Ok(Some(lsn)) => Ok(Outcome::written(lsn)),
                 Ok(None) => Err(Outcome::error("Not a valid database name")),
                 Err(e) => Err(Outcome::error(e.to_string())),
             }
@@ -198,10 +214,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Write, &key)?;
             check_writable(&key)?;
-            write_result(
-                &node,
-                db.write(&key, WriteOp::Set(&stored_value(&key, &value))),
-            )
+            write_result(db.write(&key, WriteOp::Set(&stored_value(&key, &value))))
         }
         Command::SetSafe {
             key,
@@ -211,16 +224,13 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Write, &key)?;
             check_writable(&key)?;
-            write_result(
-                &node,
-                db.write(&key, WriteOp::SetSafe(version, &stored_value(&key, &value))),
-            )
+            write_result(db.write(&key, WriteOp::SetSafe(version, &stored_value(&key, &value))))
         }
         Command::Increment { key, by } => {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Increment, &key)?;
             check_writable(&key)?;
-            write_result(&node, db.write(&key, WriteOp::Increment(by)))
+            write_result(db.write(&key, WriteOp::Increment(by)))
         }
         Command::Remove { key } => {
             let db = selected_db(session)?;
@@ -229,7 +239,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             }
             check_key(session, &db, Access::Remove, &key)?;
             check_writable(&key)?;
-            write_result(&node, db.write(&key, WriteOp::Remove))
+            write_result(db.write(&key, WriteOp::Remove))
         }
         Command::Keys { pattern } => {
             let db = selected_db(session)?;
@@ -295,22 +305,16 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::CreateUser { user, token } => {
             require_admin(session)?;
             let db = selected_db(session)?;
-            write_result(
-                &node,
-                db.write(
-                    &db::user_key(&user),
-                    WriteOp::Set(&security::hash_secret(&token)),
-                ),
-            )
+            write_result(db.write(
+                &db::user_key(&user),
+                WriteOp::Set(&security::hash_secret(&token)),
+            ))
         }
         Command::SetPermissions { user, spec } => {
             require_admin(session)?;
             let db = selected_db(session)?;
             Permissions::parse(&spec).map_err(Outcome::error)?;
-            write_result(
-                &node,
-                db.write(&db::permission_key(&user), WriteOp::Set(&spec)),
-            )
+            write_result(db.write(&db::permission_key(&user), WriteOp::Set(&spec)))
         }
         Command::ClusterState => {
             require_admin(session)?;

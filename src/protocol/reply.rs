@@ -12,9 +12,19 @@ pub struct Outcome {
     pub messages: Vec<String>,
     /// `None` for `ok`, `Some(msg)` for `error <msg>`.
     pub error: Option<String>,
+    /// Operation-log LSN that must be durable before this reply is sent (0: none).
+    pub lsn: u64,
 }
 
 impl Outcome {
+    /// Success that acknowledges the log record `lsn`.
+    pub fn written(lsn: u64) -> Outcome {
+        Outcome {
+            lsn,
+            ..Outcome::default()
+        }
+    }
+
     /// Success with no output.
     pub fn ok() -> Outcome {
         Outcome::default()
@@ -24,15 +34,15 @@ impl Outcome {
     pub fn message(msg: impl Into<String>) -> Outcome {
         Outcome {
             messages: vec![msg.into()],
-            error: None,
+            ..Outcome::default()
         }
     }
 
     /// Failure with no output.
     pub fn error(msg: impl Into<String>) -> Outcome {
         Outcome {
-            messages: Vec::new(),
             error: Some(msg.into()),
+            ..Outcome::default()
         }
     }
 
@@ -93,6 +103,7 @@ mod tests {
         let denied = Outcome {
             messages: vec!["permission denied".into()],
             error: Some("permission denied\n".into()),
+            lsn: 0,
         };
         assert_eq!(
             denied.wire_messages(),

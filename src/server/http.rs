@@ -50,9 +50,14 @@ fn text_response(status: u16, body: String) -> Response<io::Cursor<Vec<u8>>> {
 pub fn run_body(node: &Arc<Node>, body: &str) -> String {
     let (outbox, _rx) = Outbox::new(1, 1);
     let mut session = Session::new(node, outbox);
-    split_commands(body)
+    let mut outcomes: Vec<_> = split_commands(body)
         .into_iter()
-        .map(|command| exec::execute_line(&mut session, command).http_item())
+        .map(|command| exec::execute_line(&mut session, command))
+        .collect();
+    exec::acknowledge(node, &mut outcomes);
+    outcomes
+        .iter()
+        .map(|o| o.http_item())
         .collect::<Vec<_>>()
         .join(";")
 }

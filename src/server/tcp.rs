@@ -121,20 +121,37 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
     let mut session = Session::new(node, outbox);
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let mut buf = Vec::new();
+    let mut batch: Vec<Outcome> = Vec::new();
     loop {
         let outcome = match read_line_bounded(&mut reader, &mut buf, node.config.max_line) {
             Ok(Line::Eof) | Err(_) => break,
-            Ok(Line::TooLong) => Outcome::error("line too long"),
+            Ok(Line::TooLong) => Some(Outcome::error("line too long")),
             Ok(Line::Complete) => match std::str::from_utf8(&buf) {
-                Ok(line) if line.trim().is_empty() => continue,
-                Ok(line) => exec::execute_line(&mut session, line),
-                Err(_) => Outcome::error("Invalid UTF-8 in command"),
+                Ok(line) if line.trim().is_empty() => None,
+                Ok(line) => Some(exec::execute_line(&mut session, line)),
+                Err(_) => Some(Outcome::error("Invalid UTF-8 in command")),
             },
         };
-        if !session.outbox.reply(outcome.line_messages()) {
-            break;
+        batch.extend(outcome);
+        // Pipelined commands already received run as one batch: one durability wait, one write.
+        if reader.buffer().contains(&b'\n') && batch.len() < 1024 {
+            continue;
+        }
+        if !flush_batch(node, &session, &mut batch) {
+            return;
         }
     }
+    flush_batch(node, &session, &mut batch);
+}
+
+fn flush_batch(node: &Node, session: &Session, batch: &mut Vec<Outcome>) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    exec::acknowledge(node, batch);
+    let messages = batch.iter().flat_map(Outcome::line_messages).collect();
+    batch.clear();
+    session.outbox.reply(messages)
 }
 
 fn append(buf: &mut Vec<u8>, item: &Outgoing) {

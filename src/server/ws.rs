@@ -144,11 +144,14 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
                 break;
             }
         };
-        for command in split_commands(&text) {
-            let outcome = exec::execute_line(&mut session, command);
-            if !reply(&session, &outcome) {
-                return;
-            }
+        let mut outcomes: Vec<Outcome> = split_commands(&text)
+            .into_iter()
+            .map(|command| exec::execute_line(&mut session, command))
+            .collect();
+        exec::acknowledge(node, &mut outcomes);
+        let messages = outcomes.iter().flat_map(Outcome::wire_messages).collect();
+        if !session.outbox.reply(messages) {
+            return;
         }
     }
 }

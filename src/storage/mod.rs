@@ -157,13 +157,16 @@ impl Storage {
                 loop {
                     std::thread::sleep(Duration::from_millis(200));
                     let Some(dbs) = dbs.upgrade() else { return };
-                    if storage.log.policy() == FsyncPolicy::EverySec
+                    let result = if storage.log.policy() == FsyncPolicy::EverySec
                         && last_sync.elapsed() >= Duration::from_secs(1)
                     {
-                        if let Err(e) = storage.log.sync_now() {
-                            log::error!("fsync of the operation log failed: {e}");
-                        }
                         last_sync = Instant::now();
+                        storage.log.sync_now()
+                    } else {
+                        storage.log.write_now()
+                    };
+                    if let Err(e) = result {
+                        log::error!("flushing the operation log failed: {e}");
                     }
                     let due = last.elapsed() >= storage.config.snapshot_interval;
                     let full = storage.log.size() > storage.config.max_log_size;

@@ -1,12 +1,14 @@
-//! The operation log (WAL): numbered segment files of [`Record`]s. Every write is appended here
-//! before it is acknowledged; `always` waits for an fsync shared by all concurrent writers (group
-//! commit), `everysec` lets a background thread fsync once a second, `no` leaves it to the OS.
+//! The operation log (WAL): numbered segment files of [`Record`]s. Appends only encode into a
+//! buffer; before a write is acknowledged its record is written to the file by whichever waiting
+//! thread flushes first, together with everything appended meanwhile (group write). `always` also
+//! fsyncs in that flush (group commit), `everysec` leaves the fsync to a background tick once a
+//! second, `no` leaves it to the OS. Every policy survives kill -9 of the process.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::record::{decode, Decoded, Record, HEADER};
 
@@ -36,19 +38,22 @@ impl FsyncPolicy {
 const SEGMENT_SUFFIX: &str = ".oplog";
 
 struct Inner {
-    file: File,
-    /// A second handle on the current segment, used to fsync without holding the append lock.
-    sync_handle: File,
+    /// The segment being appended to; shared with the flusher, which writes outside this lock.
+    file: Arc<File>,
     next_lsn: u64,
-    written_lsn: u64,
+    /// LSN of the last record encoded into `buf` (or written before it).
+    appended_lsn: u64,
+    /// Encoded records not yet written to `file`.
     buf: Vec<u8>,
     /// (first LSN, path) of every live segment, oldest first; the last one is being appended to.
     segments: Vec<(u64, PathBuf)>,
 }
 
-struct SyncState {
+struct FlushState {
+    written_lsn: u64,
     synced_lsn: u64,
-    syncing: bool,
+    /// A thread is writing (and maybe syncing) a taken buffer, or rolling the segment.
+    busy: bool,
 }
 
 /// The log of one node.
@@ -56,8 +61,8 @@ pub struct OpLog {
     dir: PathBuf,
     policy: FsyncPolicy,
     inner: Mutex<Inner>,
-    sync: Mutex<SyncState>,
-    synced: Condvar,
+    flush: Mutex<FlushState>,
+    flushed: Condvar,
     size: AtomicU64,
     count: AtomicU64,
     term: AtomicU64,
@@ -242,23 +247,22 @@ impl OpLog {
         }
         let current = &segments[segments.len() - 1].1;
         let file = OpenOptions::new().append(true).open(current).map_err(err)?;
-        let sync_handle = file.try_clone().map_err(err)?;
         Ok(OpLog {
             dir: dir.to_path_buf(),
             policy,
             inner: Mutex::new(Inner {
-                file,
-                sync_handle,
+                file: Arc::new(file),
                 next_lsn: last_lsn + 1,
-                written_lsn: last_lsn,
-                buf: Vec::with_capacity(4096),
+                appended_lsn: last_lsn,
+                buf: Vec::with_capacity(64 * 1024),
                 segments,
             }),
-            sync: Mutex::new(SyncState {
+            flush: Mutex::new(FlushState {
+                written_lsn: last_lsn,
                 synced_lsn: last_lsn,
-                syncing: false,
+                busy: false,
             }),
-            synced: Condvar::new(),
+            flushed: Condvar::new(),
             size: AtomicU64::new(size),
             count: AtomicU64::new(count),
             term: AtomicU64::new(1),
@@ -282,10 +286,10 @@ impl OpLog {
 
     /// LSN of the last appended record.
     pub fn last_lsn(&self) -> u64 {
-        lock(&self.inner).written_lsn
+        lock(&self.inner).appended_lsn
     }
 
-    /// Bytes in live segments.
+    /// Bytes in live segments (including records not yet flushed).
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
@@ -295,8 +299,9 @@ impl OpLog {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Appends `record`, giving it the next LSN (and the current term) when its `lsn` is 0;
-    /// a replica passes the primary's LSN, which must be greater than the last one.
+    /// Appends `record` to the log buffer, giving it the next LSN (and the current term) when
+    /// its `lsn` is 0; a replica passes the primary's LSN, which must be greater than the last.
+    /// Nothing is on disk until [`OpLog::wait_durable`] (or a background tick) flushes it.
     pub fn append(&self, record: &mut Record) -> io::Result<u64> {
         let mut inner = lock(&self.inner);
         if record.lsn == 0 {
@@ -305,63 +310,103 @@ impl OpLog {
         } else if record.lsn < inner.next_lsn {
             return Err(io::Error::other(format!(
                 "LSN {} is not after {}",
-                record.lsn, inner.written_lsn
+                record.lsn, inner.appended_lsn
             )));
         }
-        let inner = &mut *inner;
-        inner.buf.clear();
+        let before = inner.buf.len();
         record.encode(&mut inner.buf);
-        inner.file.write_all(&inner.buf)?;
         inner.next_lsn = record.lsn + 1;
-        inner.written_lsn = record.lsn;
+        inner.appended_lsn = record.lsn;
         self.size
-            .fetch_add(inner.buf.len() as u64, Ordering::Relaxed);
+            .fetch_add((inner.buf.len() - before) as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         Ok(record.lsn)
     }
 
-    /// Returns once `lsn` is as durable as the policy promises (fsynced, for `always`).
+    /// Returns once `lsn` is written to the file (and fsynced, for `always`).
     pub fn wait_durable(&self, lsn: u64) -> io::Result<()> {
-        if self.policy != FsyncPolicy::Always {
-            return Ok(());
-        }
-        let mut state = lock(&self.sync);
+        self.flush_to(lsn, self.policy == FsyncPolicy::Always)
+    }
+
+    /// Writes and fsyncs everything appended so far.
+    pub fn sync_now(&self) -> io::Result<()> {
+        let target = self.last_lsn();
+        self.flush_to(target, true)
+    }
+
+    /// Writes (without fsync) everything appended so far.
+    pub fn write_now(&self) -> io::Result<()> {
+        let target = self.last_lsn();
+        self.flush_to(target, false)
+    }
+
+    /// Group flush: the first waiter takes the whole buffer and writes (and maybe fsyncs) it for
+    /// everyone; the others wait for it and return if it covered them.
+    fn flush_to(&self, lsn: u64, sync: bool) -> io::Result<()> {
+        let mut state = lock(&self.flush);
         loop {
-            if state.synced_lsn >= lsn {
+            if state.written_lsn >= lsn && (!sync || state.synced_lsn >= lsn) {
                 return Ok(());
             }
-            if !state.syncing {
-                state.syncing = true;
+            if !state.busy {
+                state.busy = true;
                 drop(state);
-                let result = self.sync_now();
-                state = lock(&self.sync);
-                state.syncing = false;
-                self.synced.notify_all();
+                let result = self.flush_once(sync);
+                state = lock(&self.flush);
+                state.busy = false;
+                if let Ok(upto) = result {
+                    state.written_lsn = state.written_lsn.max(upto);
+                    if sync {
+                        state.synced_lsn = state.synced_lsn.max(upto);
+                    }
+                }
+                self.flushed.notify_all();
                 result?;
                 continue;
             }
-            state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self.flushed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Fsyncs everything written so far.
-    pub fn sync_now(&self) -> io::Result<()> {
-        let (handle, target) = {
-            let inner = lock(&self.inner);
-            (inner.sync_handle.try_clone()?, inner.written_lsn)
+    /// Takes the buffer and writes it (caller holds the busy flag). Returns the LSN covered.
+    fn flush_once(&self, sync: bool) -> io::Result<u64> {
+        let (buf, upto, file) = {
+            let mut inner = lock(&self.inner);
+            let spare = Vec::with_capacity(inner.buf.capacity().min(1 << 20));
+            (
+                std::mem::replace(&mut inner.buf, spare),
+                inner.appended_lsn,
+                Arc::clone(&inner.file),
+            )
         };
-        handle.sync_data()?;
-        let mut state = lock(&self.sync);
-        state.synced_lsn = state.synced_lsn.max(target);
-        self.synced.notify_all();
-        Ok(())
+        if !buf.is_empty() {
+            (&*file).write_all(&buf)?;
+        }
+        if sync {
+            file.sync_data()?;
+        }
+        Ok(upto)
     }
 
-    /// Seals the current segment (fsynced) and starts a new one; returns the new segment's first
-    /// LSN: every record below it is in older segments.
+    /// Takes the busy flag (waiting for a running flush), so the segment can be switched.
+    fn exclusive(&self) -> MutexGuard<'_, FlushState> {
+        let mut state = lock(&self.flush);
+        while state.busy {
+            state = self.flushed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state
+    }
+
+    /// Seals the current segment (written and fsynced) and starts a new one; returns the new
+    /// segment's first LSN: every record below it is in older segments.
     pub fn roll(&self) -> io::Result<u64> {
+        let mut state = self.exclusive();
         let mut inner = lock(&self.inner);
+        let buf = std::mem::take(&mut inner.buf);
+        (&*inner.file).write_all(&buf)?;
         inner.file.sync_data()?;
+        state.written_lsn = inner.appended_lsn;
+        state.synced_lsn = inner.appended_lsn;
         let first = inner.next_lsn;
         if inner.segments.last().map(|(f, _)| *f) == Some(first) {
             return Ok(first);
@@ -369,8 +414,7 @@ impl OpLog {
         let path = segment_path(&self.dir, first);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         sync_dir(&self.dir)?;
-        inner.sync_handle = file.try_clone()?;
-        inner.file = file;
+        inner.file = Arc::new(file);
         inner.segments.push((first, path));
         Ok(first)
     }
@@ -393,6 +437,8 @@ impl OpLog {
     /// Reads every record with LSN ≥ `from` still in the log (for replication catch-up);
     /// `None` when `from` was already truncated away.
     pub fn read_from(&self, from: u64) -> Result<Option<Vec<Record>>, String> {
+        self.write_now()
+            .map_err(|e| format!("cannot flush the operation log: {e}"))?;
         let segments = lock(&self.inner).segments.clone();
         if segments.first().map(|(f, _)| *f > from).unwrap_or(true) {
             return Ok(None);
@@ -413,6 +459,14 @@ impl OpLog {
             })?;
         }
         Ok(Some(out))
+    }
+}
+
+impl Drop for OpLog {
+    fn drop(&mut self) {
+        if let Err(e) = self.write_now() {
+            log::error!("flushing the operation log on close failed: {e}");
+        }
     }
 }
 
