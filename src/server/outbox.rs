@@ -8,8 +8,9 @@ use std::sync::{Arc, Condvar, Mutex};
 /// One queued item: the messages of one reply, or of one watch notification (shared by watchers).
 #[derive(Debug, Clone)]
 pub enum Outgoing {
-    /// Messages answering the session's own command, each ending in `\n`.
-    Reply(Vec<String>),
+    /// Messages answering the session's own commands, each ending in `\n`, and the log LSN that
+    /// must be durable before they are written (0: none).
+    Reply(Vec<String>, u64),
     /// A change pushed to watchers, each message ending in `\n`.
     Notify(Arc<Vec<String>>),
 }
@@ -18,8 +19,16 @@ impl Outgoing {
     /// The messages of this item.
     pub fn messages(&self) -> &[String] {
         match self {
-            Outgoing::Reply(m) => m,
+            Outgoing::Reply(m, _) => m,
             Outgoing::Notify(m) => m,
+        }
+    }
+
+    /// The LSN that must be durable before this item is written.
+    pub fn lsn(&self) -> u64 {
+        match self {
+            Outgoing::Reply(_, lsn) => *lsn,
+            Outgoing::Notify(_) => 0,
         }
     }
 
@@ -31,13 +40,22 @@ impl Outgoing {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Queue accounting shared by the session, its notifiers and its writer.
+#[derive(Debug, Default)]
+struct State {
+    /// Bytes queued and not yet written.
+    bytes: usize,
+    /// Someone (the writer thread, or the reader on the direct path) is writing to the socket.
+    busy: bool,
+}
+
 type CloseHook = Box<dyn Fn() + Send + Sync>;
 
 /// The sending side of a session's queue; shared by the session and by every key it watches.
 pub struct Outbox {
     id: u64,
     tx: SyncSender<Outgoing>,
-    queued_bytes: Mutex<usize>,
+    state: Mutex<State>,
     space: Condvar,
     max_bytes: usize,
     closed: AtomicBool,
@@ -57,7 +75,7 @@ impl Outbox {
         let outbox = Outbox {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             tx,
-            queued_bytes: Mutex::new(0),
+            state: Mutex::new(State::default()),
             space: Condvar::new(),
             max_bytes: max_bytes.max(1),
             closed: AtomicBool::new(false),
@@ -93,29 +111,30 @@ impl Outbox {
                 hook();
             }
         }
-        if let Ok(_guard) = self.queued_bytes.lock() {
+        if let Ok(_guard) = self.state.lock() {
             self.space.notify_all();
         }
     }
 
-    /// Queues a reply, waiting while the queue is over its byte budget. False if the session closed.
-    pub fn reply(&self, messages: Vec<String>) -> bool {
-        let item = Outgoing::Reply(messages);
+    /// Queues a reply (sent once log record `lsn` is durable), waiting while the queue is over its
+    /// byte budget. False if the session closed.
+    pub fn reply(&self, messages: Vec<String>, lsn: u64) -> bool {
+        let item = Outgoing::Reply(messages, lsn);
         let size = item.size();
         {
-            let Ok(mut bytes) = self.queued_bytes.lock() else {
+            let Ok(mut state) = self.state.lock() else {
                 return false;
             };
-            while *bytes > self.max_bytes && !self.is_closed() {
-                bytes = match self.space.wait(bytes) {
-                    Ok(b) => b,
+            while state.bytes > self.max_bytes && !self.is_closed() {
+                state = match self.space.wait(state) {
+                    Ok(s) => s,
                     Err(_) => return false,
                 };
             }
             if self.is_closed() {
                 return false;
             }
-            *bytes += size;
+            state.bytes += size;
         }
         if self.tx.send(item).is_err() {
             self.close();
@@ -133,15 +152,15 @@ impl Outbox {
         let item = Outgoing::Notify(Arc::clone(messages));
         let size = item.size();
         {
-            let Ok(mut bytes) = self.queued_bytes.lock() else {
+            let Ok(mut state) = self.state.lock() else {
                 return false;
             };
-            if *bytes + size > self.max_bytes && *bytes > 0 {
-                drop(bytes);
+            if state.bytes + size > self.max_bytes && state.bytes > 0 {
+                drop(state);
                 self.overflow();
                 return false;
             }
-            *bytes += size;
+            state.bytes += size;
         }
         match self.tx.try_send(item) {
             Ok(()) => true,
@@ -166,8 +185,41 @@ impl Outbox {
 
     /// Called by the transport's writer once it has written `size` bytes taken from the queue.
     pub fn written(&self, size: usize) {
-        if let Ok(mut bytes) = self.queued_bytes.lock() {
-            *bytes = bytes.saturating_sub(size);
+        if let Ok(mut state) = self.state.lock() {
+            state.bytes = state.bytes.saturating_sub(size);
+            self.space.notify_all();
+        }
+    }
+
+    /// Direct path: when nothing is queued or being written, the caller may write to the socket
+    /// itself (saving a thread hand-off); it must call [`Outbox::release`] afterwards.
+    pub fn try_claim_idle(&self) -> bool {
+        match self.state.lock() {
+            Ok(mut state) if state.bytes == 0 && !state.busy && !self.is_closed() => {
+                state.busy = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits until no one else writes to the socket, then claims it (the writer thread's path).
+    pub fn claim(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            while state.busy {
+                state = match self.space.wait(state) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            }
+            state.busy = true;
+        }
+    }
+
+    /// Gives the socket back after [`Outbox::claim`] or [`Outbox::try_claim_idle`].
+    pub fn release(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.busy = false;
             self.space.notify_all();
         }
     }

@@ -105,7 +105,9 @@ pub fn read_line_bounded(
 
 fn serve(node: &Arc<Node>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let (Ok(write_half), Ok(shutdown_half)) = (stream.try_clone(), stream.try_clone()) else {
+    let (Ok(write_half), Ok(shutdown_half), Ok(direct)) =
+        (stream.try_clone(), stream.try_clone(), stream.try_clone())
+    else {
         return;
     };
     let (outbox, rx) = Outbox::new(node.config.outbox_messages, node.config.outbox_bytes);
@@ -113,8 +115,9 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
         let _ = shutdown_half.shutdown(Shutdown::Both);
     });
     let weak = Arc::downgrade(&outbox);
+    let writer_node = Arc::clone(node);
     if !spawn_connection_thread("tcp-writer".into(), move || {
-        write_loop(write_half, &rx, &weak)
+        write_loop(&writer_node, write_half, &rx, &weak)
     }) {
         return;
     }
@@ -137,21 +140,57 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
         if reader.buffer().contains(&b'\n') && batch.len() < 1024 {
             continue;
         }
-        if !flush_batch(node, &session, &mut batch) {
+        if !flush_batch(node, &session, &direct, &mut batch) {
             return;
         }
     }
-    flush_batch(node, &session, &mut batch);
+    flush_batch(node, &session, &direct, &mut batch);
 }
 
-fn flush_batch(node: &Node, session: &Session, batch: &mut Vec<Outcome>) -> bool {
+/// Acknowledges a batch and sends its replies: straight to the socket when the session's queue
+/// is idle (no hand-off to the writer thread), else through the queue behind what is pending.
+fn flush_batch(
+    node: &Node,
+    session: &Session,
+    direct: &TcpStream,
+    batch: &mut Vec<Outcome>,
+) -> bool {
     if batch.is_empty() {
         return true;
     }
+    if !session.outbox.try_claim_idle() {
+        // The writer thread is busy: it makes the batch durable and writes it with what is queued.
+        let lsn = batch.iter().map(|o| o.lsn).max().unwrap_or(0);
+        let messages = batch.iter().flat_map(Outcome::line_messages).collect();
+        batch.clear();
+        return session.outbox.reply(messages, lsn);
+    }
     exec::acknowledge(node, batch);
-    let messages = batch.iter().flat_map(Outcome::line_messages).collect();
+    let messages: Vec<String> = batch.iter().flat_map(Outcome::line_messages).collect();
     batch.clear();
-    session.outbox.reply(messages)
+    {
+        let mut bytes = Vec::with_capacity(messages.iter().map(String::len).sum());
+        for m in &messages {
+            bytes.extend_from_slice(m.as_bytes());
+        }
+        let ok = (&*direct).write_all(&bytes).is_ok();
+        session.outbox.release();
+        if !ok {
+            session.outbox.close();
+        }
+        ok
+    }
+}
+
+/// Waits for `lsn` to be durable before replies acknowledging it are written.
+pub fn durable_before_send(node: &Node, lsn: u64) -> bool {
+    match node.wait_durable(lsn) {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!("operation log write failed, closing the session: {e}");
+            false
+        }
+    }
 }
 
 fn append(buf: &mut Vec<u8>, item: &Outgoing) {
@@ -161,24 +200,38 @@ fn append(buf: &mut Vec<u8>, item: &Outgoing) {
 }
 
 /// Writes queued items until every sender is gone (session ended) or the socket fails.
-pub fn write_loop(mut stream: TcpStream, rx: &Receiver<Outgoing>, outbox: &Weak<Outbox>) {
+pub fn write_loop(
+    node: &Node,
+    mut stream: TcpStream,
+    rx: &Receiver<Outgoing>,
+    outbox: &Weak<Outbox>,
+) {
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     while let Ok(first) = rx.recv() {
+        let owner = outbox.upgrade();
+        if let Some(o) = &owner {
+            o.claim();
+        }
         buf.clear();
         append(&mut buf, &first);
         let mut size = first.size();
+        let mut lsn = first.lsn();
         while buf.len() < 256 * 1024 {
             match rx.try_recv() {
                 Ok(item) => {
                     append(&mut buf, &item);
                     size += item.size();
+                    lsn = lsn.max(item.lsn());
                 }
                 Err(_) => break,
             }
         }
-        let ok = stream.write_all(&buf).is_ok();
-        if let Some(outbox) = outbox.upgrade() {
+        // Acknowledgements go out only once their log records are durable; if that fails the
+        // connection is closed rather than acknowledging.
+        let ok = durable_before_send(node, lsn) && stream.write_all(&buf).is_ok();
+        if let Some(outbox) = owner {
             outbox.written(size);
+            outbox.release();
             if !ok {
                 outbox.close();
             }

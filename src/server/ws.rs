@@ -17,6 +17,7 @@ use crate::protocol::{split_commands, Outcome};
 use crate::server::outbox::{Outbox, Outgoing};
 use crate::server::session::Session;
 use crate::server::spawn_connection_thread;
+use crate::server::tcp::durable_before_send;
 
 /// How long a client may take to complete the WebSocket handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,10 +49,14 @@ pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
 struct SharedStream {
     read: TcpStream,
     write: Arc<Mutex<TcpStream>>,
+    /// Socket reads so far: unchanged across a message means it came from tungstenite's buffer,
+    /// i.e. the client is pipelining.
+    reads: u64,
 }
 
 impl Read for SharedStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reads += 1;
         self.read.read(buf)
     }
 }
@@ -90,6 +95,7 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
     let shared = SharedStream {
         read: stream,
         write: Arc::clone(&write),
+        reads: 0,
     };
     let mut ws = match tungstenite::accept_with_config(shared, Some(ws_config(node))) {
         Ok(ws) => ws,
@@ -100,23 +106,30 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
         }
     };
     let _ = ws.get_ref().read.set_read_timeout(None);
-    let writer_ws = WebSocket::from_raw_socket(
-        SharedStream { read: read2, write },
+    let writer_ws = Arc::new(Mutex::new(WebSocket::from_raw_socket(
+        SharedStream {
+            read: read2,
+            write,
+            reads: 0,
+        },
         Role::Server,
         Some(ws_config(node)),
-    );
+    )));
+    let direct = Arc::clone(&writer_ws);
     let (outbox, rx) = Outbox::new(node.config.outbox_messages, node.config.outbox_bytes);
     outbox.set_close_hook(move || {
         let _ = shutdown_half.shutdown(Shutdown::Both);
     });
     let weak = Arc::downgrade(&outbox);
+    let writer_node = Arc::clone(node);
     if !spawn_connection_thread("ws-writer".into(), move || {
-        write_loop(writer_ws, &rx, &weak)
+        write_loop(&writer_node, writer_ws, &rx, &weak)
     }) {
         return;
     }
     let mut session = Session::new(node, outbox);
     loop {
+        let reads_before = ws.get_ref().reads;
         let text = match ws.read() {
             Ok(Message::Text(text)) => text,
             Ok(Message::Binary(bytes)) => match String::from_utf8(bytes) {
@@ -148,16 +161,52 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
             .into_iter()
             .map(|command| exec::execute_line(&mut session, command))
             .collect();
-        exec::acknowledge(node, &mut outcomes);
-        let messages = outcomes.iter().flat_map(Outcome::wire_messages).collect();
-        if !session.outbox.reply(messages) {
+        let pipelined = ws.get_ref().reads == reads_before;
+        if !send_replies(node, &session, &direct, &mut outcomes, pipelined) {
             return;
         }
     }
 }
 
 fn reply(session: &Session, outcome: &Outcome) -> bool {
-    session.outbox.reply(outcome.wire_messages())
+    session.outbox.reply(outcome.wire_messages(), 0)
+}
+
+type SharedWs = Arc<Mutex<WebSocket<SharedStream>>>;
+
+fn lock_ws(ws: &SharedWs) -> std::sync::MutexGuard<'_, WebSocket<SharedStream>> {
+    ws.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends replies straight to the socket when the session's queue is idle and the client is not
+/// pipelining; otherwise queues them for the writer thread, which batches durability waits and
+/// socket writes across frames.
+fn send_replies(
+    node: &Node,
+    session: &Session,
+    direct: &SharedWs,
+    outcomes: &mut [Outcome],
+    pipelined: bool,
+) -> bool {
+    if pipelined || !session.outbox.try_claim_idle() {
+        let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
+        let messages = outcomes.iter().flat_map(Outcome::wire_messages).collect();
+        return session.outbox.reply(messages, lsn);
+    }
+    exec::acknowledge(node, outcomes);
+    let messages: Vec<String> = outcomes.iter().flat_map(Outcome::wire_messages).collect();
+    let ok = {
+        let mut ws = lock_ws(direct);
+        messages
+            .into_iter()
+            .all(|m| ws.write(Message::Text(m)).is_ok())
+            && ws.flush().is_ok()
+    };
+    session.outbox.release();
+    if !ok {
+        session.outbox.close();
+    }
+    ok
 }
 
 fn write_item(ws: &mut WebSocket<SharedStream>, item: &Outgoing) -> bool {
@@ -166,22 +215,32 @@ fn write_item(ws: &mut WebSocket<SharedStream>, item: &Outgoing) -> bool {
         .all(|m| ws.write(Message::Text(m.clone())).is_ok())
 }
 
-fn write_loop(mut ws: WebSocket<SharedStream>, rx: &Receiver<Outgoing>, outbox: &Weak<Outbox>) {
+fn write_loop(node: &Node, shared: SharedWs, rx: &Receiver<Outgoing>, outbox: &Weak<Outbox>) {
     while let Ok(first) = rx.recv() {
-        let mut size = first.size();
-        let mut ok = write_item(&mut ws, &first);
-        while ok && size < 256 * 1024 {
+        let owner = outbox.upgrade();
+        if let Some(o) = &owner {
+            o.claim();
+        }
+        let mut items = vec![first];
+        let mut size = items[0].size();
+        while size < 256 * 1024 {
             match rx.try_recv() {
                 Ok(item) => {
                     size += item.size();
-                    ok = write_item(&mut ws, &item);
+                    items.push(item);
                 }
                 Err(_) => break,
             }
         }
-        ok = ok && ws.flush().is_ok();
-        if let Some(outbox) = outbox.upgrade() {
+        let lsn = items.iter().map(Outgoing::lsn).max().unwrap_or(0);
+        let mut ws = lock_ws(&shared);
+        let ok = durable_before_send(node, lsn)
+            && items.iter().all(|item| write_item(&mut ws, item))
+            && ws.flush().is_ok();
+        drop(ws);
+        if let Some(outbox) = owner {
             outbox.written(size);
+            outbox.release();
             if !ok {
                 outbox.close();
             }
@@ -190,6 +249,7 @@ fn write_loop(mut ws: WebSocket<SharedStream>, rx: &Receiver<Outgoing>, outbox: 
             return;
         }
     }
+    let mut ws = lock_ws(&shared);
     let _ = ws.close(None);
     let _ = ws.flush();
 }
