@@ -5,7 +5,7 @@ NUN_PWD ?= admin
 NUN_DBS_DIR ?= ./data
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 
-.PHONY: run build release test deps lint test-rust test-sh test-js bench clean
+.PHONY: run build release test deps lint test-rust test-sh test-js test-bench bench clean
 
 build:
 	cargo build
@@ -43,3 +43,7 @@ test: deps lint test-rust test-sh test-js
 
 clean:
 	cargo clean
+
+## Benchmarks against Redis on loopback; rewrites BENCHMARKS.md.
+bench:
+	bash scripts/bench.sh

@@ -8,7 +8,8 @@ use clap::{ArgAction, Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use nundb::bench::BenchOptions;
+use nundb::bench::conn::KvOp;
+use nundb::bench::{BenchOptions, Transport};
 use nundb::client;
 use nundb::config::{self, Config};
 use nundb::node::Node;
@@ -89,9 +90,18 @@ struct BenchArgs {
     /// Pipeline depths, comma separated.
     #[arg(long = "pipeline", default_value = "1,16")]
     pipeline: String,
-    /// Watcher counts, comma separated.
+    /// Watcher counts, comma separated ("none" skips the watch table).
     #[arg(long = "watchers", default_value = "1,100,1000")]
     watchers: String,
+    /// Operations, comma separated: set, get.
+    #[arg(long = "ops", default_value = "set,get")]
+    ops: String,
+    /// Our transports, comma separated: tcp, ws.
+    #[arg(long = "transports", default_value = "tcp,ws")]
+    transports: String,
+    /// Only fill this many keys (pipelined, over TCP), print the time taken, and exit.
+    #[arg(long = "fill")]
+    fill: Option<usize>,
     /// Writes per watch row.
     #[arg(long = "watch-writes", default_value_t = 300)]
     watch_writes: usize,
@@ -237,6 +247,12 @@ fn numbers(list: &str, what: &str) -> Result<Vec<usize>, String> {
         .collect()
 }
 
+fn words<T>(list: &str, what: &str, f: impl Fn(&str) -> Option<T>) -> Result<Vec<T>, String> {
+    list.split(',')
+        .map(|w| f(w.trim()).ok_or_else(|| format!("invalid {what} `{w}`")))
+        .collect()
+}
+
 fn bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
     let Some((user, pwd)) = credentials(cli) else {
         return fail("admin credentials are required to create the bench database: -u USER -p PWD");
@@ -264,8 +280,22 @@ fn bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
             value_size: args.value_size,
             conns: numbers(&args.conns, "--conns")?,
             pipelines: numbers(&args.pipeline, "--pipeline")?,
-            watchers: numbers(&args.watchers, "--watchers")?,
+            watchers: if args.watchers == "none" {
+                Vec::new()
+            } else {
+                numbers(&args.watchers, "--watchers")?
+            },
             watch_writes: args.watch_writes.max(1),
+            ops: words(&args.ops, "--ops", |w| match w {
+                "set" => Some(KvOp::Set),
+                "get" => Some(KvOp::Get),
+                _ => None,
+            })?,
+            transports: words(&args.transports, "--transports", |w| match w {
+                "tcp" => Some(Transport::NunTcp),
+                "ws" => Some(Transport::NunWs),
+                _ => None,
+            })?,
         })
     })();
     let opts = match parsed {
@@ -273,6 +303,20 @@ fn bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail(&e),
     };
+    if let Some(n) = args.fill {
+        return match nundb::bench::fill(&opts, n) {
+            Ok(took) => {
+                println!(
+                    "filled {n} keys of {} bytes in {:.2}s ({:.0} sets/s)",
+                    opts.value_size,
+                    took.as_secs_f64(),
+                    n as f64 / took.as_secs_f64()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&format!("fill failed: {e}")),
+        };
+    }
     match nundb::bench::run(&opts) {
         Ok(report) => {
             print!("{report}");

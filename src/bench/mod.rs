@@ -41,6 +41,10 @@ pub struct BenchOptions {
     pub watchers: Vec<usize>,
     /// Writes per watch row.
     pub watch_writes: usize,
+    /// Operations to load (set, get).
+    pub ops: Vec<KvOp>,
+    /// Our transports to load.
+    pub transports: Vec<Transport>,
 }
 
 impl BenchOptions {
@@ -99,8 +103,40 @@ fn connect(opts: &BenchOptions, t: Transport) -> io::Result<Box<dyn Conn>> {
     })
 }
 
+/// The `i`-th benchmark key: 16 bytes.
 fn key(i: usize) -> String {
-    format!("key:{i:010}")
+    format!("key:{i:012}")
+}
+
+/// Fills `n` keys with `value_size`-byte values over 8 pipelined TCP connections; returns the
+/// elapsed time.
+pub fn fill(opts: &BenchOptions, n: usize) -> io::Result<Duration> {
+    let mut admin = crate::client::Client::connect_tcp(&opts.tcp).map_err(io::Error::other)?;
+    admin
+        .auth(&opts.user, &opts.pwd)
+        .map_err(io::Error::other)?;
+    let _ = admin.call(&format!("create-db {DB} {TOKEN}"));
+    let started = Instant::now();
+    let workers = 8;
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let tcp = opts.tcp.clone();
+            let value = "v".repeat(opts.value_size);
+            std::thread::spawn(move || -> io::Result<()> {
+                let mut c = NunTcp::connect(&tcp, DB, TOKEN)?;
+                let mine: Vec<String> = (w..n).step_by(workers).map(key).collect();
+                for chunk in mine.chunks(256) {
+                    c.batch(KvOp::Set, chunk, &value)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join()
+            .map_err(|_| io::Error::other("fill thread panicked"))??;
+    }
+    Ok(started.elapsed())
 }
 
 /// Creates the bench database (if needed) and fills the keyspace on every target.
@@ -227,14 +263,14 @@ pub fn run(opts: &BenchOptions) -> io::Result<String> {
         out.push_str("---|---|---|---|---|");
     }
     out.push('\n');
-    for op in [KvOp::Set, KvOp::Get] {
+    for &op in &opts.ops {
         for &conns in &opts.conns {
             for &pipeline in &opts.pipelines {
                 let redis = match opts.redis {
                     Some(_) => Some(load_row(opts, Transport::Redis, op, conns, pipeline)?),
                     None => None,
                 };
-                for t in [Transport::NunTcp, Transport::NunWs] {
+                for &t in &opts.transports {
                     let row = load_row(opts, t, op, conns, pipeline)?;
                     out.push_str(&format!(
                         "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
@@ -262,7 +298,9 @@ pub fn run(opts: &BenchOptions) -> io::Result<String> {
             }
         }
     }
-    out.push('\n');
-    out.push_str(&watch::report(opts)?);
+    if !opts.watchers.is_empty() {
+        out.push('\n');
+        out.push_str(&watch::report(opts)?);
+    }
     Ok(out)
 }

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Runs the benchmark suite against a release build of nun-db and Redis on loopback, and rewrites
+# BENCHMARKS.md. Usage: scripts/bench.sh [--quick]   (make bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=""
+DUR=3
+[ "${1:-}" = "--quick" ] && QUICK="--quick" && DUR=0.5
+BIN=./target/release/nun-db
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+cargo build --release --quiet
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_nun DIR [ENV=VALUE...] -> sets NUN_PID NUN_TCP NUN_WS, STARTUP_SECS
+start_nun() {
+  local dir=$1; shift
+  mkdir -p "$dir"
+  local out="$dir.out" t0 t1
+  t0=$(date +%s.%N)
+  env NUN_USER=admin NUN_PWD=bench NUN_LOG_LEVEL=info "$@" "$BIN" start --tcp-address 127.0.0.1:0 \
+    --ws-address 127.0.0.1:0 --http-address 127.0.0.1:0 --dbs-dir "$dir" >"$out" 2>&1 &
+  NUN_PID=$!; PIDS+=("$NUN_PID")
+  for _ in $(seq 6000); do grep -q '^ready ' "$out" && break; sleep 0.005; done
+  t1=$(date +%s.%N)
+  STARTUP_SECS=$(python3 -c "print(f'{$t1-$t0:.2f}')")
+  NUN_TCP=$(grep -o 'tcp=[^ ]*' "$out" | cut -d= -f2)
+  NUN_WS=$(grep -o 'ws=[^ ]*' "$out" | cut -d= -f2)
+  NUN_HTTP=$(grep -o 'http=[^ ]*' "$out" | cut -d= -f2)
+}
+stop_nun() { kill -TERM "$NUN_PID"; wait "$NUN_PID" 2>/dev/null || true; }
+bench() { "$BIN" -u admin -p bench bench --tcp "$NUN_TCP" --ws "$NUN_WS" "$@"; }
+
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK" --save '' --appendonly yes \
+  --appendfsync everysec --daemonize no >"$WORK/redis.out" 2>&1 &
+PIDS+=("$!")
+for _ in $(seq 200); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+
+CMD="nun-db bench --tcp <nun-db tcp> --ws <nun-db ws> --target redis://127.0.0.1:$REDIS_PORT $QUICK"
+start_nun "$WORK/main" NUN_FSYNC=everysec
+MAIN=$(bench --target "redis://127.0.0.1:$REDIS_PORT" $QUICK)
+stop_nun
+
+# fsync policies: 50 connections doing plain sets.
+FSYNC_ROWS=""
+for policy in no everysec always; do
+  start_nun "$WORK/fsync-$policy" NUN_FSYNC=$policy
+  row=$(bench --ops set --transports tcp --conns 50 --pipeline 1 --watchers none --duration "$DUR" \
+        | grep '^| set | tcp')
+  FSYNC_ROWS+="| $policy |$(echo "$row" | cut -d'|' -f6-9)|"$'\n'
+  stop_nun
+done
+
+# Storage: N keys of 16 bytes with 100-byte values.
+N=1000000
+[ -n "$QUICK" ] && N=20000
+start_nun "$WORK/storage" NUN_FSYNC=everysec NUN_SNAPSHOT_INTERVAL=86400 NUN_MAX_OP_LOG_SIZE=100000000000
+FILL=$(bench --fill "$N" --value-size 100)
+t0=$(date +%s.%N)
+"$BIN" -u admin -p bench -h "http://$NUN_HTTP" exec "snapshot" >/dev/null
+t1=$(date +%s.%N)
+SNAP_SECS=$(python3 -c "print(f'{$t1-$t0:.2f}')")
+RSS_KB=$(grep VmHWM "/proc/$NUN_PID/status" | awk '{print $2}')
+stop_nun
+start_nun "$WORK/storage" NUN_FSYNC=everysec
+COLD_SECS=$STARTUP_SECS
+RECOVERED=$(grep -o 'storage: .*' "$WORK/storage.out" | tail -1)
+RSS_AFTER_KB=$(grep VmRSS "/proc/$NUN_PID/status" | awk '{print $2}')
+stop_nun
+RAW_MB=$(python3 -c "print(f'{$N*116/1e6:.1f}')")
+RSS_MB=$(python3 -c "print(f'{$RSS_KB/1024:.1f}')")
+RSS_AFTER_MB=$(python3 -c "print(f'{$RSS_AFTER_KB/1024:.1f}')")
+RSS_RATIO=$(python3 -c "print(f'{$RSS_KB*1024/($N*116):.2f}')")
+
+{
+  echo "# Benchmarks"
+  echo
+  echo "Latest run: $(date -u +%Y-%m-%d), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB,"
+  echo "$(uname -sr). Client and servers share the machine (loopback). Redis $(redis-server --version | grep -o 'v=[^ ]*' | cut -d= -f2)"
+  echo "with \`--appendonly yes --appendfsync everysec --save ''\`; nun-db with \`NUN_FSYNC=everysec\` (both write every"
+  echo "change to their log before replying and fsync once a second)."
+  echo
+  echo "Reproduce: \`make bench\` (runs \`scripts/bench.sh\`; the load rows are \`$CMD\`)."
+  echo "Ratios are ours/Redis for the same row of the same run; WebSocket rows are compared with Redis over TCP."
+  echo
+  echo "## Key-value load and watch fan-out"
+  echo
+  echo "$MAIN"
+  echo
+  echo "## Set throughput by fsync policy (50 TCP connections, no pipelining)"
+  echo
+  echo "| NUN_FSYNC | ops/s | p50 µs | p99 µs | p99.9 µs |"
+  echo "|---|---|---|---|---|"
+  echo -n "$FSYNC_ROWS"
+  echo
+  echo "## Storage with $N keys (16-byte keys, 100-byte values, $RAW_MB MB raw)"
+  echo
+  echo "| measure | value |"
+  echo "|---|---|"
+  echo "| fill over 8 pipelined TCP connections | ${FILL#filled } |"
+  echo "| \`snapshot\` of the whole database | ${SNAP_SECS} s |"
+  echo "| cold start (process start to ready, snapshot + log replay) | ${COLD_SECS} s |"
+  echo "| recovery log line | \`${RECOVERED}\` |"
+  echo "| peak RSS while loaded and snapshotting | ${RSS_MB} MB (${RSS_RATIO}× raw) |"
+  echo "| RSS after cold start | ${RSS_AFTER_MB} MB |"
+} > BENCHMARKS.md
+echo "wrote BENCHMARKS.md"
