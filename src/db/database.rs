@@ -2,7 +2,8 @@
 //! Every change happens under the data write lock and its notifications are queued before the
 //! lock is released, so each watcher sees a key's versions in order, without gaps.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -19,8 +20,8 @@ pub const TOKEN_KEY: &str = "$$token";
 /// A stored value. Removed keys stay as tombstones so versions keep increasing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// The value text.
-    pub value: String,
+    /// The value text (shared, so snapshots copy a pointer, not the bytes).
+    pub value: Arc<str>,
     /// The key's version (incremented by every change).
     pub version: i32,
     /// True for a removed key.
@@ -31,9 +32,18 @@ impl Entry {
     /// A live entry.
     pub fn live(value: &str, version: i32) -> Entry {
         Entry {
-            value: value.to_string(),
+            value: Arc::from(value),
             version,
             deleted: false,
+        }
+    }
+
+    /// A tombstone: the key was removed at `version`.
+    pub fn removed(version: i32) -> Entry {
+        Entry {
+            value: Arc::from(""),
+            version,
+            deleted: true,
         }
     }
 }
@@ -91,7 +101,8 @@ impl std::fmt::Display for WriteError {
 pub struct Database {
     name: String,
     strategy: RwLock<Strategy>,
-    data: RwLock<HashMap<String, Entry>>,
+    /// Keys in order (sorted `keys` for free, no over-allocated hash table).
+    data: RwLock<BTreeMap<Box<str>, Entry>>,
     watchers: Mutex<HashMap<String, Vec<Arc<Outbox>>>>,
     arbiters: Mutex<Vec<Arc<Outbox>>>,
     dropped: AtomicBool,
@@ -123,15 +134,8 @@ impl Database {
 
     /// An empty database whose changes are appended to `log`.
     pub fn with_log(name: &str, strategy: Strategy, log: Option<Arc<OpLog>>) -> Database {
-        let mut data = HashMap::new();
-        data.insert(
-            CONNECTIONS_KEY.to_string(),
-            Entry {
-                value: "0".to_string(),
-                version: 0,
-                deleted: false,
-            },
-        );
+        let mut data = BTreeMap::new();
+        data.insert(Box::from(CONNECTIONS_KEY), Entry::live("0", 0));
         Database {
             name: name.to_string(),
             strategy: RwLock::new(strategy),
@@ -171,18 +175,16 @@ impl Database {
         read(&self.data)
             .get(key)
             .filter(|e| !e.deleted)
-            .map(|e| (e.value.clone(), e.version))
+            .map(|e| (e.value.to_string(), e.version))
     }
 
     /// Sorted live keys matching `filter`.
     pub fn keys(&self, filter: impl Fn(&str) -> bool) -> Vec<String> {
-        let mut keys: Vec<String> = read(&self.data)
+        read(&self.data)
             .iter()
             .filter(|(k, e)| !e.deleted && filter(k))
-            .map(|(k, _)| k.clone())
-            .collect();
-        keys.sort_unstable();
-        keys
+            .map(|(k, _)| k.to_string())
+            .collect()
     }
 
     /// Number of live keys.
@@ -228,11 +230,7 @@ impl Database {
                 )
             }
             WriteOp::Remove => match live {
-                Some(e) => Entry {
-                    value: String::new(),
-                    version: e.version + 1,
-                    deleted: true,
-                },
+                Some(e) => Entry::removed(e.version + 1),
                 None => {
                     return Ok(Written {
                         version: floor.unwrap_or(-1),
@@ -250,7 +248,7 @@ impl Database {
                     db: self.name.clone(),
                     key: key.to_string(),
                     version: entry.version,
-                    value: entry.value.clone(),
+                    value: entry.value.to_string(),
                 };
                 let lsn = log
                     .append(&mut record)
@@ -274,11 +272,7 @@ impl Database {
         }
         let entry = match record.op {
             Op::Set => Entry::live(&record.value, record.version),
-            Op::Remove => Entry {
-                value: String::new(),
-                version: record.version,
-                deleted: true,
-            },
+            Op::Remove => Entry::removed(record.version),
             Op::CreateDb | Op::DeleteDb => return,
         };
         self.last_lsn.store(record.lsn, Ordering::Release);
@@ -286,7 +280,7 @@ impl Database {
     }
 
     /// Inserts `entry` and queues its notification to the key's watchers.
-    fn store(&self, data: &mut HashMap<String, Entry>, key: &str, entry: Entry) {
+    fn store(&self, data: &mut BTreeMap<Box<str>, Entry>, key: &str, entry: Entry) {
         let messages = if entry.deleted {
             vec![format!("removed {key}\n")]
         } else {
@@ -295,7 +289,7 @@ impl Database {
                 format!("changed-version {key} {} {}\n", entry.version, entry.value),
             ]
         };
-        data.insert(key.to_string(), entry);
+        data.insert(Box::from(key), entry);
         self.notify(key, messages);
     }
 
@@ -304,7 +298,7 @@ impl Database {
         let mut data = write(&self.data);
         for (key, entry) in entries {
             if key != CONNECTIONS_KEY {
-                data.insert(key, entry);
+                data.insert(key.into_boxed_str(), entry);
             }
         }
         self.last_lsn.store(lsn, Ordering::Release);
@@ -322,17 +316,19 @@ impl Database {
             || self.last_lsn() > self.snapshot_lsn.load(Ordering::Acquire)
     }
 
-    /// Copies every entry (tombstones included, `$connections` excluded) and the LSN they reflect.
-    /// Readers are never blocked; writers wait only for the copy.
-    pub fn copy_entries(&self) -> (Vec<(String, Entry)>, u64) {
+    /// Copies up to `max` entries (tombstones included, `$connections` excluded) ordered after
+    /// `after`. Snapshots stream a database in such chunks, so writers wait only for one chunk.
+    pub fn copy_chunk(&self, after: Option<&str>, max: usize) -> Vec<(String, Entry)> {
         let data = read(&self.data);
-        let lsn = self.last_lsn();
-        let entries = data
-            .iter()
-            .filter(|(k, _)| k.as_str() != CONNECTIONS_KEY)
-            .map(|(k, e)| (k.clone(), e.clone()))
-            .collect();
-        (entries, lsn)
+        let range = match after {
+            Some(k) => data.range::<str, _>((Bound::Excluded(k), Bound::Unbounded)),
+            None => data.range::<str, _>((Bound::Unbounded, Bound::Unbounded)),
+        };
+        range
+            .filter(|(k, _)| &***k != CONNECTIONS_KEY)
+            .take(max)
+            .map(|(k, e)| (k.to_string(), e.clone()))
+            .collect()
     }
 
     /// Forces the next snapshot to include this database.

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use crate::db::Databases;
 use oplog::{FsyncPolicy, OpLog};
-use snapshot::DbSnapshot;
 
 /// Storage settings.
 #[derive(Debug, Clone)]
@@ -38,6 +37,9 @@ pub struct Storage {
     snapshot_lock: Mutex<()>,
 }
 
+/// Entries copied per lock acquisition while snapshotting.
+const SNAPSHOT_CHUNK: usize = 4096;
+
 fn log_dir(dir: &Path) -> PathBuf {
     dir.join("oplog")
 }
@@ -48,7 +50,14 @@ impl Storage {
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", config.dir.display()))?;
         let started = Instant::now();
-        let snapshots = snapshot::load_all(&config.dir)?;
+        let mut current: Option<std::sync::Arc<crate::db::Database>> = None;
+        let snapshots = snapshot::load_all(&config.dir, &mut |info, chunk| match &current {
+            Some(db) if db.name() == info.name => db.load(chunk, info.lsn),
+            _ => {
+                dbs.insert_loaded(&info.name, info.strategy, chunk, info.lsn);
+                current = dbs.get(&info.name);
+            }
+        })?;
         let imported: Vec<String> = snapshots
             .iter()
             .filter(|s| s.imported)
@@ -56,9 +65,6 @@ impl Storage {
             .collect();
         let loaded = snapshots.len();
         let floor = snapshots.iter().map(|s| s.lsn).max().unwrap_or(0);
-        for s in snapshots {
-            dbs.insert_loaded(&s.name, s.strategy, s.entries, s.lsn);
-        }
         let mut replayed = 0u64;
         let log = OpLog::open(&log_dir(&config.dir), config.fsync, floor, &mut |record| {
             dbs.apply_record(&record);
@@ -115,17 +121,16 @@ impl Storage {
             if !db.changed_since_snapshot() {
                 continue;
             }
-            let (entries, lsn) = db.copy_entries();
-            snapshot::write(
-                &self.config.dir,
-                &DbSnapshot {
-                    name: db.name().to_string(),
-                    strategy: db.strategy(),
-                    lsn,
-                    entries,
-                    imported: false,
-                },
-            )?;
+            // Fuzzy snapshot: entries are copied chunk by chunk after reading the LSN; any
+            // entry newer than it is rewritten identically by replaying the log after it.
+            let lsn = db.last_lsn();
+            let mut after: Option<String> = None;
+            let chunks = std::iter::from_fn(|| {
+                let chunk = db.copy_chunk(after.as_deref(), SNAPSHOT_CHUNK);
+                after = chunk.last().map(|(k, _)| k.clone());
+                (!chunk.is_empty()).then_some(chunk)
+            });
+            snapshot::write_chunks(&self.config.dir, db.name(), db.strategy(), lsn, chunks)?;
             db.mark_snapshotted(lsn);
             written += 1;
         }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::db::security;
@@ -82,10 +82,28 @@ fn finish(c: Checked<BufWriter<File>>) -> io::Result<(u64, u32)> {
 
 /// Writes `snap` atomically (temp files, fsync, manifest rename, then file renames).
 pub fn write(dir: &Path, snap: &DbSnapshot) -> io::Result<()> {
-    let keys_path = file(dir, &snap.name, KEYS);
-    let values_path = file(dir, &snap.name, VALUES);
-    let meta_path = file(dir, &snap.name, META);
-    let manifest_path = file(dir, &snap.name, MANIFEST);
+    write_chunks(
+        dir,
+        &snap.name,
+        snap.strategy,
+        snap.lsn,
+        std::iter::once(snap.entries.clone()),
+    )
+}
+
+/// Writes a snapshot whose entries arrive in chunks (in key order), atomically. Entries may be
+/// newer than `lsn` (a fuzzy snapshot): replaying the log after `lsn` is idempotent.
+pub fn write_chunks(
+    dir: &Path,
+    name: &str,
+    strategy: Strategy,
+    lsn: u64,
+    chunks: impl Iterator<Item = Vec<(String, Entry)>>,
+) -> io::Result<()> {
+    let keys_path = file(dir, name, KEYS);
+    let values_path = file(dir, name, VALUES);
+    let meta_path = file(dir, name, META);
+    let manifest_path = file(dir, name, MANIFEST);
     let mut keys = Checked::new(BufWriter::with_capacity(
         1 << 20,
         File::create(tmp(&keys_path))?,
@@ -94,12 +112,14 @@ pub fn write(dir: &Path, snap: &DbSnapshot) -> io::Result<()> {
         1 << 20,
         File::create(tmp(&values_path))?,
     ));
-    for (key, entry) in &snap.entries {
+    for (key, entry) in chunks.flatten() {
         let addr = values.len;
+        let tombstone;
         let (version, value, status) = if entry.deleted {
-            (-1, entry.version.to_string(), STATUS_REMOVED)
+            tombstone = entry.version.to_string();
+            (-1, tombstone.as_str(), STATUS_REMOVED)
         } else {
-            (entry.version, entry.value.clone(), STATUS_LIVE)
+            (entry.version, &*entry.value, STATUS_LIVE)
         };
         values.put(&(value.len() as u64).to_le_bytes())?;
         values.put(value.as_bytes())?;
@@ -112,14 +132,13 @@ pub fn write(dir: &Path, snap: &DbSnapshot) -> io::Result<()> {
     let (keys_len, keys_crc) = finish(keys)?;
     let (values_len, values_crc) = finish(values)?;
     let mut meta = File::create(tmp(&meta_path))?;
-    let db_id = crc32fast::hash(snap.name.as_bytes()) as u64;
+    let db_id = crc32fast::hash(name.as_bytes()) as u64;
     meta.write_all(&db_id.to_le_bytes())?;
-    meta.write_all(&snap.strategy.code().to_le_bytes())?;
+    meta.write_all(&strategy.code().to_le_bytes())?;
     meta.sync_all()?;
     let body = format!(
-        "{MAGIC}\nlsn {}\nstrategy {}\nkeys {keys_len} {keys_crc:08x}\nvalues {values_len} {values_crc:08x}\n",
-        snap.lsn,
-        snap.strategy.name()
+        "{MAGIC}\nlsn {lsn}\nstrategy {}\nkeys {keys_len} {keys_crc:08x}\nvalues {values_len} {values_crc:08x}\n",
+        strategy.name()
     );
     let manifest = format!("{body}crc {:08x}\n", crc32fast::hash(body.as_bytes()));
     let mut m = File::create(tmp(&manifest_path))?;
@@ -127,7 +146,7 @@ pub fn write(dir: &Path, snap: &DbSnapshot) -> io::Result<()> {
     m.sync_all()?;
     fs::rename(tmp(&manifest_path), &manifest_path)?;
     sync_dir(dir)?;
-    roll_forward(dir, &snap.name)?;
+    roll_forward(dir, name)?;
     Ok(())
 }
 
@@ -217,18 +236,6 @@ fn parse_manifest(path: &Path) -> Result<Manifest, String> {
     })
 }
 
-fn read_checked(path: &Path, expected: (u64, u32)) -> Result<Vec<u8>, String> {
-    let bytes =
-        fs::read(path).map_err(|e| format!("cannot read snapshot {}: {e}", path.display()))?;
-    if bytes.len() as u64 != expected.0 || crc32fast::hash(&bytes) != expected.1 {
-        return Err(format!(
-            "corrupted snapshot file {}: checksum mismatch; refusing to start (restore or move the file away)",
-            path.display()
-        ));
-    }
-    Ok(bytes)
-}
-
 fn matches_expected(path: &Path, expected: (u64, u32)) -> bool {
     fs::read(path)
         .map(|b| b.len() as u64 == expected.0 && crc32fast::hash(&b) == expected.1)
@@ -283,32 +290,17 @@ fn parse_entries(
             .filter(|e| *e <= values.len())
             .ok_or_else(|| bad(pos, "value runs past the end"))?;
         let value = std::str::from_utf8(&values[addr + 8..value_end])
-            .map_err(|_| bad(pos, "value is not UTF-8"))?
-            .to_string();
+            .map_err(|_| bad(pos, "value is not UTF-8"))?;
         let status = le_i32(values, value_end).unwrap_or(STATUS_LIVE);
         if version == -1 {
             if status == STATUS_REMOVED {
                 if let Ok(v) = value.parse::<i32>() {
-                    out.push((
-                        key,
-                        Entry {
-                            value: String::new(),
-                            version: v,
-                            deleted: true,
-                        },
-                    ));
+                    out.push((key, Entry::removed(v)));
                 }
             }
             continue;
         }
-        out.push((
-            key,
-            Entry {
-                value,
-                version,
-                deleted: false,
-            },
-        ));
+        out.push((key, Entry::live(value, version)));
     }
     Ok(out)
 }
@@ -336,8 +328,31 @@ pub fn stored_names(dir: &Path) -> io::Result<Vec<String>> {
     Ok(db_names(dir)?.into_iter().map(|(n, _)| n).collect())
 }
 
-/// Loads every database snapshot in `dir`: ours (checksummed) and NunDB's (imported).
-pub fn load_all(dir: &Path) -> Result<Vec<DbSnapshot>, String> {
+/// What a loaded snapshot is, without its entries.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    /// Database name.
+    pub name: String,
+    /// Conflict strategy.
+    pub strategy: Strategy,
+    /// Every record up to this LSN is included.
+    pub lsn: u64,
+    /// True when read from NunDB files without our manifest (to be re-written as ours).
+    pub imported: bool,
+}
+
+/// A batch of loaded entries.
+pub type Chunk = Vec<(String, Entry)>;
+
+/// Entries handed to the loader at a time (keeps start-up memory flat).
+const LOAD_CHUNK: usize = 16 * 1024;
+
+/// Loads every database snapshot in `dir`, ours (checksummed, streamed) and NunDB's (imported),
+/// handing entries to `sink` in chunks; the first chunk of each database may be empty.
+pub fn load_all(
+    dir: &Path,
+    sink: &mut dyn FnMut(&SnapshotInfo, Chunk),
+) -> Result<Vec<SnapshotInfo>, String> {
     let names = db_names(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     let mut out = Vec::new();
     for (name, ours) in names {
@@ -351,20 +366,141 @@ pub fn load_all(dir: &Path) -> Result<Vec<DbSnapshot>, String> {
                 roll_forward(dir, &name)
                     .map_err(|e| format!("cannot finish snapshot of {name}: {e}"))?;
             }
-            let keys = read_checked(&keys_path, m.keys)?;
-            let values = read_checked(&values_path, m.values)?;
-            out.push(DbSnapshot {
-                entries: parse_entries(&keys, &values, &keys_path)?,
+            let info = SnapshotInfo {
                 name,
                 strategy: m.strategy,
                 lsn: m.lsn,
                 imported: false,
-            });
+            };
+            sink(&info, Vec::new());
+            stream_ours(&keys_path, &values_path, &m, &mut |chunk| {
+                sink(&info, chunk)
+            })?;
+            out.push(info);
         } else {
-            out.push(import_nundb(dir, &name)?);
+            let snap = import_nundb(dir, &name)?;
+            let info = SnapshotInfo {
+                name: snap.name,
+                strategy: snap.strategy,
+                lsn: snap.lsn,
+                imported: true,
+            };
+            sink(&info, snap.entries);
+            out.push(info);
         }
     }
     Ok(out)
+}
+
+/// A reader that checksums and counts what passes through it.
+struct CrcReader<R: Read> {
+    inner: R,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<R: Read> Read for CrcReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+}
+
+fn crc_reader(path: &Path) -> Result<CrcReader<BufReader<File>>, String> {
+    let f =
+        File::open(path).map_err(|e| format!("cannot read snapshot {}: {e}", path.display()))?;
+    Ok(CrcReader {
+        inner: BufReader::with_capacity(1 << 20, f),
+        crc: crc32fast::Hasher::new(),
+        len: 0,
+    })
+}
+
+/// Reads `n` bytes, refusing lengths larger than what is left of the file (a flipped length
+/// must not become a huge allocation).
+fn take_bytes(r: &mut impl Read, n: u64, left: u64) -> Option<Vec<u8>> {
+    if n > left {
+        return None;
+    }
+    let mut buf = vec![0u8; n as usize];
+    r.read_exact(&mut buf).ok()?;
+    Some(buf)
+}
+
+fn read_u64(r: &mut impl Read) -> Option<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b).ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
+fn read_i32(r: &mut impl Read) -> Option<i32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).ok()?;
+    Some(i32::from_le_bytes(b))
+}
+
+/// Streams our keys + values files (values are written in key order, so both are read
+/// sequentially) and verifies both checksums at the end.
+fn stream_ours(
+    keys_path: &Path,
+    values_path: &Path,
+    m: &Manifest,
+    sink: &mut dyn FnMut(Chunk),
+) -> Result<(), String> {
+    let corrupt = |path: &Path, why: &str| {
+        format!(
+            "corrupted snapshot file {}: {why}; refusing to start (restore or move the file away)",
+            path.display()
+        )
+    };
+    let mut keys = crc_reader(keys_path)?;
+    let mut values = crc_reader(values_path)?;
+    let mut chunk = Vec::with_capacity(LOAD_CHUNK);
+    while keys.len < m.keys.0 {
+        let bad_key = || corrupt(keys_path, "malformed key record");
+        let bad_value = || corrupt(values_path, "malformed value record");
+        let key_len = read_u64(&mut keys).ok_or_else(bad_key)?;
+        let left = m.keys.0.saturating_sub(keys.len);
+        let key = take_bytes(&mut keys, key_len, left)
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(bad_key)?;
+        let version = read_i32(&mut keys).ok_or_else(bad_key)?;
+        let addr = read_u64(&mut keys).ok_or_else(bad_key)?;
+        if addr != values.len {
+            return Err(corrupt(keys_path, "value address out of sequence"));
+        }
+        let value_len = read_u64(&mut values).ok_or_else(bad_value)?;
+        let left = m.values.0.saturating_sub(values.len);
+        let value = take_bytes(&mut values, value_len, left)
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(bad_value)?;
+        let status = read_i32(&mut values).ok_or_else(bad_value)?;
+        if version != -1 {
+            chunk.push((key, Entry::live(&value, version)));
+        } else if status == STATUS_REMOVED {
+            let v = value.parse::<i32>().map_err(|_| bad_value())?;
+            chunk.push((key, Entry::removed(v)));
+        }
+        if chunk.len() == LOAD_CHUNK {
+            sink(std::mem::replace(
+                &mut chunk,
+                Vec::with_capacity(LOAD_CHUNK),
+            ));
+        }
+    }
+    for (r, path, expected) in [
+        (&mut keys, keys_path, m.keys),
+        (&mut values, values_path, m.values),
+    ] {
+        io::copy(r, &mut io::sink()).map_err(|e| corrupt(path, &e.to_string()))?;
+        if (r.len, r.crc.clone().finalize()) != expected {
+            return Err(corrupt(path, "checksum mismatch"));
+        }
+    }
+    sink(chunk);
+    Ok(())
 }
 
 /// Reads a NunDB database (no checksums exist); secrets are re-hashed.
@@ -387,7 +523,7 @@ fn import_nundb(dir: &Path, name: &str) -> Result<DbSnapshot, String> {
     for (key, entry) in &mut entries {
         let secret = key == TOKEN_KEY || key.starts_with(USER_KEY_PREFIX);
         if secret && !entry.deleted && !security::is_hashed(&entry.value) {
-            entry.value = security::hash_secret(&entry.value);
+            entry.value = security::hash_secret(&entry.value).into();
         }
     }
     log::info!(
@@ -419,10 +555,10 @@ mod tests {
     }
 
     fn entry(value: &str, version: i32, deleted: bool) -> Entry {
-        Entry {
-            value: value.into(),
-            version,
-            deleted,
+        if deleted {
+            Entry::removed(version)
+        } else {
+            Entry::live(value, version)
         }
     }
 
@@ -440,16 +576,17 @@ mod tests {
             imported: false,
         };
         write(&dir, &snap).unwrap();
-        let loaded = load_all(&dir).unwrap();
+        let mut entries = Vec::new();
+        let loaded = load_all(&dir, &mut |_, chunk| entries.extend(chunk)).unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].lsn, 77);
         assert_eq!(loaded[0].strategy, Strategy::Newer);
-        assert_eq!(loaded[0].entries, snap.entries);
+        assert_eq!(entries, snap.entries);
         let values = file(&dir, "d", VALUES);
         let mut bytes = fs::read(&values).unwrap();
         bytes[9] ^= 1;
         fs::write(&values, bytes).unwrap();
-        let e = load_all(&dir).unwrap_err();
+        let e = load_all(&dir, &mut |_, _| {}).unwrap_err();
         assert!(e.contains("d-nun.data.values"), "{e}");
         let _ = fs::remove_dir_all(&dir);
     }
