@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cluster::WriteQuorum;
 use crate::storage::oplog::FsyncPolicy;
 
 /// Server configuration.
@@ -40,6 +41,8 @@ pub struct Config {
     pub snapshot_interval: Duration,
     /// Operation log size that triggers an early snapshot (NUN_MAX_OP_LOG_SIZE, bytes).
     pub max_log_size: u64,
+    /// When a write is acknowledged in a cluster (NUN_WRITE_QUORUM).
+    pub write_quorum: WriteQuorum,
 }
 
 /// Default TCP address.
@@ -68,6 +71,7 @@ impl Default for Config {
             fsync: FsyncPolicy::EverySec,
             snapshot_interval: Duration::from_secs(60),
             max_log_size: 256 * 1024 * 1024,
+            write_quorum: WriteQuorum::Majority,
         }
     }
 }

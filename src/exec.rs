@@ -4,11 +4,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::cluster::forward;
 use crate::db::security::{self, Access, Permissions};
 use crate::db::{
     self, pattern, Database, WriteError, WriteOp, Written, CONNECTIONS_KEY, TOKEN_KEY, TOKEN_USER,
 };
 use crate::node::Node;
+use crate::protocol::Takeover;
 use crate::protocol::{Command, Outcome, VERBS};
 use crate::server::session::Session;
 
@@ -18,10 +20,45 @@ const READ_SECURITY: &str = "To read security keys you must auth as an admin!";
 const WRITE_SECURITY: &str = "To write security keys you must auth as an admin!";
 const PERMISSION_DENIED: &str = "permission denied";
 
-/// Parses and executes one command line.
+/// Runs a write forwarded by a secondary as `user` on `db`, acknowledged like any write here,
+/// and prefixes the reply with the LSN the secondary waits for before answering its client.
+fn run_forwarded(node: &Arc<Node>, db: &str, user: &str, line: &str) -> Outcome {
+    let (outbox, _rx) = crate::server::outbox::Outbox::new(1, 1);
+    let mut s = Session::new(node, outbox);
+    s.forwarded = true;
+    s.admin = user == forward::ADMIN_USER;
+    s.user = if user == "-" {
+        String::new()
+    } else {
+        user.to_string()
+    };
+    if db != "-" {
+        match node.dbs.get(db) {
+            Some(d) => s.db = Some(d),
+            None => return Outcome::error("Not a valid database name"),
+        }
+    }
+    let mut outcome = execute_line(&mut s, line);
+    // The temporary session never counted itself in `$connections`.
+    s.db = None;
+    let lsn = outcome.lsn;
+    acknowledge(node, std::slice::from_mut(&mut outcome));
+    outcome.messages.insert(0, format!("fwd-lsn {lsn}"));
+    outcome.lsn = 0;
+    outcome
+}
+
+/// Parses and executes one command line. On a secondary, writes go to the primary.
 pub fn execute_line(session: &mut Session, line: &str) -> Outcome {
     match Command::parse(line) {
-        Ok(cmd) => execute(session, cmd),
+        Ok(cmd) => {
+            let node = Arc::clone(session.node());
+            if cmd.is_write() && !session.forwarded && !node.is_primary() {
+                node.count_command();
+                return forward::forward(&node, session, line);
+            }
+            execute(session, cmd)
+        }
         Err(e) => Outcome::error(e),
     }
 }
@@ -51,7 +88,7 @@ fn selected_db(session: &Session) -> Result<Arc<Database>, Outcome> {
         _ => Err(Outcome {
             messages: vec![format!("error {NO_DB}")],
             error: Some(NO_DB.to_string()),
-            lsn: 0,
+            ..Outcome::default()
         }),
     }
 }
@@ -60,7 +97,7 @@ fn denied() -> Outcome {
     Outcome {
         messages: vec![PERMISSION_DENIED.to_string()],
         error: Some(format!("{PERMISSION_DENIED}\n")),
-        lsn: 0,
+        ..Outcome::default()
     }
 }
 
@@ -318,16 +355,20 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::ClusterState => {
             require_admin(session)?;
-            Ok(Outcome::message(format!(
-                "cluster-state  {}(self):Primary ",
-                node.advertised_addr()
-            )))
+            Ok(Outcome::message(match node.cluster() {
+                Some(c) => c.state_line(),
+                None => format!("cluster-state  {}(self):Primary ", node.advertised_addr()),
+            }))
         }
         Command::MetricsState => {
             require_admin(session)?;
             let (size, count) = node.log_stats();
+            let (pending, lag) = match (node.cluster(), node.log()) {
+                (Some(c), Some(l)) => (c.pending_ops(), c.max_lag(l.last_lsn())),
+                _ => (0, 0),
+            };
             Ok(Outcome::message(format!(
-                "metrics-state pending_ops: 0, op_log_file_size: {size}, op_log_count: {count},replication_time_moving_avg: 0.0, get_query_time_moving_avg: 0.0"
+                "metrics-state pending_ops: {pending}, op_log_file_size: {size}, op_log_count: {count},replication_time_moving_avg: 0.0, get_query_time_moving_avg: 0.0, replication_lag: {lag}"
             )))
         }
         Command::ListCommands => {
@@ -349,17 +390,77 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                     node.commands.load(Ordering::Relaxed),
                     node.dbs.names().len()
                 ))),
-                "pending-ops" => Ok(Outcome::message("pending-ops 0")),
+                "pending-ops" => Ok(Outcome::message(format!(
+                    "pending-ops {}",
+                    node.cluster().map_or(0, |c| c.pending_ops())
+                ))),
+                "force-election" => match node.cluster() {
+                    Some(c) if !c.peers().is_empty() => {
+                        c.force_election();
+                        Ok(Outcome::ok())
+                    }
+                    _ => Ok(Outcome::ok()),
+                },
                 other => Err(Outcome::error(format!(
-                    "Invalid debug command: {other} (try process-info, pending-ops)"
+                    "Invalid debug command: {other} (try process-info, pending-ops, force-election)"
                 ))),
             }
         }
-        Command::Join { .. } | Command::Leave { .. } => {
+        Command::Join { node: member } => {
             require_admin(session)?;
-            Err(Outcome::error(
-                "Cluster membership is not available on a single node",
-            ))
+            if let Some(c) = node.cluster() {
+                c.join(&member);
+            }
+            Ok(Outcome::ok())
+        }
+        Command::Leave { node: member } => {
+            require_admin(session)?;
+            match node.cluster() {
+                Some(c) if c.leave(&member) => Ok(Outcome::ok()),
+                _ => Err(Outcome::error(format!("Not a member: {member}"))),
+            }
+        }
+        Command::Election {
+            term,
+            candidate,
+            last_term,
+            last_lsn,
+        } => {
+            require_admin(session)?;
+            let (Some(c), Some(log)) = (node.cluster(), node.log()) else {
+                return Err(Outcome::error("Not a cluster node"));
+            };
+            let vote = c.handle_election(log, term, &candidate, (last_term, last_lsn));
+            Ok(Outcome::message(vote.line()))
+        }
+        Command::Victory { term, primary } => {
+            require_admin(session)?;
+            match node.cluster() {
+                Some(c) if c.handle_victory(term, &primary) => Ok(Outcome::ok()),
+                _ => Err(Outcome::error("Stale term")),
+            }
+        }
+        Command::ReplSync {
+            after,
+            after_term,
+            node: peer,
+        } => {
+            require_admin(session)?;
+            Ok(Outcome {
+                takeover: Some(Takeover::Replicate {
+                    after,
+                    after_term,
+                    node: peer,
+                }),
+                ..Outcome::default()
+            })
+        }
+        Command::Fwd { db, user, line } => {
+            require_admin(session)?;
+            if !node.is_primary() {
+                return Err(Outcome::error("Not the primary"));
+            }
+            Ok(run_forwarded(&node, &db, &user, &line))
         }
     }
 }

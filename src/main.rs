@@ -11,6 +11,7 @@ use signal_hook::iterator::Signals;
 use nundb::bench::conn::KvOp;
 use nundb::bench::{BenchOptions, Transport};
 use nundb::client;
+use nundb::cluster::WriteQuorum;
 use nundb::config::{self, Config};
 use nundb::node::Node;
 use nundb::server;
@@ -154,6 +155,13 @@ struct StartArgs {
     /// Bytes a session may have queued before a slow watcher is disconnected.
     #[arg(long = "outbox-bytes", env = "NUN_OUTBOX_BYTES", default_value_t = 64 * 1024 * 1024)]
     outbox_bytes: usize,
+    /// Write concern in a cluster: majority or 1.
+    #[arg(
+        long = "write-quorum",
+        env = "NUN_WRITE_QUORUM",
+        default_value = "majority"
+    )]
+    write_quorum: String,
     /// Operation log fsync policy: always, everysec or no.
     #[arg(long = "fsync", env = "NUN_FSYNC", default_value = "everysec")]
     fsync: String,
@@ -346,8 +354,18 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
             args.fsync
         ));
     };
+    let write_quorum = match args.write_quorum.as_str() {
+        "majority" => WriteQuorum::Majority,
+        "1" => WriteQuorum::One,
+        other => {
+            return fail(&format!(
+                "invalid NUN_WRITE_QUORUM `{other}`: use majority or 1"
+            ))
+        }
+    };
     let config = Config {
         fsync,
+        write_quorum,
         snapshot_interval: Duration::from_secs(args.snapshot_interval.max(1)),
         max_log_size: args.max_op_log_size,
         admin_user: user,
@@ -382,6 +400,9 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(&format!("cannot listen: {e}")),
     };
+    if let Err(e) = node.start_cluster() {
+        return fail(&e);
+    }
     log::info!(
         "nun-db ready: tcp {} ws {} http {} data {}",
         bound.tcp,

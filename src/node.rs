@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use crate::cluster::{self, Cluster, WriteQuorum};
 use crate::config::Config;
 use crate::db::Databases;
+use crate::storage::oplog::OpLog;
 use crate::storage::{Storage, StorageConfig};
 
 /// Shared state of one server process.
@@ -26,6 +28,7 @@ pub struct Node {
     pub sessions: AtomicU64,
     /// The TCP address actually bound (differs from the configured one with port 0).
     pub tcp_bound: OnceLock<SocketAddr>,
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl Node {
@@ -61,6 +64,7 @@ impl Node {
             commands: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             tcp_bound: OnceLock::new(),
+            cluster: OnceLock::new(),
         })
     }
 
@@ -75,12 +79,69 @@ impl Node {
         }
     }
 
-    /// Waits until the log record `lsn` is durable per the fsync policy.
+    /// Waits until the log record `lsn` may be acknowledged: durable per the fsync policy here
+    /// and, in a cluster, on enough members for the write concern.
     pub fn wait_durable(&self, lsn: u64) -> std::io::Result<()> {
-        match &self.storage {
-            Some(s) => s.wait_durable(lsn),
-            None => Ok(()),
+        if let Some(s) = &self.storage {
+            s.wait_durable(lsn)?;
         }
+        if let Some(c) = self.cluster() {
+            c.wait_quorum(lsn).map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// The cluster, once started.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// The operation log.
+    pub fn log(&self) -> Option<&Arc<OpLog>> {
+        self.storage.as_ref().map(|s| s.log())
+    }
+
+    /// True when this node takes writes itself (single nodes always do).
+    pub fn is_primary(&self) -> bool {
+        self.cluster().is_none_or(|c| c.is_primary())
+    }
+
+    /// Joins the configured cluster (after the listeners are bound, so this node's name is
+    /// known) and starts the election and replication threads when there are peers.
+    pub fn start_cluster(self: &Arc<Self>) -> Result<(), String> {
+        let cluster = Arc::new(Cluster::new(
+            self.advertised_addr(),
+            &self.config.replicate_addr,
+            (
+                self.config.admin_user.clone(),
+                self.config.admin_pwd.clone(),
+            ),
+            std::time::Duration::from_millis(self.config.election_timeout_ms.max(10)),
+            self.config.write_quorum,
+            Some(self.config.dbs_dir.join("cluster.term")),
+        ));
+        if let Some(log) = self.log() {
+            log.set_term(log.term().max(cluster.term()));
+        }
+        let multi = !cluster.peers().is_empty();
+        let _ = self.cluster.set(Arc::clone(&cluster));
+        if multi {
+            let log = self
+                .log()
+                .cloned()
+                .ok_or_else(|| "a cluster node needs storage".to_string())?;
+            cluster
+                .start_elections(log)
+                .map_err(|e| format!("cannot start the election thread: {e}"))?;
+            cluster::replication::start_receiver(self)
+                .map_err(|e| format!("cannot start replication: {e}"))?;
+            log::info!(
+                "cluster member {} of {:?}",
+                cluster.self_id,
+                cluster.members()
+            );
+        }
+        Ok(())
     }
 
     /// Snapshots every changed database now.
@@ -89,6 +150,11 @@ impl Node {
             Some(s) => s.snapshot(&self.dbs),
             None => Ok(0),
         }
+    }
+
+    /// Quorum setting in effect.
+    pub fn write_quorum(&self) -> WriteQuorum {
+        self.config.write_quorum
     }
 
     /// (bytes, records) currently in the operation log.

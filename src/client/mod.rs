@@ -165,6 +165,16 @@ impl Client {
         })
     }
 
+    /// Connects over TCP, giving up after `timeout` (connect and each reply).
+    pub fn connect_tcp_timeout(addr: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let mut client = Client {
+            transport: Box::new(TcpTransport::connect_timeout(addr, timeout)?),
+            events: VecDeque::new(),
+        };
+        client.set_timeout(Some(timeout))?;
+        Ok(client)
+    }
+
     /// Connects over WebSocket to a `ws://host:port` URL.
     pub fn connect_ws(url: &str) -> Result<Client, ClientError> {
         Ok(Client {

@@ -39,6 +39,25 @@ impl TcpTransport {
     }
 }
 
+impl TcpTransport {
+    /// Connects to `host:port`, giving up after `timeout`.
+    pub fn connect_timeout(addr: &str, timeout: Duration) -> Result<TcpTransport, ClientError> {
+        use std::net::ToSocketAddrs;
+        let sock = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| ClientError::Protocol(format!("cannot resolve {addr}")))?;
+        let stream = TcpStream::connect_timeout(&sock, timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(TcpTransport {
+            writer: stream.try_clone()?,
+            reader: BufReader::with_capacity(64 * 1024, stream),
+            buf: Vec::new(),
+        })
+    }
+}
+
 impl Transport for TcpTransport {
     fn send(&mut self, commands: &[&str]) -> Result<(), ClientError> {
         let mut out = String::with_capacity(commands.iter().map(|c| c.len() + 1).sum());

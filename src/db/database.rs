@@ -305,6 +305,12 @@ impl Database {
         self.snapshot_lsn.store(lsn, Ordering::Release);
     }
 
+    /// Sets the LSN this database's contents reflect (after a full sync).
+    pub fn set_last_lsn(&self, lsn: u64) {
+        let _data = write(&self.data);
+        self.last_lsn.store(lsn, Ordering::Release);
+    }
+
     /// LSN of the last logged change.
     pub fn last_lsn(&self) -> u64 {
         self.last_lsn.load(Ordering::Acquire)

@@ -187,6 +187,15 @@ impl Databases {
         }
     }
 
+    /// Drops every database (a replica about to receive a full sync).
+    pub fn clear(&self) {
+        let mut map = self.write_map();
+        for db in map.values() {
+            db.mark_dropped();
+        }
+        map.clear();
+    }
+
     /// Sorted database names.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.read_map().keys().cloned().collect();

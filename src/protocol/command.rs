@@ -124,6 +124,27 @@ pub enum Command {
     Join { node: String },
     /// `leave <node>`.
     Leave { node: String },
+    /// `election <term> <candidate> <last_term> <last_lsn>` (between nodes).
+    Election {
+        term: u64,
+        candidate: String,
+        last_term: u64,
+        last_lsn: u64,
+    },
+    /// `victory <term> <primary>` (between nodes).
+    Victory { term: u64, primary: String },
+    /// `repl-sync <after_lsn> <after_term> <node>`: stream the log (between nodes).
+    ReplSync {
+        after: u64,
+        after_term: u64,
+        node: String,
+    },
+    /// `fwd <db|-> <user|-|$admin> <command…>`: a write forwarded by a secondary.
+    Fwd {
+        db: String,
+        user: String,
+        line: String,
+    },
 }
 
 /// Splits off the next space-separated word; returns (word, rest after one separator).
@@ -152,6 +173,11 @@ fn words(text: &str, n: usize) -> (Vec<&str>, &str) {
 
 fn usage(text: &str) -> String {
     format!("Invalid command, usage: {text}")
+}
+
+fn number(text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .map_err(|_| format!("Invalid number: {}", printable(text)))
 }
 
 fn parse_version(text: &str) -> Result<i32, String> {
@@ -346,6 +372,41 @@ impl Command {
             "leave" => Command::Leave {
                 node: key("leave <node>")?,
             },
+            "election" => {
+                let a = exact(4, "election <term> <candidate> <last_term> <last_lsn>")?;
+                Command::Election {
+                    term: number(&a[0])?,
+                    candidate: a[1].clone(),
+                    last_term: number(&a[2])?,
+                    last_lsn: number(&a[3])?,
+                }
+            }
+            "victory" => {
+                let a = exact(2, "victory <term> <primary>")?;
+                Command::Victory {
+                    term: number(&a[0])?,
+                    primary: a[1].clone(),
+                }
+            }
+            "repl-sync" => {
+                let a = exact(3, "repl-sync <after_lsn> <after_term> <node>")?;
+                Command::ReplSync {
+                    after: number(&a[0])?,
+                    after_term: number(&a[1])?,
+                    node: a[2].clone(),
+                }
+            }
+            "fwd" => {
+                let (w, line) = words(args, 2);
+                if w.len() < 2 || line.is_empty() {
+                    return Err(usage("fwd <db> <user> <command>"));
+                }
+                Command::Fwd {
+                    db: w[0].to_string(),
+                    user: w[1].to_string(),
+                    line: line.to_string(),
+                }
+            }
             other => return Err(format!("unknown command: {}", printable(other))),
         };
         Ok(cmd)

@@ -6,5 +6,5 @@ mod reply;
 mod split;
 
 pub use command::{Command, Strategy};
-pub use reply::{Outcome, ERROR_PREFIX, OK};
+pub use reply::{Outcome, Takeover, ERROR_PREFIX, OK};
 pub use split::{split_commands, VERBS};

@@ -14,6 +14,22 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Operation-log LSN that must be durable before this reply is sent (0: none).
     pub lsn: u64,
+    /// The connection stops being a command session (replication stream).
+    pub takeover: Option<Takeover>,
+}
+
+/// A command that turns its connection into something else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Takeover {
+    /// Stream log records after `after` (whose term was `after_term`) to secondary `node`.
+    Replicate {
+        /// Last LSN the secondary has.
+        after: u64,
+        /// Term of that record on the secondary.
+        after_term: u64,
+        /// The secondary's name.
+        node: String,
+    },
 }
 
 impl Outcome {
@@ -103,7 +119,7 @@ mod tests {
         let denied = Outcome {
             messages: vec!["permission denied".into()],
             error: Some("permission denied\n".into()),
-            lsn: 0,
+            ..Outcome::default()
         };
         assert_eq!(
             denied.wire_messages(),

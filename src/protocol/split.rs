@@ -30,6 +30,10 @@ pub const VERBS: &[&str] = &[
     "ping",
     "join",
     "leave",
+    "election",
+    "victory",
+    "repl-sync",
+    "fwd",
 ];
 
 /// True when `text` (after optional spaces and empty commands) starts with a known verb followed by a space or the end.

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::client::Client;
 use crate::db::Database;
 use crate::node::Node;
 use crate::server::outbox::Outbox;
@@ -24,6 +25,10 @@ pub struct Session {
     pub watching: Vec<(Arc<Database>, String)>,
     /// Databases this session is an arbiter of.
     pub arbiter_of: Vec<Arc<Database>>,
+    /// Connection to the primary used to forward this session's writes (on secondaries).
+    pub forwarder: Option<(String, Client)>,
+    /// True for a session running a write forwarded by a secondary: it never forwards again.
+    pub forwarded: bool,
 }
 
 impl Session {
@@ -38,6 +43,8 @@ impl Session {
             user: String::new(),
             watching: Vec::new(),
             arbiter_of: Vec::new(),
+            forwarder: None,
+            forwarded: false,
         }
     }
 

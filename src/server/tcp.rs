@@ -7,9 +7,10 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::cluster::replication;
 use crate::exec;
 use crate::node::Node;
-use crate::protocol::Outcome;
+use crate::protocol::{Outcome, Takeover};
 use crate::server::outbox::{Outbox, Outgoing};
 use crate::server::session::Session;
 use crate::server::spawn_connection_thread;
@@ -131,7 +132,24 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
             Ok(Line::TooLong) => Some(Outcome::error("line too long")),
             Ok(Line::Complete) => match std::str::from_utf8(&buf) {
                 Ok(line) if line.trim().is_empty() => None,
-                Ok(line) => Some(exec::execute_line(&mut session, line)),
+                Ok(line) => {
+                    let mut outcome = exec::execute_line(&mut session, line);
+                    if let Some(Takeover::Replicate {
+                        after,
+                        after_term,
+                        node: peer,
+                    }) = outcome.takeover.take()
+                    {
+                        // This connection now carries the replication stream to a secondary.
+                        if !flush_batch(node, &session, &direct, &mut batch) {
+                            return;
+                        }
+                        session.outbox.claim();
+                        replication::serve_secondary(node, reader, direct, after, after_term, peer);
+                        return;
+                    }
+                    Some(outcome)
+                }
                 Err(_) => Some(Outcome::error("Invalid UTF-8 in command")),
             },
         };

@@ -43,6 +43,8 @@ struct Inner {
     next_lsn: u64,
     /// LSN of the last record encoded into `buf` (or written before it).
     appended_lsn: u64,
+    /// Term of that record.
+    appended_term: u64,
     /// Encoded records not yet written to `file`.
     buf: Vec<u8>,
     /// (first LSN, path) of every live segment, oldest first; the last one is being appended to.
@@ -66,6 +68,27 @@ pub struct OpLog {
     size: AtomicU64,
     count: AtomicU64,
     term: AtomicU64,
+    backlog: Mutex<Backlog>,
+    appended: Condvar,
+}
+
+/// The most recent records in memory, so replication usually streams without reading files.
+#[derive(Default)]
+struct Backlog {
+    records: std::collections::VecDeque<Arc<Record>>,
+    bytes: usize,
+}
+
+/// Bytes of recent records kept in memory for replication.
+const BACKLOG_BYTES: usize = 64 * 1024 * 1024;
+
+/// What [`OpLog::records_after`] found.
+#[derive(Debug)]
+pub enum Tail {
+    /// Records after the requested LSN (possibly none, after waiting).
+    Records(Vec<Arc<Record>>),
+    /// The requested LSN is older than the in-memory backlog.
+    TooOld,
 }
 
 impl std::fmt::Debug for OpLog {
@@ -208,6 +231,7 @@ impl OpLog {
         fs::create_dir_all(dir).map_err(err)?;
         let mut segments = list_segments(dir).map_err(err)?;
         let mut last_lsn = 0;
+        let mut last_term = 0;
         let mut size = 0;
         let mut count = 0;
         let n = segments.len();
@@ -222,6 +246,7 @@ impl OpLog {
                     ));
                 }
                 last_lsn = r.lsn;
+                last_term = r.term;
                 apply(r)
             };
             let (valid, records) = read_segment(path, is_last, &mut check)?;
@@ -254,6 +279,7 @@ impl OpLog {
                 file: Arc::new(file),
                 next_lsn: last_lsn + 1,
                 appended_lsn: last_lsn,
+                appended_term: last_term,
                 buf: Vec::with_capacity(64 * 1024),
                 segments,
             }),
@@ -265,7 +291,9 @@ impl OpLog {
             flushed: Condvar::new(),
             size: AtomicU64::new(size),
             count: AtomicU64::new(count),
-            term: AtomicU64::new(1),
+            term: AtomicU64::new(last_term.max(1)),
+            backlog: Mutex::new(Backlog::default()),
+            appended: Condvar::new(),
         })
     }
 
@@ -287,6 +315,39 @@ impl OpLog {
     /// LSN of the last appended record.
     pub fn last_lsn(&self) -> u64 {
         lock(&self.inner).appended_lsn
+    }
+
+    /// (term, LSN) of the last appended record: how up to date this log is.
+    pub fn last_position(&self) -> (u64, u64) {
+        let inner = lock(&self.inner);
+        (inner.appended_term, inner.appended_lsn)
+    }
+
+    /// Discards the whole log and continues numbering after `base` (a replica's full sync).
+    pub fn reset(&self, base: u64) -> io::Result<()> {
+        let mut state = self.exclusive();
+        let mut inner = lock(&self.inner);
+        inner.buf.clear();
+        let path = segment_path(&self.dir, base + 1);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        for (_, old) in inner.segments.drain(..) {
+            if old != path {
+                fs::remove_file(&old)?;
+            }
+        }
+        sync_dir(&self.dir)?;
+        inner.file = Arc::new(file);
+        inner.segments.push((base + 1, path));
+        inner.next_lsn = base + 1;
+        inner.appended_lsn = base;
+        state.written_lsn = base;
+        state.synced_lsn = base;
+        self.size.store(0, Ordering::Relaxed);
+        self.count.store(0, Ordering::Relaxed);
+        let mut backlog = lock(&self.backlog);
+        backlog.records.clear();
+        backlog.bytes = 0;
+        Ok(())
     }
 
     /// Bytes in live segments (including records not yet flushed).
@@ -315,12 +376,68 @@ impl OpLog {
         }
         let before = inner.buf.len();
         record.encode(&mut inner.buf);
+        let encoded = inner.buf.len() - before;
         inner.next_lsn = record.lsn + 1;
         inner.appended_lsn = record.lsn;
-        self.size
-            .fetch_add((inner.buf.len() - before) as u64, Ordering::Relaxed);
+        inner.appended_term = record.term;
+        self.size.fetch_add(encoded as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut backlog = lock(&self.backlog);
+            backlog.records.push_back(Arc::new(record.clone()));
+            backlog.bytes += encoded;
+            while backlog.bytes > BACKLOG_BYTES && backlog.records.len() > 1 {
+                if let Some(old) = backlog.records.pop_front() {
+                    backlog.bytes = backlog.bytes.saturating_sub(old.encoded_len());
+                }
+            }
+        }
+        self.appended.notify_all();
         Ok(record.lsn)
+    }
+
+    /// Records with LSN > `after` from the in-memory backlog, waiting up to `wait` for one to be
+    /// appended when there is none yet.
+    pub fn records_after(&self, after: u64, max: usize, wait: std::time::Duration) -> Tail {
+        // Read before taking the backlog lock (append takes inner, then backlog).
+        let last = self.last_lsn();
+        let mut backlog = lock(&self.backlog);
+        if after >= last {
+            backlog = self
+                .appended
+                .wait_timeout(backlog, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let first = backlog.records.front().map(|r| r.lsn);
+        let missing = match first {
+            Some(first) => first > after + 1,
+            None => after < last,
+        };
+        if missing {
+            return Tail::TooOld;
+        }
+        let start = backlog.records.partition_point(|r| r.lsn <= after);
+        Tail::Records(
+            backlog
+                .records
+                .iter()
+                .skip(start)
+                .take(max)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The term of the record at `lsn`, if it is still in the backlog.
+    pub fn term_at(&self, lsn: u64) -> Option<u64> {
+        let backlog = lock(&self.backlog);
+        let i = backlog.records.partition_point(|r| r.lsn < lsn);
+        backlog
+            .records
+            .get(i)
+            .filter(|r| r.lsn == lsn)
+            .map(|r| r.term)
     }
 
     /// Returns once `lsn` is written to the file (and fsynced, for `always`).

@@ -1,0 +1,262 @@
+//! Safe bully election. A node that has not heard from a primary for the election timeout asks
+//! every member for a vote in a new term. A member grants at most one vote per term, only to a
+//! candidate whose log is at least as up to date as its own, and refuses (then runs itself) when
+//! it ranks higher with an equally recent log — the bully rule. A candidate needs a majority of
+//! the configured members; a primary that hears from no majority for one timeout steps down. So
+//! there is never more than one primary accepting writes in a term.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{lock, Cluster, Role};
+use crate::client::Client;
+use crate::storage::oplog::OpLog;
+
+/// The answer to `election`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vote {
+    /// Granted?
+    pub granted: bool,
+    /// The voter's term after handling the request.
+    pub term: u64,
+    /// The primary the voter knows, if any.
+    pub primary: Option<String>,
+}
+
+impl Vote {
+    /// `vote yes|no <term> <primary|->`.
+    pub fn line(&self) -> String {
+        format!(
+            "vote {} {} {}",
+            if self.granted { "yes" } else { "no" },
+            self.term,
+            self.primary.as_deref().unwrap_or("-")
+        )
+    }
+
+    fn parse(line: &str) -> Option<Vote> {
+        let mut p = line.split(' ');
+        if p.next()? != "vote" {
+            return None;
+        }
+        let granted = p.next()? == "yes";
+        let term = p.next()?.parse().ok()?;
+        let primary = p.next().filter(|x| *x != "-").map(str::to_string);
+        Some(Vote {
+            granted,
+            term,
+            primary,
+        })
+    }
+}
+
+impl Cluster {
+    /// Handles `election <term> <candidate> <last_term> <last_lsn>` from a candidate.
+    pub fn handle_election(
+        &self,
+        log: &OpLog,
+        term: u64,
+        candidate: &str,
+        their_log: (u64, u64),
+    ) -> Vote {
+        let mut s = lock(&self.state);
+        let known = self.observe_term(&mut s, term);
+        let mine = log.last_position();
+        let granted = known
+            && term == s.term
+            && s.role != Role::Primary
+            && their_log >= mine
+            && !(their_log == mine
+                && self.self_id.as_str() > candidate
+                && s.last_heard.elapsed() < self.timeout * 4)
+            && s.voted_for.as_deref().is_none_or(|v| v == candidate);
+        if granted {
+            s.voted_for = Some(candidate.to_string());
+            s.last_heard = Instant::now();
+            self.persist(&s);
+        } else if their_log < mine || (their_log == mine && self.self_id.as_str() > candidate) {
+            // Bully: a better-placed node answers and runs itself soon.
+            s.last_heard = Instant::now() - self.timeout;
+        }
+        Vote {
+            granted,
+            term: s.term,
+            primary: s.primary.clone(),
+        }
+    }
+
+    /// Handles `victory <term> <primary>`.
+    pub fn handle_victory(&self, term: u64, primary: &str) -> bool {
+        if primary == self.self_id {
+            return true;
+        }
+        self.heard_from_primary(term, primary)
+    }
+
+    /// Runs one election; true if this node became primary.
+    pub fn run_election(self: &Arc<Self>, log: &OpLog) -> bool {
+        let (term, position) = {
+            let mut s = lock(&self.state);
+            s.term += 1;
+            s.voted_for = Some(self.self_id.clone());
+            s.role = Role::Candidate;
+            s.primary = None;
+            self.persist(&s);
+            (s.term, log.last_position())
+        };
+        log::info!("{} starts an election for term {term}", self.self_id);
+        let peers = self.peers();
+        let (tx, rx) = mpsc::channel();
+        for peer in &peers {
+            let tx = tx.clone();
+            let peer = peer.clone();
+            let cluster = Arc::clone(self);
+            std::thread::spawn(move || {
+                let cmd = format!(
+                    "election {term} {} {} {}",
+                    cluster.self_id, position.0, position.1
+                );
+                let _ = tx.send(cluster.ask(&peer, &cmd).and_then(|m| Vote::parse(&m)));
+            });
+        }
+        drop(tx);
+        let mut votes = 1;
+        let deadline = Instant::now() + self.timeout;
+        let mut newer: Option<Vote> = None;
+        for _ in &peers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Some(v)) if v.granted && v.term == term => votes += 1,
+                Ok(Some(v)) if v.term > term || v.primary.is_some() => newer = Some(v),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            if votes >= self.majority() {
+                break;
+            }
+        }
+        let mut s = lock(&self.state);
+        if s.term == term && s.role == Role::Candidate && votes >= self.majority() {
+            s.role = Role::Primary;
+            s.primary = Some(self.self_id.clone());
+            s.last_heard = Instant::now();
+            s.acks.clear();
+            log.set_term(term);
+            self.changed.notify_all();
+            drop(s);
+            log::info!(
+                "{} is primary for term {term} ({votes} votes)",
+                self.self_id
+            );
+            self.announce(term);
+            return true;
+        }
+        if s.role == Role::Candidate {
+            s.role = Role::Secondary;
+        }
+        if let Some(v) = newer {
+            drop(s);
+            if let Some(p) = v.primary {
+                self.heard_from_primary(v.term, &p);
+            } else {
+                let mut s = lock(&self.state);
+                self.observe_term(&mut s, v.term);
+            }
+        }
+        false
+    }
+
+    /// Tells every peer that this node won `term`.
+    fn announce(self: &Arc<Self>, term: u64) {
+        for peer in self.peers() {
+            let cluster = Arc::clone(self);
+            std::thread::spawn(move || {
+                cluster.ask(&peer, &format!("victory {term} {}", cluster.self_id));
+            });
+        }
+    }
+
+    /// Sends one admin command to `peer`; returns its first output message.
+    pub fn ask(&self, peer: &str, cmd: &str) -> Option<String> {
+        let mut c = Client::connect_tcp_timeout(peer, self.timeout).ok()?;
+        c.auth(&self.admin.0, &self.admin.1).ok()?;
+        let reply = c.call(cmd).ok()?;
+        reply.messages.into_iter().next()
+    }
+
+    /// Forces an election at the next tick (`debug force-election`).
+    pub fn force_election(&self) {
+        let mut s = lock(&self.state);
+        if s.role != Role::Primary {
+            s.last_heard = Instant::now() - self.timeout * 10;
+        } else {
+            s.role = Role::Secondary;
+            s.primary = None;
+            s.last_heard = Instant::now() - self.timeout * 10;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Starts the election timer thread.
+    pub fn start_elections(self: &Arc<Self>, log: Arc<OpLog>) -> std::io::Result<()> {
+        let cluster = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("election".into())
+            .spawn(move || cluster.election_loop(&log))?;
+        Ok(())
+    }
+
+    fn election_loop(self: &Arc<Self>, log: &OpLog) {
+        let tick = (self.timeout / 5).max(Duration::from_millis(20));
+        let mut last_announce = Instant::now();
+        loop {
+            std::thread::sleep(tick);
+            if self.peers().is_empty() {
+                let mut s = lock(&self.state);
+                if s.role != Role::Primary {
+                    s.role = Role::Primary;
+                    s.primary = Some(self.self_id.clone());
+                    s.term = s.term.max(1);
+                    log.set_term(s.term);
+                    self.changed.notify_all();
+                }
+                continue;
+            }
+            let (role, term, silent, reachable) = {
+                let s = lock(&self.state);
+                (s.role, s.term, s.last_heard.elapsed(), self.reachable(&s))
+            };
+            match role {
+                Role::Primary => {
+                    if reachable + 1 < self.majority() && silent > self.timeout {
+                        let mut s = lock(&self.state);
+                        if s.role == Role::Primary && s.term == term {
+                            log::warn!(
+                                "{} cannot reach a majority: stepping down (term {term})",
+                                self.self_id
+                            );
+                            s.role = Role::Secondary;
+                            s.primary = None;
+                            s.last_heard = Instant::now();
+                            self.changed.notify_all();
+                        }
+                    } else if reachable + 1 >= self.majority() {
+                        lock(&self.state).last_heard = Instant::now();
+                    }
+                    if last_announce.elapsed() > self.timeout {
+                        // Nodes that restarted or joined learn who leads.
+                        last_announce = Instant::now();
+                        self.announce(term);
+                    }
+                }
+                Role::Secondary | Role::Candidate => {
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 150);
+                    if silent > self.timeout + jitter {
+                        self.run_election(log);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Cluster state: members, this node's role and term, votes, and replication progress.
+//! `election.rs` changes roles, `replication.rs` moves log records from the primary to
+//! secondaries, `forward.rs` sends writes that reach a secondary to the primary.
+
+pub mod election;
+pub mod forward;
+pub mod replication;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// What this node currently is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Takes writes and streams its log to secondaries.
+    Primary,
+    /// Follows the primary's log and forwards writes to it.
+    Secondary,
+    /// Asking the others for votes.
+    Candidate,
+}
+
+/// Write concern: when a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteQuorum {
+    /// Durable on a majority of the configured members.
+    Majority,
+    /// Durable on the primary only (NunDB's behaviour).
+    One,
+}
+
+#[derive(Debug)]
+struct State {
+    term: u64,
+    voted_for: Option<String>,
+    role: Role,
+    primary: Option<String>,
+    /// When this node last heard from a primary of its term (secondaries) or started leading.
+    last_heard: Instant,
+    /// Highest LSN each secondary acknowledged as durable, and when it last did.
+    acks: HashMap<String, (u64, Instant)>,
+}
+
+/// Membership and role of this node.
+#[derive(Debug)]
+pub struct Cluster {
+    /// This node's name as the others know it (its advertised TCP address).
+    pub self_id: String,
+    members: Mutex<Vec<String>>,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Admin credentials, also used between nodes.
+    pub admin: (String, String),
+    /// Election timeout.
+    pub timeout: Duration,
+    quorum: WriteQuorum,
+    term_file: Option<PathBuf>,
+    /// LSN applied locally (on secondaries: received through replication).
+    applied: AtomicU64,
+    applied_lock: Mutex<()>,
+    applied_cv: Condvar,
+    /// Writes waiting for the quorum.
+    pending: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Cluster {
+    /// A cluster of `members` (this node is added if missing). A single member is primary at once.
+    pub fn new(
+        self_id: String,
+        members: &[String],
+        admin: (String, String),
+        timeout: Duration,
+        quorum: WriteQuorum,
+        term_file: Option<PathBuf>,
+    ) -> Cluster {
+        let mut all: Vec<String> = members.to_vec();
+        if !all.contains(&self_id) {
+            all.push(self_id.clone());
+        }
+        all.sort();
+        all.dedup();
+        let (term, voted_for) = term_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| {
+                let mut parts = t.split_whitespace();
+                let term = parts.next()?.parse().ok()?;
+                Some((term, parts.next().map(str::to_string)))
+            })
+            .unwrap_or((0, None));
+        let single = all.len() == 1;
+        Cluster {
+            state: Mutex::new(State {
+                term: if single { term.max(1) } else { term },
+                voted_for,
+                role: if single {
+                    Role::Primary
+                } else {
+                    Role::Secondary
+                },
+                primary: single.then(|| self_id.clone()),
+                last_heard: Instant::now(),
+                acks: HashMap::new(),
+            }),
+            self_id,
+            members: Mutex::new(all),
+            changed: Condvar::new(),
+            admin,
+            timeout,
+            quorum,
+            term_file,
+            applied: AtomicU64::new(0),
+            applied_lock: Mutex::new(()),
+            applied_cv: Condvar::new(),
+            pending: AtomicU64::new(0),
+        }
+    }
+
+    /// Sorted member names (including this node).
+    pub fn members(&self) -> Vec<String> {
+        lock(&self.members).clone()
+    }
+
+    /// Members other than this node.
+    pub fn peers(&self) -> Vec<String> {
+        self.members()
+            .into_iter()
+            .filter(|m| *m != self.self_id)
+            .collect()
+    }
+
+    /// Votes needed for a majority of the configured members.
+    pub fn majority(&self) -> usize {
+        lock(&self.members).len() / 2 + 1
+    }
+
+    /// Adds a member (`join`).
+    pub fn join(&self, node: &str) {
+        let mut m = lock(&self.members);
+        if !m.iter().any(|x| x == node) {
+            m.push(node.to_string());
+            m.sort();
+        }
+    }
+
+    /// Removes a member (`leave`); a node cannot remove itself.
+    pub fn leave(&self, node: &str) -> bool {
+        if node == self.self_id {
+            return false;
+        }
+        let mut m = lock(&self.members);
+        let before = m.len();
+        m.retain(|x| x != node);
+        before != m.len()
+    }
+
+    /// (role, term, primary).
+    pub fn status(&self) -> (Role, u64, Option<String>) {
+        let s = lock(&self.state);
+        (s.role, s.term, s.primary.clone())
+    }
+
+    /// True when this node accepts writes.
+    pub fn is_primary(&self) -> bool {
+        lock(&self.state).role == Role::Primary
+    }
+
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        lock(&self.state).term
+    }
+
+    fn persist(&self, s: &State) {
+        if let Some(path) = &self.term_file {
+            let text = format!("{} {}\n", s.term, s.voted_for.as_deref().unwrap_or("-"));
+            let tmp = path.with_extension("tmp");
+            let ok = std::fs::write(&tmp, text)
+                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|_| std::fs::rename(&tmp, path));
+            if let Err(e) = ok {
+                log::error!("cannot persist the election term: {e}");
+            }
+        }
+    }
+
+    /// Moves to a newer term (forgetting the vote); a primary steps down. Returns false if
+    /// `term` is older than ours.
+    fn observe_term(&self, s: &mut State, term: u64) -> bool {
+        if term < s.term {
+            return false;
+        }
+        if term > s.term {
+            s.term = term;
+            s.voted_for = None;
+            if s.role != Role::Secondary {
+                log::info!("term {term} is newer: {} becomes secondary", self.self_id);
+            }
+            s.role = Role::Secondary;
+            s.primary = None;
+            self.persist(s);
+            self.changed.notify_all();
+        }
+        true
+    }
+
+    /// A heartbeat or record from `primary` in `term` arrived. False if the term is stale.
+    pub fn heard_from_primary(&self, term: u64, primary: &str) -> bool {
+        let mut s = lock(&self.state);
+        if !self.observe_term(&mut s, term) {
+            return false;
+        }
+        if s.role == Role::Primary && primary != self.self_id {
+            return false;
+        }
+        if s.primary.as_deref() != Some(primary) {
+            s.primary = Some(primary.to_string());
+            s.role = Role::Secondary;
+            self.changed.notify_all();
+        }
+        s.last_heard = Instant::now();
+        true
+    }
+
+    /// Records that `node` has `lsn` durable.
+    pub fn record_ack(&self, node: &str, lsn: u64) {
+        let mut s = lock(&self.state);
+        let entry = s
+            .acks
+            .entry(node.to_string())
+            .or_insert((0, Instant::now()));
+        entry.0 = entry.0.max(lsn);
+        entry.1 = Instant::now();
+        self.changed.notify_all();
+    }
+
+    /// Members (other than us) that acknowledged something within the election timeout.
+    fn reachable(&self, s: &State) -> usize {
+        s.acks
+            .values()
+            .filter(|(_, at)| at.elapsed() < self.timeout)
+            .count()
+    }
+
+    /// Waits until `lsn` is durable on enough members for the write concern. The caller has
+    /// already made it durable locally.
+    pub fn wait_quorum(&self, lsn: u64) -> Result<(), String> {
+        let needed = match self.quorum {
+            WriteQuorum::One => return Ok(()),
+            WriteQuorum::Majority => self.majority(),
+        };
+        if needed <= 1 || lsn == 0 {
+            return Ok(());
+        }
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.timeout * 5;
+        let mut s = lock(&self.state);
+        let result = loop {
+            let have = 1 + s.acks.values().filter(|(l, _)| *l >= lsn).count();
+            if have >= needed {
+                break Ok(());
+            }
+            if s.role != Role::Primary {
+                break Err("Not the primary any more; the write may not be durable".to_string());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(format!(
+                    "Write not confirmed by a majority ({have} of {needed} members)"
+                ));
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Writes waiting for the quorum.
+    pub fn pending_ops(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Records that everything up to `lsn` is applied locally.
+    pub fn set_applied(&self, lsn: u64) {
+        self.applied.fetch_max(lsn, Ordering::AcqRel);
+        let _g = lock(&self.applied_lock);
+        self.applied_cv.notify_all();
+    }
+
+    /// Waits (up to `timeout`) until `lsn` is applied locally: read-your-writes after forwarding.
+    pub fn wait_applied(&self, lsn: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.applied_lock);
+        while self.applied.load(Ordering::Acquire) < lsn {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .applied_cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Replication lag of the slowest member (primary) in LSNs.
+    pub fn max_lag(&self, last_lsn: u64) -> u64 {
+        let s = lock(&self.state);
+        self.peers()
+            .iter()
+            .map(|p| last_lsn.saturating_sub(s.acks.get(p).map_or(0, |a| a.0)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// NunDB's `cluster-state` line.
+    pub fn state_line(&self) -> String {
+        let s = lock(&self.state);
+        let members = self.members();
+        let parts: Vec<String> = members
+            .iter()
+            .map(|m| {
+                let status = if *m == self.self_id {
+                    "self"
+                } else if s
+                    .acks
+                    .get(m)
+                    .is_some_and(|(_, at)| at.elapsed() < self.timeout)
+                    || (s.primary.as_deref() == Some(m.as_str())
+                        && s.last_heard.elapsed() < self.timeout)
+                {
+                    "Connected"
+                } else {
+                    "Disconnected"
+                };
+                let role = if s.primary.as_deref() == Some(m.as_str()) {
+                    "Primary"
+                } else {
+                    "Secoundary"
+                };
+                format!(" {m}({status}):{role} ")
+            })
+            .collect();
+        format!("cluster-state {}", parts.join(","))
+    }
+
+    /// Waits until the role or primary changes, or `timeout` passes.
+    pub fn wait_change(&self, timeout: Duration) {
+        let s = lock(&self.state);
+        let _ = self.changed.wait_timeout(s, timeout);
+    }
+}
