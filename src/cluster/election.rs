@@ -51,6 +51,11 @@ impl Vote {
     }
 }
 
+/// The instant `d` ago (now, if the clock cannot go back that far).
+fn ago(d: Duration) -> Instant {
+    Instant::now().checked_sub(d).unwrap_or_else(Instant::now)
+}
+
 impl Cluster {
     /// Handles `election <term> <candidate> <last_term> <last_lsn>` from a candidate.
     pub fn handle_election(
@@ -77,7 +82,7 @@ impl Cluster {
             self.persist(&s);
         } else if their_log < mine || (their_log == mine && self.self_id.as_str() > candidate) {
             // Bully: a better-placed node answers and runs itself soon.
-            s.last_heard = Instant::now() - self.timeout;
+            s.last_heard = ago(self.timeout);
         }
         Vote {
             granted,
@@ -185,15 +190,23 @@ impl Cluster {
         reply.messages.into_iter().next()
     }
 
+    /// Extra wait before calling an election: 0 for the highest-ranked member, growing by a
+    /// fifth of the timeout per rank below it.
+    fn rank_delay(&self) -> Duration {
+        let members = self.members();
+        let pos = members.iter().position(|m| *m == self.self_id).unwrap_or(0);
+        self.timeout / 5 * (members.len() - 1 - pos) as u32
+    }
+
     /// Forces an election at the next tick (`debug force-election`).
     pub fn force_election(&self) {
         let mut s = lock(&self.state);
         if s.role != Role::Primary {
-            s.last_heard = Instant::now() - self.timeout * 10;
+            s.last_heard = ago(self.timeout * 10);
         } else {
             s.role = Role::Secondary;
             s.primary = None;
-            s.last_heard = Instant::now() - self.timeout * 10;
+            s.last_heard = ago(self.timeout * 10);
         }
         self.changed.notify_all();
     }
@@ -251,9 +264,14 @@ impl Cluster {
                     }
                 }
                 Role::Secondary | Role::Candidate => {
-                    let jitter = Duration::from_millis(rand::random::<u64>() % 150);
-                    if silent > self.timeout + jitter {
-                        self.run_election(log);
+                    // Bully order: higher-ranked nodes call elections first; lower ones wait a
+                    // little longer, so candidates rarely split the vote.
+                    if silent > self.timeout + self.rank_delay() && !self.run_election(log) {
+                        // Retry after half a timeout, randomised so candidates drift apart.
+                        let jitter =
+                            rand::random::<u64>() % (self.timeout.as_millis() as u64 / 4 + 1);
+                        lock(&self.state).last_heard =
+                            ago(self.timeout / 2 + Duration::from_millis(jitter));
                     }
                 }
             }

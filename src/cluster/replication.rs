@@ -29,7 +29,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
     let b = text.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     let val = |c: u8| match c {
@@ -122,7 +122,9 @@ pub fn serve_secondary(
         return;
     }
     let heartbeat = (cluster.timeout / 4).max(Duration::from_millis(10));
-    let mut last_ping = Instant::now() - heartbeat;
+    let mut last_ping = Instant::now()
+        .checked_sub(heartbeat)
+        .unwrap_or_else(Instant::now);
     let mut buf = Vec::with_capacity(64 * 1024);
     while !closed.load(Ordering::Acquire) && cluster.is_primary() {
         buf.clear();
@@ -267,7 +269,8 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
     let mut line = String::new();
     let mut full: Option<u64> = None;
     let mut applied = last_lsn;
-    let mut acked = 0;
+    // `None` forces an ack (answering a heartbeat keeps the primary's majority view fresh).
+    let mut acked: Option<u64> = None;
     cluster.set_applied(applied);
     loop {
         line.clear();
@@ -312,15 +315,15 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                 if id != primary || !cluster.heard_from_primary(term, id) {
                     return Ok(());
                 }
-                acked = 0;
+                acked = None;
             }
             _ => return Err(io::Error::other(format!("unexpected line: {text}"))),
         }
-        if reader.buffer().is_empty() && full.is_none() && applied != acked {
+        if reader.buffer().is_empty() && full.is_none() && acked != Some(applied) {
             log.wait_durable(applied)?;
             cluster.set_applied(applied);
             out.write_all(format!("ack {applied}\n").as_bytes())?;
-            acked = applied;
+            acked = Some(applied);
         }
         if cluster.status().2.as_deref() != Some(primary) {
             return Ok(());
