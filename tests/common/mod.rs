@@ -32,10 +32,15 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// The command that starts a node on `dir` with ephemeral loopback ports.
 pub fn server_command(dir: &std::path::Path, env: &[(&str, &str)]) -> Command {
+    server_command_at(dir, "127.0.0.1:0", env)
+}
+
+/// The command that starts a node on `dir` with a given TCP address.
+pub fn server_command_at(dir: &std::path::Path, tcp: &str, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nun-db"));
     cmd.arg("start")
         .arg("--tcp-address")
-        .arg("127.0.0.1:0")
+        .arg(tcp)
         .arg("--ws-address")
         .arg("127.0.0.1:0")
         .arg("--http-address")
@@ -95,14 +100,32 @@ impl Server {
 
     /// Starts a node on a data dir the caller owns (kept on drop, for restarts).
     pub fn start_in(dir: PathBuf, env: &[(&str, &str)]) -> Server {
-        let mut cmd = server_command(&dir, env);
+        Server::spawn(server_command(&dir, env), dir, None)
+    }
+
+    /// Spawns `cmd`, appending its stdout (logs) to `log`.
+    pub fn spawn_logged(cmd: Command, dir: PathBuf, log: PathBuf) -> Server {
+        Server::spawn(cmd, dir, Some(log))
+    }
+
+    fn spawn(mut cmd: Command, dir: PathBuf, log: Option<PathBuf>) -> Server {
         let mut child = cmd.spawn().expect("spawn nun-db");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut file = log.and_then(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .ok()
+            });
             let mut lines = BufReader::new(stdout).lines();
             for line in lines.by_ref() {
                 let Ok(line) = line else { break };
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
                 if line.starts_with("ready ") {
                     let _ = tx.send(line);
                 }
@@ -324,4 +347,146 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// A free loopback port (bound then released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A cluster of nodes on loopback, each with its own data dir and log file.
+pub struct TestCluster {
+    pub nodes: Vec<Option<Server>>,
+    pub addrs: Vec<String>,
+    pub dirs: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes with extra environment and waits for a primary.
+    pub fn start(n: usize, env: &[(&str, &str)]) -> TestCluster {
+        let addrs: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let dirs: Vec<PathBuf> = (0..n).map(|_| temp_dir("cluster")).collect();
+        let mut c = TestCluster {
+            nodes: (0..n).map(|_| None).collect(),
+            addrs,
+            dirs,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c.wait_primary(Duration::from_secs(30))
+            .expect("a primary is elected");
+        c
+    }
+
+    /// (Re)starts node `i`.
+    pub fn start_node(&mut self, i: usize) {
+        let members = self.addrs.join(",");
+        let mut env: Vec<(&str, &str)> = vec![
+            ("NUN_REPLICATE_ADDR", &members),
+            ("NUN_EXTERNAL_ADDR", &self.addrs[i]),
+            ("NUN_ELECTION_TIMEOUT", "500"),
+            ("NUN_LOG_LEVEL", "info"),
+        ];
+        for (k, v) in &self.env {
+            env.push((k, v));
+        }
+        let cmd = server_command_at(&self.dirs[i], &self.addrs[i], &env);
+        self.nodes[i] = Some(Server::spawn_logged(
+            cmd,
+            self.dirs[i].clone(),
+            self.dirs[i].join("node.log"),
+        ));
+    }
+
+    /// SIGKILLs node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut s) = self.nodes[i].take() {
+            s.kill9();
+        }
+    }
+
+    /// The node that says it is primary, if exactly one live node does.
+    pub fn primary(&self) -> Option<usize> {
+        let mut found = None;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(n) = n else { continue };
+            let Ok(mut c) = Client::connect_tcp_timeout(&n.tcp, Duration::from_secs(2)) else {
+                continue;
+            };
+            if c.auth(ADMIN, ADMIN_PWD).is_err() {
+                continue;
+            }
+            let Ok(r) = c.call("cluster-state") else {
+                continue;
+            };
+            if r.messages
+                .first()
+                .is_some_and(|m| m.contains(&format!("{}(self):Primary", self.addrs[i])))
+            {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(i);
+            }
+        }
+        found
+    }
+
+    /// Polls until some node is primary.
+    pub fn wait_primary(&self, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(p) = self.primary() {
+                return Some(p);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// A TCP client on node `i`.
+    pub fn client(&self, i: usize) -> Client {
+        let n = self.nodes[i].as_ref().expect("node is running");
+        Client::connect_tcp(&n.tcp).expect("connect")
+    }
+
+    /// Every "is primary for term N" line in the node logs, as (node, term).
+    pub fn victories(&self) -> Vec<(usize, u64)> {
+        let mut out = Vec::new();
+        for (i, d) in self.dirs.iter().enumerate() {
+            let text = std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
+            for line in text.lines() {
+                if let Some(rest) = line.split(" is primary for term ").nth(1) {
+                    if let Some(t) = rest.split(' ').next().and_then(|t| t.parse().ok()) {
+                        out.push((i, t));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(mut s) = n.take() {
+                s.kill9();
+            }
+        }
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }

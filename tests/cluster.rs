@@ -1,0 +1,146 @@
+//! Three nodes on loopback: replication, forwarded writes, failover and catch-up.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, TestCluster, ADMIN, ADMIN_PWD};
+use nundb::client::Client;
+
+const LONG: Duration = Duration::from_secs(20);
+
+fn use_db(mut c: Client) -> Client {
+    c.use_db("d", "t").unwrap();
+    c
+}
+
+fn setup(c: &TestCluster, via: usize) {
+    let mut a = c.client(via);
+    a.auth(ADMIN, ADMIN_PWD).unwrap();
+    assert_eq!(a.call("create-db d t newer").unwrap().error, None);
+    a.use_db("d", "t").unwrap();
+    a.call("create-user u ut").unwrap().into_result().unwrap();
+    a.call("set-permissions u r *|w own*")
+        .unwrap()
+        .into_result()
+        .unwrap();
+}
+
+/// Waits until every running node has `key` = `expected` (value and version).
+fn converged(c: &TestCluster, key: &str, expected: Option<(i32, &str)>) -> bool {
+    eventually(LONG, || {
+        c.nodes.iter().enumerate().all(|(i, n)| {
+            n.is_none()
+                || use_db(c.client(i)).get_safe(key).unwrap()
+                    == expected.map(|(v, s)| (v, s.to_string()))
+        })
+    })
+}
+
+#[test]
+fn writes_replicate_and_secondaries_forward() {
+    let c = TestCluster::start(3, &[]);
+    let p = c.primary().unwrap();
+    let s1 = (p + 1) % 3;
+    let s2 = (p + 2) % 3;
+    setup(&c, s1);
+    let mut on_primary = use_db(c.client(p));
+    on_primary
+        .set("multi", "several words; ünïcödé {\"a\": 1}")
+        .unwrap();
+    assert!(converged(
+        &c,
+        "multi",
+        Some((0, "several words; ünïcödé {\"a\": 1}"))
+    ));
+
+    // Writes through a secondary: answered by the primary, read back at once on that secondary.
+    let mut on_secondary = use_db(c.client(s1));
+    on_secondary.set("k", "v1").unwrap();
+    assert_eq!(on_secondary.get_safe("k").unwrap(), Some((0, "v1".into())));
+    on_secondary.set_safe("k", 0, "v2").unwrap();
+    // `newer` strategy replicated: a stale set-safe wins on the primary.
+    on_secondary.set_safe("k", -1, "v3").unwrap();
+    on_secondary.increment("n", 7).unwrap();
+    on_secondary.remove("multi").unwrap();
+    assert!(converged(&c, "k", Some((2, "v3"))));
+    assert!(converged(&c, "n", Some((0, "7"))));
+    assert!(converged(&c, "multi", None));
+
+    // Users and permissions replicate: the user is enforced on every node.
+    for i in 0..3 {
+        let mut u = c.client(i);
+        u.use_db_as("d", "u", "ut").unwrap();
+        assert_eq!(u.get("k").unwrap().as_deref(), Some("v3"));
+        let denied = u.call("set k x").unwrap();
+        assert_eq!(
+            denied.error.as_deref(),
+            Some("permission denied"),
+            "node {i}"
+        );
+        assert_eq!(u.call("set own1 x").unwrap().error, None, "node {i}");
+    }
+    // Watchers on a secondary see the changes written elsewhere, in order.
+    let mut watcher = use_db(c.client(s2));
+    watcher.watch("w").unwrap();
+    for i in 0..20 {
+        on_secondary.set("w", &i.to_string()).unwrap();
+    }
+    for i in 0..20 {
+        match watcher.next_event().unwrap() {
+            nundb::client::Event::Changed { version, value, .. } => {
+                assert_eq!(version, i);
+                assert_eq!(value, i.to_string());
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+    // cluster-state in NunDB's shape on every node.
+    for i in 0..3 {
+        let mut a = c.client(i);
+        a.auth(ADMIN, ADMIN_PWD).unwrap();
+        let line = a.call("cluster-state").unwrap().messages.remove(0);
+        assert!(line.starts_with("cluster-state  "), "{line}");
+        assert!(line.contains(&format!("{}(self)", c.addrs[i])), "{line}");
+        assert!(line.contains(&format!("{}(", c.addrs[p])), "{line}");
+        assert_eq!(line.matches(":Primary").count(), 1, "{line}");
+    }
+}
+
+#[test]
+fn primary_kill_fails_over_and_old_primary_catches_up() {
+    let mut c = TestCluster::start(3, &[]);
+    let p = c.primary().unwrap();
+    setup(&c, p);
+    let mut w = use_db(c.client(p));
+    w.set("before", "1").unwrap();
+    assert!(converged(&c, "before", Some((0, "1"))));
+    let killed_at = Instant::now();
+    c.kill(p);
+    let np = c.wait_primary(LONG).expect("new primary");
+    eprintln!("failover took {:?}", killed_at.elapsed());
+    assert_ne!(np, p);
+    let other = (0..3).find(|i| *i != p && *i != np).unwrap();
+    let mut w = use_db(c.client(other));
+    w.set("during", "2").unwrap();
+    w.remove("before").unwrap();
+    c.start_node(p);
+    assert!(converged(&c, "during", Some((0, "2"))));
+    assert!(converged(&c, "before", None));
+    assert_eq!(
+        c.wait_primary(LONG),
+        Some(np),
+        "the restarted node rejoins as secondary"
+    );
+    // Exactly one victory per term.
+    let mut terms: Vec<u64> = c.victories().iter().map(|(_, t)| *t).collect();
+    let n = terms.len();
+    terms.sort();
+    terms.dedup();
+    assert_eq!(
+        terms.len(),
+        n,
+        "two primaries in one term: {:?}",
+        c.victories()
+    );
+}
