@@ -74,6 +74,50 @@ COLD_SECS=$STARTUP_SECS
 RECOVERED=$(grep -o 'storage: .*' "$WORK/storage.out" | tail -1)
 RSS_AFTER_KB=$(grep VmRSS "/proc/$NUN_PID/status" | awk '{print $2}')
 stop_nun
+# Cluster: three nodes on loopback, replicated writes (majority vs primary-only) and failover time.
+cluster_rows() {
+  local quorum=$1 members="" ports=() i p dirs=()
+  for i in 0 1 2; do ports[$i]=$(free_port); done
+  members="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
+  CPIDS=()
+  for i in 0 1 2; do
+    mkdir -p "$WORK/c$quorum$i"
+    NUN_USER=admin NUN_PWD=bench NUN_LOG_LEVEL=warn NUN_WRITE_QUORUM=$quorum "$BIN" start \
+      --tcp-address "127.0.0.1:${ports[$i]}" --ws-address 127.0.0.1:0 --http-address 127.0.0.1:0 \
+      --dbs-dir "$WORK/c$quorum$i" --replicate-address "$members" \
+      --external-address "127.0.0.1:${ports[$i]}" >"$WORK/c$quorum$i.out" 2>&1 &
+    CPIDS[$i]=$!; PIDS+=("$!")
+  done
+  CPRIMARY=""
+  for _ in $(seq 400); do
+    for i in 0 1 2; do
+      if printf 'auth admin bench\ncluster-state\n' | nc -N -w 2 127.0.0.1 "${ports[$i]}" 2>/dev/null \
+          | grep -q "127.0.0.1:${ports[$i]}(self):Primary"; then CPRIMARY=$i; fi
+    done
+    [ -n "$CPRIMARY" ] && break; sleep 0.05
+  done
+  local ws; ws=$(grep -o 'ws=[^ ]*' "$WORK/c$quorum$CPRIMARY.out" | cut -d= -f2)
+  "$BIN" -u admin -p bench bench --tcp "127.0.0.1:${ports[$CPRIMARY]}" --ws "$ws" --ops set \
+    --transports tcp --conns 1,50 --pipeline 1 --watchers none --duration "$DUR" \
+    | grep '^| set | tcp' | sed "s/^| set | tcp |/| $quorum |/"
+  if [ "$quorum" = majority ]; then
+    local t0 t1 np=""
+    t0=$(date +%s%N); kill -9 "${CPIDS[$CPRIMARY]}"
+    for _ in $(seq 1000); do
+      for i in 0 1 2; do
+        [ "$i" = "$CPRIMARY" ] && continue
+        if printf 'auth admin bench\ncluster-state\n' | nc -N -w 2 127.0.0.1 "${ports[$i]}" 2>/dev/null \
+            | grep -q "127.0.0.1:${ports[$i]}(self):Primary"; then np=$i; fi
+      done
+      [ -n "$np" ] && break; sleep 0.01
+    done
+    t1=$(date +%s%N)
+    FAILOVER_MS=$(( (t1 - t0) / 1000000 ))
+  fi
+  for i in 0 1 2; do kill "${CPIDS[$i]}" 2>/dev/null || true; done
+}
+CLUSTER_ROWS="$(cluster_rows majority)"$'\n'"$(cluster_rows 1)"
+
 RAW_MB=$(python3 -c "print(f'{$N*116/1e6:.1f}')")
 RSS_MB=$(python3 -c "print(f'{$RSS_KB/1024:.1f}')")
 RSS_AFTER_MB=$(python3 -c "print(f'{$RSS_AFTER_KB/1024:.1f}')")
@@ -99,6 +143,16 @@ RSS_RATIO=$(python3 -c "print(f'{$RSS_KB*1024/($N*116):.2f}')")
   echo "| NUN_FSYNC | ops/s | p50 µs | p99 µs | p99.9 µs |"
   echo "|---|---|---|---|---|"
   echo -n "$FSYNC_ROWS"
+  echo
+  echo "## Cluster of 3 nodes (loopback, default NUN_ELECTION_TIMEOUT=1000 ms)"
+  echo
+  echo "Plain sets on the primary over TCP, no pipelining."
+  echo
+  echo "| NUN_WRITE_QUORUM | conns | pipeline | ops/s | p50 µs | p99 µs | p99.9 µs |"
+  echo "|---|---|---|---|---|---|---|"
+  echo "$CLUSTER_ROWS"
+  echo
+  echo "Failover: \`kill -9\` of the primary until a secondary reports itself primary: ${FAILOVER_MS} ms."
   echo
   echo "## Storage with $N keys (16-byte keys, 100-byte values, $RAW_MB MB raw)"
   echo
