@@ -149,13 +149,14 @@ fn kill9_with_everysec_keeps_writes_older_than_a_second() {
         setup_db(&s);
     }
     let mut last_kill = None;
-    for _ in 0..4 {
+    let mut rng = rand::thread_rng();
+    for _ in 0..20 {
         let mut s = Server::start_in(dir.clone(), &env);
         check_counters(&s, &acks, last_kill);
         check_security(&s);
         let stop = Arc::new(AtomicBool::new(false));
         let writers = run_writers(&s, &acks, &stop);
-        std::thread::sleep(Duration::from_millis(2_000));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(1_600..2_400)));
         let kill_at = Instant::now();
         s.kill9();
         stop.store(true, Ordering::Relaxed);
