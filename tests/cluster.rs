@@ -60,7 +60,7 @@ fn writes_replicate_and_secondaries_forward() {
     assert_eq!(on_secondary.get_safe("k").unwrap(), Some((0, "v1".into())));
     on_secondary.set_safe("k", 0, "v2").unwrap();
     // `newer` strategy replicated: a stale set-safe wins on the primary.
-    on_secondary.set_safe("k", -1, "v3").unwrap();
+    on_secondary.set_safe("k", 0, "v3").unwrap();
     on_secondary.increment("n", 7).unwrap();
     on_secondary.remove("multi").unwrap();
     assert!(converged(&c, "k", Some((2, "v3"))));

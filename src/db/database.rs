@@ -207,6 +207,9 @@ impl Database {
         let floor = existing.map(|e| e.version);
         let entry = match op {
             WriteOp::Set(value) => Entry::live(value, next_version(floor, -1)),
+            // -1 is plain `set`'s request version: the JS driver's `setValue` sends
+            // `set-safe <key> -1 <value>` and expects it to win like `set`.
+            WriteOp::SetSafe(-1, value) => Entry::live(value, next_version(floor, -1)),
             WriteOp::SetSafe(requested, value) => match live {
                 Some(e) if requested < e.version => match self.strategy() {
                     Strategy::None => return Err(WriteError::InvalidVersion),
@@ -438,7 +441,9 @@ mod tests {
         );
         assert_eq!(version(db.write("a", WriteOp::SetSafe(1, "y"))), Ok(2));
         assert_eq!(version(db.write("b", WriteOp::SetSafe(5, "y"))), Ok(6));
-        assert_eq!(db.get("a"), Some(("y".to_string(), 2)));
+        // -1 is plain set's version: it always wins.
+        assert_eq!(version(db.write("a", WriteOp::SetSafe(-1, "z"))), Ok(3));
+        assert_eq!(db.get("a"), Some(("z".to_string(), 3)));
     }
 
     #[test]

@@ -1,0 +1,156 @@
+// The official JS driver (npm nun-db@1.8.3, unmodified) against a real server on loopback.
+const { test, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const { spawn } = require('node:child_process');
+const fs = require('node:fs');
+const net = require('node:net');
+const os = require('node:os');
+const path = require('node:path');
+const NunDb = require('nun-db');
+
+const BIN = process.env.NUN_DB_BIN || path.join(__dirname, '..', 'target', 'debug', 'nun-db');
+let server;
+let dataDir;
+let addrs;
+const open = [];
+
+function startServer() {
+  dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nundb-js-'));
+  server = spawn(BIN, ['start', '--tcp-address', '127.0.0.1:0', '--ws-address', '127.0.0.1:0',
+    '--http-address', '127.0.0.1:0', '--dbs-dir', dataDir], {
+    env: { ...process.env, NUN_USER: 'admin', NUN_PWD: 'js-admin', NUN_LOG_LEVEL: 'warn' },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('server did not become ready')), 30000);
+    let buffered = '';
+    server.stdout.on('data', (chunk) => {
+      buffered += chunk.toString();
+      const line = buffered.split('\n').find((l) => l.startsWith('ready '));
+      if (line && !addrs) {
+        clearTimeout(timer);
+        addrs = Object.fromEntries(line.slice(6).split(' ').map((kv) => kv.split('=')));
+        resolve();
+      }
+    });
+    server.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
+  });
+}
+
+// Sends admin command lines over TCP and resolves with every reply line once all envelopes arrived.
+function tcp(lines) {
+  return new Promise((resolve, reject) => {
+    const [host, port] = addrs.tcp.split(':');
+    const socket = net.connect(Number(port), host, () => socket.write(lines.join('\n') + '\n'));
+    let data = '';
+    socket.on('data', (chunk) => {
+      data += chunk.toString();
+      const replies = data.split('\n').filter((l) => l === 'ok ' || /^error .* $/.test(l));
+      if (replies.length >= lines.length) {
+        socket.end();
+        resolve(data.split('\n').filter((l) => l.length));
+      }
+    });
+    socket.on('error', reject);
+  });
+}
+
+function connect(props) {
+  const db = new NunDb({ url: `ws://${addrs.ws}`, ...props });
+  open.push(db);
+  return db;
+}
+
+function withTimeout(promise, ms, what) {
+  let timer;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), ms); }),
+  ]);
+}
+
+before(async () => {
+  await startServer();
+  const replies = await tcp([
+    'auth admin js-admin', 'create-db jsdb js-token', 'use-db jsdb js-token',
+    'create-user reader reader-token', 'set-permissions reader r *',
+    'create-user writer writer-token', 'set-permissions writer rw pub*',
+  ]);
+  assert.deepEqual(replies, ['valid auth', 'ok ', 'create-db success', 'ok ', 'ok ', 'ok ', 'ok ', 'ok ', 'ok ']);
+});
+
+after(() => {
+  for (const db of open) {
+    try { db.goOffline(); } catch (_) { /* already closed */ }
+  }
+  if (server) server.kill('SIGKILL');
+  fs.rmSync(dataDir, { recursive: true, force: true });
+});
+
+test('setValue / getValue round-trips strings and objects', async () => {
+  const db = connect({ db: 'jsdb', token: 'js-token' });
+  await db.setValue('name', 'mateus freira');
+  assert.equal(await db.getValue('name'), 'mateus freira');
+  await db.setValue('profile', { city: 'Belo Horizonte', tags: ['a b', 'c;d'] });
+  assert.deepEqual(await db.getValue('profile'), { city: 'Belo Horizonte', tags: ['a b', 'c;d'] });
+  assert.equal(await db.getValue('never-set'), null);
+});
+
+test('keys lists what was written', async () => {
+  const db = connect({ db: 'jsdb', token: 'js-token' });
+  await db.setValue('k-one', 1);
+  await db.setValue('k-two', 2);
+  const keys = await db.keys();
+  assert.ok(keys.includes('k-one') && keys.includes('k-two'), keys.join(','));
+  assert.ok(keys.includes('$connections'));
+  assert.ok(!keys.some((k) => k.startsWith('$$')), 'security keys are hidden');
+  assert.deepEqual(await db.keys('k-*'), ['k-one', 'k-two']);
+});
+
+test('watch gets the change written by another client', async () => {
+  const watcher = connect({ db: 'jsdb', token: 'js-token' });
+  const writer = connect({ db: 'jsdb', token: 'js-token' });
+  const seen = [];
+  const got = new Promise((resolve) => {
+    watcher.watch('live', (e) => { seen.push(e); if (e.value === 'second') resolve(); });
+  });
+  await watcher._checkConnectionReady();
+  await writer.setValue('live', 'first');
+  await writer.setValue('live', 'second');
+  await withTimeout(got, 10000, 'watch push');
+  assert.deepEqual(seen.map((e) => [e.name, e.value, String(e.version)]),
+    [['live', 'first', '0'], ['live', 'second', '1']]);
+});
+
+test('remove deletes the key', async () => {
+  const db = connect({ db: 'jsdb', token: 'js-token' });
+  await db.setValue('temp', 'x');
+  assert.equal(await db.getValue('temp'), 'x');
+  await db.remove('temp');
+  assert.equal(await db.getValue('temp'), null);
+});
+
+test('user login with {url, db, user, token}', async () => {
+  const admin = connect({ db: 'jsdb', token: 'js-token' });
+  await admin.setValue('shared', 'for readers');
+  const reader = connect({ db: 'jsdb', user: 'reader', token: 'reader-token' });
+  assert.equal(await reader.getValue('shared'), 'for readers');
+  const writer = connect({ db: 'jsdb', user: 'writer', token: 'writer-token' });
+  await writer.setValue('pub-note', 'hello');
+  assert.equal(await writer.getValue('pub-note'), 'hello');
+});
+
+test('a wrong token is rejected with "Invalid token "', async () => {
+  const db = connect({ db: 'jsdb', token: 'wrong' });
+  await assert.rejects(withTimeout(db._connectionPromise, 10000, 'use-db rejection'),
+    (e) => e.message === 'Invalid token ');
+});
+
+test('a write without permission is rejected with "permission denied"', async () => {
+  const reader = connect({ db: 'jsdb', user: 'reader', token: 'reader-token' });
+  await assert.rejects(withTimeout(reader.setValue('shared', 'nope'), 10000, 'set rejection'),
+    (e) => e.message === 'permission denied');
+  const writer = connect({ db: 'jsdb', user: 'writer', token: 'writer-token' });
+  await assert.rejects(withTimeout(writer.setValue('private', 'nope'), 10000, 'set rejection'),
+    (e) => e.message === 'permission denied');
+});
