@@ -38,6 +38,16 @@ fn run_forwarded(node: &Arc<Node>, db: &str, user: &str, line: &str) -> Outcome 
             None => return Outcome::error("Not a valid database name"),
         }
     }
+    let internal = matches!(
+        Command::parse(line),
+        Ok(Command::Fwd { .. }
+            | Command::ReplSync { .. }
+            | Command::Election { .. }
+            | Command::Victory { .. })
+    );
+    if internal {
+        return Outcome::error("Only client commands can be forwarded");
+    }
     let mut outcome = execute_line(&mut s, line);
     // The temporary session never counted itself in `$connections`.
     s.db = None;
@@ -341,6 +351,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::CreateUser { user, token } => {
             require_admin(session)?;
+            if user.starts_with('$') {
+                return Err(Outcome::error("User names cannot start with $"));
+            }
             let db = selected_db(session)?;
             write_result(db.write(
                 &db::user_key(&user),

@@ -367,8 +367,9 @@ fn nundb_data_dir_is_imported() {
         // Strategy `newer` (1) came along: a stale set-safe wins.
         assert_eq!(c.cmd("set-safe name 0 newer wins"), vec!["ok \n"]);
         assert_eq!(c.cmd("use-db other o-t"), vec!["ok \n"]);
+        assert_eq!(c.cmd("set x 2"), vec!["ok \n"]);
         assert_eq!(
-            c.cmd("set-safe x -5 stale"),
+            c.cmd("set-safe x 0 stale"),
             vec!["error Invalid version! \n"]
         );
         let mut a = s.admin();

@@ -303,8 +303,10 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                 if full.is_some() {
                     node.dbs.apply_record(&r);
                 } else if r.lsn > applied {
-                    log.append(&mut r)?;
+                    // Apply, then log: a snapshot taken in between covers the record, and one
+                    // taken before it leaves the record in the newer log segment.
                     node.dbs.apply_record(&r);
+                    log.append(&mut r)?;
                     applied = r.lsn;
                 }
             }

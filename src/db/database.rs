@@ -81,6 +81,8 @@ pub enum WriteError {
     NoArbiter,
     /// The operation log could not be written; nothing was changed.
     Storage(String),
+    /// The key's version cannot grow any more.
+    VersionOverflow,
 }
 
 impl std::fmt::Display for WriteError {
@@ -92,6 +94,7 @@ impl std::fmt::Display for WriteError {
                 f.write_str("An conflitct happend and there is no arbiter client not connected")
             }
             WriteError::Storage(e) => write!(f, "Storage error: {e}"),
+            WriteError::VersionOverflow => f.write_str("Key version overflow"),
         }
     }
 }
@@ -206,17 +209,17 @@ impl Database {
         let live = existing.filter(|e| !e.deleted);
         let floor = existing.map(|e| e.version);
         let entry = match op {
-            WriteOp::Set(value) => Entry::live(value, next_version(floor, -1)),
+            WriteOp::Set(value) => Entry::live(value, next_version(floor, -1)?),
             // -1 is plain `set`'s request version: the JS driver's `setValue` sends
             // `set-safe <key> -1 <value>` and expects it to win like `set`.
-            WriteOp::SetSafe(-1, value) => Entry::live(value, next_version(floor, -1)),
+            WriteOp::SetSafe(-1, value) => Entry::live(value, next_version(floor, -1)?),
             WriteOp::SetSafe(requested, value) => match live {
                 Some(e) if requested < e.version => match self.strategy() {
                     Strategy::None => return Err(WriteError::InvalidVersion),
-                    Strategy::Newer => Entry::live(value, e.version + 1),
+                    Strategy::Newer => Entry::live(value, next_version(Some(e.version), -1)?),
                     Strategy::Arbiter => return Err(WriteError::NoArbiter),
                 },
-                _ => Entry::live(value, next_version(floor, requested)),
+                _ => Entry::live(value, next_version(floor, requested)?),
             },
             WriteOp::Increment(by) => {
                 let current = match live {
@@ -229,11 +232,11 @@ impl Database {
                 };
                 Entry::live(
                     &current.saturating_add(by).to_string(),
-                    next_version(floor, -1),
+                    next_version(floor, -1)?,
                 )
             }
             WriteOp::Remove => match live {
-                Some(e) => Entry::removed(e.version + 1),
+                Some(e) => Entry::removed(next_version(Some(e.version), -1)?),
                 None => {
                     return Ok(Written {
                         version: floor.unwrap_or(-1),
@@ -317,6 +320,14 @@ impl Database {
     /// LSN of the last logged change.
     pub fn last_lsn(&self) -> u64 {
         self.last_lsn.load(Ordering::Acquire)
+    }
+
+    /// Whether a snapshot is needed and the LSN it would cover, read under the data lock so a
+    /// write that has appended its record is also visible (its `last_lsn` is stored before the
+    /// lock is released).
+    pub fn snapshot_point(&self) -> (bool, u64) {
+        let _data = read(&self.data);
+        (self.changed_since_snapshot(), self.last_lsn())
     }
 
     /// True when changes were logged since the last snapshot.
@@ -415,11 +426,11 @@ impl Database {
 }
 
 /// Version of a key after a write requested at `requested`, given the stored version (if any).
-fn next_version(stored: Option<i32>, requested: i32) -> i32 {
-    match stored {
-        Some(v) => v.max(requested).saturating_add(1),
-        None => requested.saturating_add(1),
-    }
+fn next_version(stored: Option<i32>, requested: i32) -> Result<i32, WriteError> {
+    stored
+        .map_or(requested, |v| v.max(requested))
+        .checked_add(1)
+        .ok_or(WriteError::VersionOverflow)
 }
 
 #[cfg(test)]
@@ -466,6 +477,24 @@ mod tests {
             version(db.write("a", WriteOp::SetSafe(0, "3"))),
             Err(WriteError::InvalidVersion)
         );
+    }
+
+    #[test]
+    fn version_overflow_is_an_error() {
+        let db = Database::new("t", Strategy::None);
+        assert_eq!(
+            version(db.write("a", WriteOp::SetSafe(i32::MAX - 1, "x"))),
+            Ok(i32::MAX)
+        );
+        assert_eq!(
+            version(db.write("a", WriteOp::Remove)),
+            Err(WriteError::VersionOverflow)
+        );
+        assert_eq!(
+            version(db.write("a", WriteOp::Set("y"))),
+            Err(WriteError::VersionOverflow)
+        );
+        assert_eq!(db.get("a"), Some(("x".to_string(), i32::MAX)));
     }
 
     #[test]

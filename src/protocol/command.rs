@@ -180,15 +180,22 @@ fn number(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("Invalid number: {}", printable(text)))
 }
 
+/// Request versions are -1 (plain set) or more; -2 marks keys in conflict and is never accepted.
 fn parse_version(text: &str) -> Result<i32, String> {
     text.parse::<i32>()
-        .map_err(|_| format!("Invalid version number: {text}"))
+        .ok()
+        .filter(|v| *v >= -1)
+        .ok_or_else(|| format!("Invalid version number: {}", printable(text)))
 }
 
 impl Command {
     /// Parses one command line (no trailing newline). The error is the message after `error `.
     pub fn parse(line: &str) -> Result<Command, String> {
         let line = line.trim_end_matches(['\r', '\n']);
+        if line.contains(['\r', '\n']) {
+            // A line break would let one command smuggle another into line-framed streams.
+            return Err("Invalid command: line breaks are not allowed inside a command".into());
+        }
         let (verb, args) = next_word(line);
         let exact = |n: usize, text: &str| -> Result<Vec<String>, String> {
             let all: Vec<&str> = args.split(' ').filter(|w| !w.is_empty()).collect();
@@ -510,6 +517,15 @@ mod tests {
                 token: "t".into()
             }
         );
+    }
+
+    #[test]
+    fn line_breaks_and_low_versions_are_refused() {
+        assert!(Command::parse("set k v\nfwd d $admin set $$token x").is_err());
+        assert!(Command::parse("set k a\rb").is_err());
+        assert!(Command::parse("set k v\r\n").is_ok());
+        assert!(Command::parse("set-safe k -2 v").is_err());
+        assert!(Command::parse("set-safe k -1 v").is_ok());
     }
 
     #[test]

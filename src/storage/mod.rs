@@ -118,12 +118,12 @@ impl Storage {
         let boundary = self.log.roll()?;
         let mut written = 0;
         for db in dbs.all() {
-            if !db.changed_since_snapshot() {
+            let (changed, lsn) = db.snapshot_point();
+            if !changed {
                 continue;
             }
             // Fuzzy snapshot: entries are copied chunk by chunk after reading the LSN; any
             // entry newer than it is rewritten identically by replaying the log after it.
-            let lsn = db.last_lsn();
             let mut after: Option<String> = None;
             let chunks = std::iter::from_fn(|| {
                 let chunk = db.copy_chunk(after.as_deref(), SNAPSHOT_CHUNK);

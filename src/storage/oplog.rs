@@ -70,6 +70,9 @@ pub struct OpLog {
     term: AtomicU64,
     backlog: Mutex<Backlog>,
     appended: Condvar,
+    /// Set when a write to the log failed: records may be missing, so nothing more is
+    /// acknowledged until the node restarts (and recovery cuts the damaged tail).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// The most recent records in memory, so replication usually streams without reading files.
@@ -294,6 +297,7 @@ impl OpLog {
             term: AtomicU64::new(last_term.max(1)),
             backlog: Mutex::new(Backlog::default()),
             appended: Condvar::new(),
+            failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -364,6 +368,7 @@ impl OpLog {
     /// its `lsn` is 0; a replica passes the primary's LSN, which must be greater than the last.
     /// Nothing is on disk until [`OpLog::wait_durable`] (or a background tick) flushes it.
     pub fn append(&self, record: &mut Record) -> io::Result<u64> {
+        self.check_failed()?;
         let mut inner = lock(&self.inner);
         if record.lsn == 0 {
             record.lsn = inner.next_lsn;
@@ -411,7 +416,7 @@ impl OpLog {
         }
         let first = backlog.records.front().map(|r| r.lsn);
         let missing = match first {
-            Some(first) => first > after + 1,
+            Some(first) => first > after.saturating_add(1),
             None => after < last,
         };
         if missing {
@@ -457,11 +462,22 @@ impl OpLog {
         self.flush_to(target, false)
     }
 
+    fn check_failed(&self) -> io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            Err(io::Error::other(
+                "the operation log failed earlier; restart the node to recover",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Group flush: the first waiter takes the whole buffer and writes (and maybe fsyncs) it for
     /// everyone; the others wait for it and return if it covered them.
     fn flush_to(&self, lsn: u64, sync: bool) -> io::Result<()> {
         let mut state = lock(&self.flush);
         loop {
+            self.check_failed()?;
             if state.written_lsn >= lsn && (!sync || state.synced_lsn >= lsn) {
                 return Ok(());
             }
@@ -469,6 +485,10 @@ impl OpLog {
                 state.busy = true;
                 drop(state);
                 let result = self.flush_once(sync);
+                if let Err(e) = &result {
+                    log::error!("writing the operation log failed: {e}; refusing further writes");
+                    self.failed.store(true, Ordering::Release);
+                }
                 state = lock(&self.flush);
                 state.busy = false;
                 if let Ok(upto) = result {
@@ -540,9 +560,11 @@ impl OpLog {
     pub fn drop_before(&self, lsn: u64) -> io::Result<()> {
         let mut inner = lock(&self.inner);
         while inner.segments.len() > 1 && inner.segments[1].0 <= lsn {
-            let (_, path) = inner.segments.remove(0);
+            let next_first = inner.segments[1].0;
+            let (first, path) = inner.segments.remove(0);
             let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            let records = count_records(&path);
+            // LSNs are dense within the log, so a sealed segment holds this many records.
+            let records = next_first.saturating_sub(first);
             fs::remove_file(&path)?;
             self.size.fetch_sub(len.min(self.size()), Ordering::Relaxed);
             self.count
@@ -585,12 +607,6 @@ impl Drop for OpLog {
             log::error!("flushing the operation log on close failed: {e}");
         }
     }
-}
-
-fn count_records(path: &Path) -> u64 {
-    read_segment(path, true, &mut |_| Ok(()))
-        .map(|(_, c)| c)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

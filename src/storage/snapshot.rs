@@ -360,10 +360,17 @@ pub fn load_all(
         let values_path = file(dir, &name, VALUES);
         if ours {
             let m = parse_manifest(&file(dir, &name, MANIFEST))?;
-            if matches_expected(&tmp(&keys_path), m.keys)
-                && matches_expected(&tmp(&values_path), m.values)
-            {
-                roll_forward(dir, &name)
+            // A crash may have stopped the renames after the manifest was committed: finish
+            // each file whose temp copy is the one the manifest describes.
+            for (path, expected) in [(&keys_path, m.keys), (&values_path, m.values)] {
+                if matches_expected(&tmp(path), expected) {
+                    fs::rename(tmp(path), path)
+                        .map_err(|e| format!("cannot finish snapshot of {name}: {e}"))?;
+                }
+            }
+            let meta_path = file(dir, &name, META);
+            if tmp(&meta_path).exists() {
+                fs::rename(tmp(&meta_path), &meta_path)
                     .map_err(|e| format!("cannot finish snapshot of {name}: {e}"))?;
             }
             let info = SnapshotInfo {
