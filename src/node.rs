@@ -91,6 +91,14 @@ impl Node {
         Ok(())
     }
 
+    /// Waits until log record `lsn` is durable on this node (watch pushes wait for this).
+    pub fn wait_local_durable(&self, lsn: u64) -> std::io::Result<()> {
+        match &self.storage {
+            Some(s) => s.wait_durable(lsn),
+            None => Ok(()),
+        }
+    }
+
     /// The cluster, once started.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.get()

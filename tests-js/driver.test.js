@@ -111,10 +111,11 @@ test('watch gets the change written by another client', async () => {
   const watcher = connect({ db: 'jsdb', token: 'js-token' });
   const writer = connect({ db: 'jsdb', token: 'js-token' });
   const seen = [];
-  const got = new Promise((resolve) => {
-    watcher.watch('live', (e) => { seen.push(e); if (e.value === 'second') resolve(); });
-  });
-  await watcher._checkConnectionReady();
+  let done;
+  const got = new Promise((resolve) => { done = resolve; });
+  await watcher.watch('live', (e) => { seen.push(e); if (e.value === 'second') done(); });
+  // Replies come in order: once this get is answered, the watch is registered.
+  await watcher.getValue('live');
   await writer.setValue('live', 'first');
   await writer.setValue('live', 'second');
   await withTimeout(got, 10000, 'watch push');

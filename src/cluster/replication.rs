@@ -299,14 +299,11 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                 }
             }
             "rec" => {
-                let mut r = parse_record(rest).ok_or_else(|| io::Error::other("bad record"))?;
+                let r = parse_record(rest).ok_or_else(|| io::Error::other("bad record"))?;
                 if full.is_some() {
                     node.dbs.apply_record(&r);
                 } else if r.lsn > applied {
-                    // Apply, then log: a snapshot taken in between covers the record, and one
-                    // taken before it leaves the record in the newer log segment.
-                    node.dbs.apply_record(&r);
-                    log.append(&mut r)?;
+                    node.dbs.apply_logged(&r, Some(log))?;
                     applied = r.lsn;
                 }
             }

@@ -265,28 +265,39 @@ impl Database {
             _ => 0,
         };
         let version = entry.version;
-        self.store(&mut data, key, entry);
+        self.store(&mut data, key, entry, lsn);
         Ok(Written { version, lsn })
     }
 
     /// Applies a record that is already in the log (start-up replay, replication): stores the
     /// entry it describes and notifies watchers. Records at or below the last LSN are skipped.
     pub fn apply_record(&self, record: &Record) {
+        let _ = self.apply_logged(record, None);
+    }
+
+    /// Applies a record received through replication, appending it to `log` under the same
+    /// lock (as a primary's write does), so a snapshot never sees one without the other.
+    pub fn apply_logged(&self, record: &Record, log: Option<&OpLog>) -> std::io::Result<()> {
         let mut data = write(&self.data);
         if record.lsn != 0 && record.lsn <= self.last_lsn.load(Ordering::Acquire) {
-            return;
+            return Ok(());
         }
         let entry = match record.op {
             Op::Set => Entry::live(&record.value, record.version),
             Op::Remove => Entry::removed(record.version),
-            Op::CreateDb | Op::DeleteDb => return,
+            Op::CreateDb | Op::DeleteDb => return Ok(()),
         };
+        if let Some(log) = log {
+            log.append(&mut record.clone())?;
+        }
         self.last_lsn.store(record.lsn, Ordering::Release);
-        self.store(&mut data, &record.key, entry);
+        self.store(&mut data, &record.key, entry, record.lsn);
+        Ok(())
     }
 
-    /// Inserts `entry` and queues its notification to the key's watchers.
-    fn store(&self, data: &mut BTreeMap<Box<str>, Entry>, key: &str, entry: Entry) {
+    /// Inserts `entry` and queues its notification (sent once log record `lsn` is durable) to
+    /// the key's watchers.
+    fn store(&self, data: &mut BTreeMap<Box<str>, Entry>, key: &str, entry: Entry, lsn: u64) {
         let messages = if entry.deleted {
             vec![format!("removed {key}\n")]
         } else {
@@ -296,7 +307,7 @@ impl Database {
             ]
         };
         data.insert(Box::from(key), entry);
-        self.notify(key, messages);
+        self.notify(key, messages, lsn);
     }
 
     /// Replaces the contents with snapshot entries taken at `lsn`.
@@ -412,13 +423,13 @@ impl Database {
     }
 
     /// Queues `messages` to every watcher of `key`, dropping watchers that are gone or too slow.
-    fn notify(&self, key: &str, messages: Vec<String>) {
+    fn notify(&self, key: &str, messages: Vec<String>, lsn: u64) {
         let mut watchers = lock(&self.watchers);
         let Some(list) = watchers.get_mut(key) else {
             return;
         };
         let messages = Arc::new(messages);
-        list.retain(|o| o.notify(&messages));
+        list.retain(|o| o.notify(&messages, lsn));
         if list.is_empty() {
             watchers.remove(key);
         }

@@ -149,12 +149,26 @@ impl Databases {
 
     /// Applies a record already in the log (replay or replication), without logging it again.
     pub fn apply_record(&self, record: &Record) {
+        let _ = self.apply_logged(record, None);
+    }
+
+    /// Applies a record received through replication, appending it to `log` under the lock
+    /// that also covers its effect.
+    pub fn apply_logged(&self, record: &Record, log: Option<&OpLog>) -> std::io::Result<()> {
+        let append = |r: &Record| -> std::io::Result<()> {
+            if let Some(log) = log {
+                log.append(&mut r.clone())?;
+            }
+            Ok(())
+        };
         match record.op {
             Op::CreateDb => {
                 let exists = self
                     .get(&record.db)
                     .is_some_and(|db| db.last_lsn() >= record.lsn);
                 if !exists {
+                    let mut map = self.write_map();
+                    append(record)?;
                     let strategy = Strategy::parse(&record.value).unwrap_or(Strategy::None);
                     let db = Arc::new(Database::with_log(
                         &record.db,
@@ -162,7 +176,7 @@ impl Databases {
                         self.log.get().cloned(),
                     ));
                     db.load(Vec::new(), record.lsn);
-                    self.write_map().insert(record.db.clone(), db);
+                    map.insert(record.db.clone(), db);
                 }
             }
             Op::DeleteDb => {
@@ -171,13 +185,14 @@ impl Databases {
                     .get(&record.db)
                     .is_some_and(|db| db.last_lsn() < record.lsn)
                 {
+                    append(record)?;
                     if let Some(db) = map.remove(&record.db) {
                         db.mark_dropped();
                     }
                 }
             }
             Op::Set | Op::Remove => match self.get(&record.db) {
-                Some(db) => db.apply_record(record),
+                Some(db) => db.apply_logged(record, log)?,
                 None => log::warn!(
                     "log record {} for unknown database {} skipped",
                     record.lsn,
@@ -185,6 +200,7 @@ impl Databases {
                 ),
             },
         }
+        Ok(())
     }
 
     /// Drops every database (a replica about to receive a full sync).

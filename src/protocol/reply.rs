@@ -62,6 +62,12 @@ impl Outcome {
         }
     }
 
+    /// Approximate bytes of the rendered reply.
+    pub fn size(&self) -> usize {
+        self.messages.iter().map(|m| m.len() + 1).sum::<usize>()
+            + self.error.as_ref().map_or(4, |e| e.len() + 8)
+    }
+
     /// The wire messages for stream transports (TCP, WebSocket): each output then the envelope.
     pub fn wire_messages(&self) -> Vec<String> {
         let mut out: Vec<String> = self.messages.iter().map(|m| format!("{m}\n")).collect();

@@ -9,7 +9,10 @@ use tiny_http::{Header, Request, Response, Server};
 
 use crate::exec;
 use crate::node::Node;
-use crate::protocol::split_commands;
+use crate::protocol::{split_commands, Outcome};
+
+/// Response bytes after which the remaining commands of a body are refused.
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 use crate::server::outbox::Outbox;
 use crate::server::session::Session;
 
@@ -50,10 +53,21 @@ fn text_response(status: u16, body: String) -> Response<io::Cursor<Vec<u8>>> {
 pub fn run_body(node: &Arc<Node>, body: &str) -> String {
     let (outbox, _rx) = Outbox::new(1, 1);
     let mut session = Session::new(node, outbox);
-    let mut outcomes: Vec<_> = split_commands(body)
-        .into_iter()
-        .map(|command| exec::execute_line(&mut session, command))
-        .collect();
+    let mut outcomes = Vec::new();
+    let mut bytes = 0;
+    for command in split_commands(body) {
+        if bytes > MAX_RESPONSE {
+            // Only the first message of each reply is kept, but those can still be huge.
+            outcomes.push(Outcome::error(
+                "Response too large; send fewer commands per request",
+            ));
+            continue;
+        }
+        let mut outcome = exec::execute_line(&mut session, command);
+        outcome.messages.truncate(1);
+        bytes += outcome.size();
+        outcomes.push(outcome);
+    }
     exec::acknowledge(node, &mut outcomes);
     outcomes
         .iter()

@@ -14,6 +14,9 @@ use std::thread;
 
 use crate::node::Node;
 
+/// How long a socket write may block before the client is considered gone.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Stack size for per-connection threads: sessions need little, and thousands may be open.
 pub const CONNECTION_STACK: usize = 256 * 1024;
 

@@ -12,7 +12,7 @@ pub enum Outgoing {
     /// must be durable before they are written (0: none).
     Reply(Vec<String>, u64),
     /// A change pushed to watchers, each message ending in `\n`.
-    Notify(Arc<Vec<String>>),
+    Notify(Arc<Vec<String>>, u64),
 }
 
 impl Outgoing {
@@ -20,15 +20,23 @@ impl Outgoing {
     pub fn messages(&self) -> &[String] {
         match self {
             Outgoing::Reply(m, _) => m,
-            Outgoing::Notify(m) => m,
+            Outgoing::Notify(m, _) => m,
         }
     }
 
-    /// The LSN that must be durable before this item is written.
+    /// The LSN a reply acknowledges: durable (and replicated per the write concern) first.
     pub fn lsn(&self) -> u64 {
         match self {
             Outgoing::Reply(_, lsn) => *lsn,
-            Outgoing::Notify(_) => 0,
+            Outgoing::Notify(..) => 0,
+        }
+    }
+
+    /// The LSN of the change a notification reports: durable on this node first.
+    pub fn change_lsn(&self) -> u64 {
+        match self {
+            Outgoing::Reply(..) => 0,
+            Outgoing::Notify(_, lsn) => *lsn,
         }
     }
 
@@ -145,11 +153,11 @@ impl Outbox {
 
     /// Queues a notification without waiting. A full queue disconnects the session; returns false
     /// when the session is gone so the caller can forget it.
-    pub fn notify(&self, messages: &Arc<Vec<String>>) -> bool {
+    pub fn notify(&self, messages: &Arc<Vec<String>>, lsn: u64) -> bool {
         if self.is_closed() {
             return false;
         }
-        let item = Outgoing::Notify(Arc::clone(messages));
+        let item = Outgoing::Notify(Arc::clone(messages), lsn);
         let size = item.size();
         {
             let Ok(mut state) = self.state.lock() else {
@@ -233,9 +241,9 @@ mod tests {
     fn slow_watcher_is_disconnected_not_waited_for() {
         let (outbox, rx) = Outbox::new(2, 1 << 20);
         let msg = Arc::new(vec!["changed a 1\n".to_string()]);
-        assert!(outbox.notify(&msg));
-        assert!(outbox.notify(&msg));
-        assert!(!outbox.notify(&msg));
+        assert!(outbox.notify(&msg, 0));
+        assert!(outbox.notify(&msg, 0));
+        assert!(!outbox.notify(&msg, 0));
         assert!(outbox.is_closed());
         assert_eq!(rx.try_iter().count(), 2);
     }
@@ -244,8 +252,8 @@ mod tests {
     fn byte_budget_disconnects_watcher() {
         let (outbox, _rx) = Outbox::new(100, 10);
         let msg = Arc::new(vec!["changed a 123456\n".to_string()]);
-        assert!(outbox.notify(&msg));
-        assert!(!outbox.notify(&msg));
+        assert!(outbox.notify(&msg, 0));
+        assert!(!outbox.notify(&msg, 0));
         assert!(outbox.is_closed());
     }
 }

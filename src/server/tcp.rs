@@ -13,7 +13,7 @@ use crate::node::Node;
 use crate::protocol::{Outcome, Takeover};
 use crate::server::outbox::{Outbox, Outgoing};
 use crate::server::session::Session;
-use crate::server::spawn_connection_thread;
+use crate::server::{spawn_connection_thread, WRITE_TIMEOUT};
 
 /// Binds the TCP listener and accepts connections on a background thread.
 pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
@@ -106,6 +106,8 @@ pub fn read_line_bounded(
 
 fn serve(node: &Arc<Node>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    // A client that stops reading cannot pin a writer thread (and its queue) forever.
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let (Ok(write_half), Ok(shutdown_half), Ok(direct)) =
         (stream.try_clone(), stream.try_clone(), stream.try_clone())
     else {
@@ -155,7 +157,8 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
         };
         batch.extend(outcome);
         // Pipelined commands already received run as one batch: one durability wait, one write.
-        if reader.buffer().contains(&b'\n') && batch.len() < 1024 {
+        let batch_bytes: usize = batch.iter().map(Outcome::size).sum();
+        if reader.buffer().contains(&b'\n') && batch.len() < 1024 && batch_bytes < 1024 * 1024 {
             continue;
         }
         if !flush_batch(node, &session, &direct, &mut batch) {
@@ -200,9 +203,13 @@ fn flush_batch(
     }
 }
 
-/// Waits for `lsn` to be durable before replies acknowledging it are written.
-pub fn durable_before_send(node: &Node, lsn: u64) -> bool {
-    match node.wait_durable(lsn) {
+/// Waits until the writes acknowledged (`lsn`) and the changes pushed (`change`) by a batch
+/// are durable, before the batch is written.
+pub fn durable_before_send(node: &Node, lsn: u64, change: u64) -> bool {
+    match node
+        .wait_durable(lsn)
+        .and_then(|_| node.wait_local_durable(change))
+    {
         Ok(()) => true,
         Err(e) => {
             log::error!("operation log write failed, closing the session: {e}");
@@ -234,19 +241,21 @@ pub fn write_loop(
         append(&mut buf, &first);
         let mut size = first.size();
         let mut lsn = first.lsn();
+        let mut change = first.change_lsn();
         while buf.len() < 256 * 1024 {
             match rx.try_recv() {
                 Ok(item) => {
                     append(&mut buf, &item);
                     size += item.size();
                     lsn = lsn.max(item.lsn());
+                    change = change.max(item.change_lsn());
                 }
                 Err(_) => break,
             }
         }
-        // Acknowledgements go out only once their log records are durable; if that fails the
-        // connection is closed rather than acknowledging.
-        let ok = durable_before_send(node, lsn) && stream.write_all(&buf).is_ok();
+        // Acknowledgements and pushed changes go out only once their log records are durable;
+        // if that fails the connection is closed rather than telling the client.
+        let ok = durable_before_send(node, lsn, change) && stream.write_all(&buf).is_ok();
         if let Some(outbox) = owner {
             outbox.written(size);
             outbox.release();

@@ -16,8 +16,11 @@ use crate::node::Node;
 use crate::protocol::{split_commands, Outcome};
 use crate::server::outbox::{Outbox, Outgoing};
 use crate::server::session::Session;
-use crate::server::spawn_connection_thread;
 use crate::server::tcp::durable_before_send;
+use crate::server::{spawn_connection_thread, WRITE_TIMEOUT};
+
+/// Reply bytes buffered while running one frame before they are queued.
+const REPLY_CHUNK: usize = 1024 * 1024;
 
 /// How long a client may take to complete the WebSocket handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,6 +109,8 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
         }
     };
     let _ = ws.get_ref().read.set_read_timeout(None);
+    // A client that stops reading cannot pin a writer thread (and its queue) forever.
+    let _ = ws.get_ref().read.set_write_timeout(Some(WRITE_TIMEOUT));
     let writer_ws = Arc::new(Mutex::new(WebSocket::from_raw_socket(
         SharedStream {
             read: read2,
@@ -157,11 +162,22 @@ fn serve(node: &Arc<Node>, stream: TcpStream) {
                 break;
             }
         };
-        let mut outcomes: Vec<Outcome> = split_commands(&text)
-            .into_iter()
-            .map(|command| exec::execute_line(&mut session, command))
-            .collect();
         let pipelined = ws.get_ref().reads == reads_before;
+        let mut outcomes: Vec<Outcome> = Vec::new();
+        let mut pending_bytes = 0;
+        for command in split_commands(&text) {
+            let outcome = exec::execute_line(&mut session, command);
+            pending_bytes += outcome.size();
+            outcomes.push(outcome);
+            // Replies of a huge frame go out as they accumulate, so memory stays bounded.
+            if pending_bytes > REPLY_CHUNK {
+                if !send_replies(node, &session, &direct, &mut outcomes, true) {
+                    return;
+                }
+                outcomes.clear();
+                pending_bytes = 0;
+            }
+        }
         if !send_replies(node, &session, &direct, &mut outcomes, pipelined) {
             return;
         }
@@ -233,8 +249,9 @@ fn write_loop(node: &Node, shared: SharedWs, rx: &Receiver<Outgoing>, outbox: &W
             }
         }
         let lsn = items.iter().map(Outgoing::lsn).max().unwrap_or(0);
+        let change = items.iter().map(Outgoing::change_lsn).max().unwrap_or(0);
         let mut ws = lock_ws(&shared);
-        let ok = durable_before_send(node, lsn)
+        let ok = durable_before_send(node, lsn, change)
             && items.iter().all(|item| write_item(&mut ws, item))
             && ws.flush().is_ok();
         drop(ws);
