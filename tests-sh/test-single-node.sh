@@ -13,7 +13,10 @@ WATCHER=""
 cleanup() { touch "$WORK/done"; [ -n "$WATCHER" ] && kill "$WATCHER" 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-send() { printf '%s\n' "$@" | nc -N -w 5 "${ADDR%:*}" "${ADDR#*:}"; }
+send() {
+  printf '%s\n' "$@" | nc -N -w 5 "${ADDR%:*}" "${ADDR#*:}" \
+    || { echo "FAIL: cannot reach a node at $ADDR (start one with make run)" >&2; exit 1; }
+}
 
 check() {
   local expected=$1 got; shift
