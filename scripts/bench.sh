@@ -88,14 +88,19 @@ cluster_rows() {
       --external-address "127.0.0.1:${ports[$i]}" >"$WORK/c$quorum$i.out" 2>&1 &
     CPIDS[$i]=$!; PIDS+=("$!")
   done
-  CPRIMARY=""
+  # Wait for a primary that three polls in a row agree on.
+  CPRIMARY=""; local seen="" same=0
   for _ in $(seq 400); do
+    seen=""
     for i in 0 1 2; do
       if printf 'auth admin bench\ncluster-state\n' | nc -N -w 2 127.0.0.1 "${ports[$i]}" 2>/dev/null \
-          | grep -q "127.0.0.1:${ports[$i]}(self):Primary"; then CPRIMARY=$i; fi
+          | grep -q "127.0.0.1:${ports[$i]}(self):Primary"; then seen=$i; fi
     done
-    [ -n "$CPRIMARY" ] && break; sleep 0.05
+    if [ -n "$seen" ] && [ "$seen" = "$CPRIMARY" ]; then same=$((same + 1)); else same=0; fi
+    CPRIMARY=$seen
+    [ "$same" -ge 2 ] && break; sleep 0.1
   done
+  [ -n "$CPRIMARY" ] || { echo "no primary in the $quorum cluster" >&2; cat "$WORK"/c$quorum*.out >&2; return 1; }
   local ws; ws=$(grep -o 'ws=[^ ]*' "$WORK/c$quorum$CPRIMARY.out" | cut -d= -f2)
   "$BIN" -u admin -p bench bench --tcp "127.0.0.1:${ports[$CPRIMARY]}" --ws "$ws" --ops set \
     --transports tcp --conns 1,50 --pipeline 1 --watchers none --duration "$DUR" \
@@ -112,11 +117,12 @@ cluster_rows() {
       [ -n "$np" ] && break; sleep 0.01
     done
     t1=$(date +%s%N)
-    FAILOVER_MS=$(( (t1 - t0) / 1000000 ))
+    echo $(( (t1 - t0) / 1000000 )) > "$WORK/failover_ms"
   fi
   for i in 0 1 2; do kill "${CPIDS[$i]}" 2>/dev/null || true; done
 }
 CLUSTER_ROWS="$(cluster_rows majority)"$'\n'"$(cluster_rows 1)"
+FAILOVER_MS=$(cat "$WORK/failover_ms")
 
 RAW_MB=$(python3 -c "print(f'{$N*116/1e6:.1f}')")
 RSS_MB=$(python3 -c "print(f'{$RSS_KB/1024:.1f}')")

@@ -138,6 +138,7 @@ impl Node {
                 .log()
                 .cloned()
                 .ok_or_else(|| "a cluster node needs storage".to_string())?;
+            log.enable_backlog();
             cluster
                 .start_elections(log)
                 .map_err(|e| format!("cannot start the election thread: {e}"))?;

@@ -73,6 +73,8 @@ pub struct OpLog {
     /// Set when a write to the log failed: records may be missing, so nothing more is
     /// acknowledged until the node restarts (and recovery cuts the damaged tail).
     failed: std::sync::atomic::AtomicBool,
+    /// Keep recent records in memory for replication (only cluster members need it).
+    backlog_enabled: std::sync::atomic::AtomicBool,
 }
 
 /// The most recent records in memory, so replication usually streams without reading files.
@@ -84,6 +86,8 @@ struct Backlog {
 
 /// Bytes of recent records kept in memory for replication.
 const BACKLOG_BYTES: usize = 64 * 1024 * 1024;
+/// Approximate memory of a backlog entry beyond its encoded bytes (struct, Arc, strings).
+const BACKLOG_OVERHEAD: usize = 96;
 
 /// What [`OpLog::records_after`] found.
 #[derive(Debug)]
@@ -298,6 +302,7 @@ impl OpLog {
             backlog: Mutex::new(Backlog::default()),
             appended: Condvar::new(),
             failed: std::sync::atomic::AtomicBool::new(false),
+            backlog_enabled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -387,18 +392,25 @@ impl OpLog {
         inner.appended_term = record.term;
         self.size.fetch_add(encoded as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
-        {
+        if self.backlog_enabled.load(Ordering::Relaxed) {
             let mut backlog = lock(&self.backlog);
             backlog.records.push_back(Arc::new(record.clone()));
-            backlog.bytes += encoded;
+            backlog.bytes += encoded + BACKLOG_OVERHEAD;
             while backlog.bytes > BACKLOG_BYTES && backlog.records.len() > 1 {
                 if let Some(old) = backlog.records.pop_front() {
-                    backlog.bytes = backlog.bytes.saturating_sub(old.encoded_len());
+                    backlog.bytes = backlog
+                        .bytes
+                        .saturating_sub(old.encoded_len() + BACKLOG_OVERHEAD);
                 }
             }
         }
         self.appended.notify_all();
         Ok(record.lsn)
+    }
+
+    /// Starts keeping recent records in memory for replication to secondaries.
+    pub fn enable_backlog(&self) {
+        self.backlog_enabled.store(true, Ordering::Relaxed);
     }
 
     /// Records with LSN > `after` from the in-memory backlog, waiting up to `wait` for one to be
