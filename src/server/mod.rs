@@ -8,7 +8,7 @@ pub mod tcp;
 pub mod ws;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
 
@@ -38,6 +38,34 @@ pub fn start(node: &Arc<Node>) -> io::Result<Bound> {
     let ws = ws::listen(node)?;
     let http = http::listen(node)?;
     Ok(Bound { tcp, ws, http })
+}
+
+/// Binds `addr` and accepts connections on a background thread, serving each on its own thread.
+pub fn listen_with(
+    node: &Arc<Node>,
+    addr: &str,
+    kind: &'static str,
+    serve: fn(&Arc<Node>, TcpStream),
+) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    let node = Arc::clone(node);
+    thread::Builder::new()
+        .name(format!("{kind}-accept"))
+        .spawn(move || loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let node = Arc::clone(&node);
+                    spawn_connection_thread(format!("{kind}-{peer}"), move || serve(&node, stream));
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    log::warn!("{kind} accept failed: {e}");
+                    thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        })?;
+    Ok(bound)
 }
 
 /// Spawns a named thread with the small connection stack; logs instead of panicking on failure.

@@ -2,10 +2,9 @@
 //! runs commands; a writer thread drains the session queue, batching whatever is ready into one write.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use crate::cluster::replication;
 use crate::exec;
@@ -13,33 +12,11 @@ use crate::node::Node;
 use crate::protocol::{Outcome, Takeover};
 use crate::server::outbox::{Outbox, Outgoing};
 use crate::server::session::Session;
-use crate::server::{spawn_connection_thread, WRITE_TIMEOUT};
+use crate::server::{listen_with, spawn_connection_thread, WRITE_TIMEOUT};
 
 /// Binds the TCP listener and accepts connections on a background thread.
 pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(&node.config.tcp_addr)?;
-    let addr = listener.local_addr()?;
-    let node = Arc::clone(node);
-    std::thread::Builder::new()
-        .name("tcp-accept".into())
-        .spawn(move || accept_loop(&node, &listener))?;
-    Ok(addr)
-}
-
-fn accept_loop(node: &Arc<Node>, listener: &TcpListener) {
-    loop {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let node = Arc::clone(node);
-                spawn_connection_thread(format!("tcp-{peer}"), move || serve(&node, stream));
-            }
-            Err(e) => {
-                // Typically out of file descriptors: back off instead of spinning.
-                log::warn!("tcp accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
+    listen_with(node, &node.config.tcp_addr, "tcp", serve)
 }
 
 /// Result of reading one line with a length limit.

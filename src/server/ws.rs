@@ -3,7 +3,7 @@
 //! over clones of one socket; writes share a lock so frames never interleave.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use crate::protocol::{split_commands, Outcome};
 use crate::server::outbox::{Outbox, Outgoing};
 use crate::server::session::Session;
 use crate::server::tcp::durable_before_send;
-use crate::server::{spawn_connection_thread, WRITE_TIMEOUT};
+use crate::server::{listen_with, spawn_connection_thread, WRITE_TIMEOUT};
 
 /// Reply bytes buffered while running one frame before they are queued.
 const REPLY_CHUNK: usize = 1024 * 1024;
@@ -27,24 +27,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the WebSocket listener and accepts connections on a background thread.
 pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(&node.config.ws_addr)?;
-    let addr = listener.local_addr()?;
-    let node = Arc::clone(node);
-    std::thread::Builder::new()
-        .name("ws-accept".into())
-        .spawn(move || loop {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    let node = Arc::clone(&node);
-                    spawn_connection_thread(format!("ws-{peer}"), move || serve(&node, stream));
-                }
-                Err(e) => {
-                    log::warn!("ws accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        })?;
-    Ok(addr)
+    listen_with(node, &node.config.ws_addr, "ws", serve)
 }
 
 /// A socket whose reads are private and whose writes go through a shared lock, one whole buffer
