@@ -82,20 +82,36 @@ impl Node {
     /// Waits until the log record `lsn` may be acknowledged: durable per the fsync policy here
     /// and, in a cluster, on enough members for the write concern.
     pub fn wait_durable(&self, lsn: u64) -> std::io::Result<()> {
-        if let Some(s) = &self.storage {
-            s.wait_durable(lsn)?;
-        }
+        self.wait_local_durable(lsn)?;
         if let Some(c) = self.cluster() {
             c.wait_quorum(lsn).map_err(std::io::Error::other)?;
         }
         Ok(())
     }
 
-    /// Waits until log record `lsn` is durable on this node (watch pushes wait for this).
+    /// Waits until log record `lsn` is durable on this node (a primary's commit point may move).
     pub fn wait_local_durable(&self, lsn: u64) -> std::io::Result<()> {
-        match &self.storage {
-            Some(s) => s.wait_durable(lsn),
-            None => Ok(()),
+        let Some(s) = &self.storage else {
+            return Ok(());
+        };
+        s.wait_durable(lsn)?;
+        if let Some(c) = self.cluster() {
+            if lsn > 0 && c.note_durable(lsn) {
+                s.log().wake();
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the change logged as `lsn` may be pushed to watchers: durable here and, in a
+    /// cluster, committed (so no later primary can roll it back).
+    pub fn wait_committed(&self, lsn: u64) -> std::io::Result<()> {
+        self.wait_local_durable(lsn)?;
+        match self.cluster() {
+            Some(c) if lsn > 0 && !c.wait_commit(lsn) => Err(std::io::Error::other(format!(
+                "change {lsn} was not committed before this node stopped being primary"
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -132,6 +148,11 @@ impl Node {
             log.set_term(log.term().max(cluster.term()));
         }
         let multi = !cluster.peers().is_empty();
+        let node = Arc::downgrade(self);
+        cluster.set_elected_hook(cluster::ElectedHook(Box::new(move |term| {
+            let node = node.upgrade().ok_or("the node is shutting down")?;
+            cluster::replication::take_over(&node, term)
+        })));
         let _ = self.cluster.set(Arc::clone(&cluster));
         if multi {
             let log = self

@@ -141,15 +141,11 @@ impl Cluster {
                 break;
             }
         }
-        let mut s = lock(&self.state);
-        if s.term == term && s.role == Role::Candidate && votes >= self.majority() {
-            s.role = Role::Primary;
-            s.primary = Some(self.self_id.clone());
-            s.last_heard = Instant::now();
-            s.acks.clear();
-            log.set_term(term);
-            self.changed.notify_all();
-            drop(s);
+        let won = {
+            let s = lock(&self.state);
+            s.term == term && s.role == Role::Candidate && votes >= self.majority()
+        };
+        if won && self.promote(term, log) {
             log::info!(
                 "{} is primary for term {term} ({votes} votes)",
                 self.self_id
@@ -157,6 +153,7 @@ impl Cluster {
             self.announce(term);
             return true;
         }
+        let mut s = lock(&self.state);
         if s.role == Role::Candidate {
             s.role = Role::Secondary;
         }
@@ -173,6 +170,39 @@ impl Cluster {
     }
 
     /// Tells every peer that this node won `term`.
+    /// Makes this candidate the primary of `term`: runs the elected hook (applies the log it
+    /// inherited, logs the term-start record), then takes writes. False if the term moved on
+    /// meanwhile or the hook failed.
+    fn promote(&self, term: u64, log: &OpLog) -> bool {
+        log.set_term(term);
+        let start = match self.on_elected.get() {
+            Some(hook) => (hook.0)(term),
+            None => Ok(0),
+        };
+        let mut s = lock(&self.state);
+        let start = match start {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                log::error!("{} cannot take over term {term}: {e}", self.self_id);
+                if s.role == Role::Candidate {
+                    s.role = Role::Secondary;
+                }
+                return false;
+            }
+        };
+        if s.term != term || s.role != Role::Candidate {
+            return false;
+        }
+        s.role = Role::Primary;
+        s.primary = Some(self.self_id.clone());
+        s.last_heard = Instant::now();
+        s.acks.clear();
+        s.term_start = start;
+        self.advance_commit(&mut s);
+        self.changed.notify_all();
+        true
+    }
+
     fn announce(self: &Arc<Self>, term: u64) {
         for peer in self.peers() {
             let cluster = Arc::clone(self);
@@ -226,14 +256,19 @@ impl Cluster {
         loop {
             std::thread::sleep(tick);
             if self.peers().is_empty() {
-                let mut s = lock(&self.state);
-                if s.role != Role::Primary {
-                    s.role = Role::Primary;
-                    s.primary = Some(self.self_id.clone());
-                    s.term = s.term.max(1);
-                    log.set_term(s.term);
-                    self.changed.notify_all();
-                }
+                let term = {
+                    let mut s = lock(&self.state);
+                    if s.role == Role::Primary {
+                        continue;
+                    }
+                    s.term += 1;
+                    s.voted_for = Some(self.self_id.clone());
+                    s.role = Role::Candidate;
+                    s.primary = None;
+                    self.persist(&s);
+                    s.term
+                };
+                self.promote(term, log);
                 continue;
             }
             let (role, term, silent, reachable) = {

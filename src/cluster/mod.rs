@@ -42,6 +42,23 @@ struct State {
     last_heard: Instant,
     /// Highest LSN each secondary acknowledged as durable, and when it last did.
     acks: HashMap<String, (u64, Instant)>,
+    /// Highest LSN known committed: durable on enough members for the write concern, so no
+    /// later primary can lose it. Secondaries apply and everyone notifies watchers only up to it.
+    commit: u64,
+    /// Highest LSN durable in this node's own log (what the primary counts for itself).
+    durable: u64,
+    /// LSN of this primary's term-start record: the commit point may only move to or past it.
+    term_start: u64,
+}
+
+/// Prepares this node to lead `term` before it starts taking writes (applies the log it
+/// inherited, logs the term-start record); returns that record's LSN.
+pub struct ElectedHook(pub Box<dyn Fn(u64) -> Result<u64, String> + Send + Sync>);
+
+impl std::fmt::Debug for ElectedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ElectedHook")
+    }
 }
 
 /// Membership and role of this node.
@@ -64,6 +81,10 @@ pub struct Cluster {
     applied_cv: Condvar,
     /// Writes waiting for the quorum.
     pending: AtomicU64,
+    /// Run when this node wins an election, before it takes writes.
+    on_elected: std::sync::OnceLock<ElectedHook>,
+    /// Serializes appending and applying replicated records with taking over as primary.
+    replica: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -108,6 +129,9 @@ impl Cluster {
                 primary: single.then(|| self_id.clone()),
                 last_heard: Instant::now(),
                 acks: HashMap::new(),
+                commit: 0,
+                durable: 0,
+                term_start: 0,
             }),
             self_id,
             members: Mutex::new(all),
@@ -120,7 +144,20 @@ impl Cluster {
             applied_lock: Mutex::new(()),
             applied_cv: Condvar::new(),
             pending: AtomicU64::new(0),
+            on_elected: std::sync::OnceLock::new(),
+            replica: Mutex::new(()),
         }
+    }
+
+    /// Held while replicated records are appended or applied, and while taking over as primary,
+    /// so a promoted node never receives a record from its former primary behind its back.
+    pub fn replica_guard(&self) -> MutexGuard<'_, ()> {
+        lock(&self.replica)
+    }
+
+    /// Sets what runs when this node wins an election (see [`ElectedHook`]).
+    pub fn set_elected_hook(&self, hook: ElectedHook) {
+        let _ = self.on_elected.set(hook);
     }
 
     /// Sorted member names (including this node).
@@ -228,8 +265,8 @@ impl Cluster {
         true
     }
 
-    /// Records that `node` has `lsn` durable.
-    pub fn record_ack(&self, node: &str, lsn: u64) {
+    /// Records that `node` has `lsn` durable. True when the commit point moved.
+    pub fn record_ack(&self, node: &str, lsn: u64) -> bool {
         let mut s = lock(&self.state);
         let entry = s
             .acks
@@ -237,7 +274,83 @@ impl Cluster {
             .or_insert((0, Instant::now()));
         entry.0 = entry.0.max(lsn);
         entry.1 = Instant::now();
+        let moved = self.advance_commit(&mut s);
         self.changed.notify_all();
+        moved
+    }
+
+    /// Records that this node's own log is durable up to `lsn`. True when the commit point moved.
+    pub fn note_durable(&self, lsn: u64) -> bool {
+        let mut s = lock(&self.state);
+        if lsn <= s.durable {
+            return false;
+        }
+        s.durable = lsn;
+        self.advance_commit(&mut s)
+    }
+
+    /// On the primary, moves the commit point to the highest LSN durable on enough members
+    /// (its own term's records only: they commit the prefix they extend).
+    fn advance_commit(&self, s: &mut State) -> bool {
+        if s.role != Role::Primary {
+            return false;
+        }
+        let candidate = match self.quorum {
+            WriteQuorum::One => s.durable,
+            WriteQuorum::Majority => {
+                let members = lock(&self.members);
+                let mut durable: Vec<u64> = members
+                    .iter()
+                    .filter(|m| **m != self.self_id)
+                    .map(|m| s.acks.get(m).map_or(0, |a| a.0))
+                    .collect();
+                durable.push(s.durable);
+                durable.sort_unstable_by(|a, b| b.cmp(a));
+                durable[(members.len() / 2).min(durable.len() - 1)]
+            }
+        };
+        if candidate > s.commit && candidate >= s.term_start {
+            s.commit = candidate;
+            self.changed.notify_all();
+            return true;
+        }
+        false
+    }
+
+    /// The highest LSN known committed.
+    pub fn commit(&self) -> u64 {
+        lock(&self.state).commit
+    }
+
+    /// A secondary learned from its primary that everything up to `lsn` is committed.
+    pub fn set_commit(&self, lsn: u64) {
+        let mut s = lock(&self.state);
+        if lsn > s.commit {
+            s.commit = lsn;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until `lsn` is committed (watch pushes wait for this). False when this node stops
+    /// being primary first, or after five election timeouts: the change may be rolled back, so
+    /// the watcher is disconnected rather than told.
+    pub fn wait_commit(&self, lsn: u64) -> bool {
+        let deadline = Instant::now() + self.timeout * 5;
+        let mut s = lock(&self.state);
+        loop {
+            if s.commit >= lsn {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if s.role != Role::Primary || left.is_zero() {
+                return false;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Members (other than us) that acknowledged something within the election timeout.
@@ -262,10 +375,10 @@ impl Cluster {
         let deadline = Instant::now() + self.timeout * 5;
         let mut s = lock(&self.state);
         let result = loop {
-            let have = 1 + s.acks.values().filter(|(l, _)| *l >= lsn).count();
-            if have >= needed {
+            if s.commit >= lsn {
                 break Ok(());
             }
+            let have = 1 + s.acks.values().filter(|(l, _)| *l >= lsn).count();
             if s.role != Role::Primary {
                 break Err("Not the primary any more; the write may not be durable".to_string());
             }

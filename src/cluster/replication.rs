@@ -4,8 +4,13 @@
 //! heartbeats when idle. The receiver appends each record to its own log under the same LSN,
 //! applies it (notifying local watchers) and acknowledges the LSN once durable.
 //!
+//! Receiving is not applying: a secondary applies records to memory (and so notifies its
+//! watchers) only once the primary reports them committed (`commit <lsn>`), so no watcher ever
+//! sees a change a later primary could roll back. A promoted node applies what it inherited
+//! before taking writes ([`take_over`]).
+//!
 //! Lines from the primary: `rec <hex record>`, `full <base_lsn>` … `full-end`,
-//! `ping <term> <primary> <last_lsn>`. Lines from the secondary: `ack <lsn>`.
+//! `commit <lsn>`, `ping <term> <primary> <last_lsn>`. Lines from the secondary: `ack <lsn>`.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -13,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::db::Entry;
 use crate::node::Node;
+use crate::protocol::Strategy;
 use crate::storage::oplog::Tail;
 use crate::storage::record::{decode, Decoded, Op, Record};
 
@@ -92,6 +99,7 @@ pub fn serve_secondary(
     let closed = Arc::new(AtomicBool::new(false));
     {
         let cluster = Arc::clone(cluster);
+        let log = Arc::clone(log);
         let closed = Arc::clone(&closed);
         let peer = peer.clone();
         let shutdown = out.try_clone().ok();
@@ -102,7 +110,9 @@ pub fn serve_secondary(
                     .strip_prefix("ack ")
                     .and_then(|n| n.trim().parse().ok())
                 {
-                    cluster.record_ack(&peer, lsn);
+                    if cluster.record_ack(&peer, lsn) {
+                        log.wake();
+                    }
                 }
             }
             closed.store(true, Ordering::Release);
@@ -126,9 +136,34 @@ pub fn serve_secondary(
         .checked_sub(heartbeat)
         .unwrap_or_else(Instant::now);
     let mut buf = Vec::with_capacity(64 * 1024);
+    let mut sent_commit = 0;
     while !closed.load(Ordering::Acquire) && cluster.is_primary() {
         buf.clear();
-        match log.records_after(after, 1024, heartbeat) {
+        // Read the wake count before the commit point, so a move after it is not missed.
+        let wakes = log.wakes();
+        let commit = cluster.commit();
+        if commit > sent_commit {
+            sent_commit = commit;
+            buf.extend_from_slice(format!("commit {commit}\n").as_bytes());
+        }
+        if last_ping.elapsed() >= heartbeat {
+            last_ping = Instant::now();
+            buf.extend_from_slice(
+                format!(
+                    "ping {} {} {}\n",
+                    cluster.term(),
+                    cluster.self_id,
+                    log.last_lsn()
+                )
+                .as_bytes(),
+            );
+        }
+        if !buf.is_empty() && out.write_all(&buf).is_err() {
+            break;
+        }
+        buf.clear();
+        let wait = heartbeat.saturating_sub(last_ping.elapsed());
+        match log.records_after(after, 1024, wait, wakes) {
             Tail::Records(records) => {
                 for r in &records {
                     record_line(r, &mut buf);
@@ -153,19 +188,7 @@ pub fn serve_secondary(
                 }
             },
         }
-        if buf.is_empty() || last_ping.elapsed() >= heartbeat {
-            last_ping = Instant::now();
-            buf.extend_from_slice(
-                format!(
-                    "ping {} {} {}\n",
-                    cluster.term(),
-                    cluster.self_id,
-                    log.last_lsn()
-                )
-                .as_bytes(),
-            );
-        }
-        if out.write_all(&buf).is_err() {
+        if !buf.is_empty() && out.write_all(&buf).is_err() {
             break;
         }
     }
@@ -244,6 +267,66 @@ pub fn start_receiver(node: &Arc<Node>) -> io::Result<()> {
     Ok(())
 }
 
+/// A full sync being received: each database's strategy and entries.
+type Staged = Vec<crate::db::StagedDb>;
+
+/// Applies logged records up to `upto` that this node has received but not applied yet
+/// (they are committed, or this node is taking over as primary). Callers hold
+/// [`super::Cluster::replica_guard`].
+fn apply_received(node: &Node, upto: u64) -> io::Result<()> {
+    let (Some(log), Some(from)) = (node.log(), node.dbs.unapplied_from()) else {
+        return Ok(());
+    };
+    if upto < from {
+        return Ok(());
+    }
+    let apply = |r: &Record| {
+        if r.lsn <= upto {
+            node.dbs.apply_record(r);
+        }
+    };
+    match log.records_after(from - 1, usize::MAX, Duration::ZERO, 0) {
+        Tail::Records(records) => records.iter().for_each(|r| apply(r)),
+        Tail::TooOld => log
+            .read_from(from)
+            .map_err(io::Error::other)?
+            .unwrap_or_default()
+            .iter()
+            .for_each(apply),
+    }
+    let last = log.last_lsn();
+    node.dbs
+        .set_unapplied_from((upto < last).then_some(upto + 1));
+    if let Some(cluster) = node.cluster() {
+        cluster.set_applied(upto.min(last));
+    }
+    Ok(())
+}
+
+/// Prepares this node to lead `term` (the cluster's elected hook): applies every record it
+/// received as a secondary, then logs the term-start record and returns its LSN.
+pub fn take_over(node: &Node, term: u64) -> Result<u64, String> {
+    let (Some(cluster), Some(log)) = (node.cluster(), node.log()) else {
+        return Err("not a cluster node".into());
+    };
+    let _guard = cluster.replica_guard();
+    apply_received(node, log.last_lsn()).map_err(|e| e.to_string())?;
+    let mut start = Record {
+        lsn: 0,
+        term,
+        op: Op::TermStart,
+        db: String::new(),
+        key: String::new(),
+        version: 0,
+        value: String::new(),
+    };
+    let lsn = log.append(&mut start).map_err(|e| e.to_string())?;
+    log.wait_durable(lsn).map_err(|e| e.to_string())?;
+    cluster.note_durable(lsn);
+    cluster.set_applied(lsn);
+    Ok(lsn)
+}
+
 /// Follows `primary` until the connection fails or the primary changes.
 fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
     let (Some(cluster), Some(log)) = (node.cluster(), node.log()) else {
@@ -266,9 +349,11 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
         )
         .as_bytes(),
     )?;
+    let following = || cluster.status().2.as_deref() == Some(primary);
     let mut line = String::new();
-    let mut full: Option<u64> = None;
-    let mut applied = last_lsn;
+    let mut full: Option<(u64, Staged)> = None;
+    let mut received = last_lsn;
+    let mut applied = node.dbs.unapplied_from().map_or(last_lsn, |f| f - 1);
     // `None` forces an ack (answering a heartbeat keeps the primary's majority view fresh).
     let mut acked: Option<u64> = None;
     cluster.set_applied(applied);
@@ -284,28 +369,43 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
             "error" | "invalid" => return Err(io::Error::other(text.to_string())),
             "full" => {
                 let base: u64 = rest.parse().map_err(|_| io::Error::other("bad full"))?;
-                node.dbs.clear();
-                log.reset(base)?;
-                full = Some(base);
+                full = Some((base, Vec::new()));
             }
             "full-end" => {
-                if let Some(base) = full.take() {
-                    for db in node.dbs.all() {
-                        db.set_last_lsn(base);
-                    }
-                    node.snapshot()?;
-                    applied = base;
-                    cluster.set_applied(applied);
+                let Some((base, staged)) = full.take() else {
+                    return Err(io::Error::other("full-end without full"));
+                };
+                let _guard = cluster.replica_guard();
+                if !following() {
+                    return Ok(());
                 }
+                log.reset(base)?;
+                node.dbs.set_unapplied_from(None);
+                node.dbs.replace_all(staged, base);
+                node.snapshot()?;
+                received = base;
+                applied = base;
+                cluster.set_applied(applied);
             }
             "rec" => {
                 let r = parse_record(rest).ok_or_else(|| io::Error::other("bad record"))?;
-                if full.is_some() {
-                    node.dbs.apply_record(&r);
-                } else if r.lsn > applied {
-                    node.dbs.apply_logged(&r, Some(log))?;
-                    applied = r.lsn;
+                if let Some((_, staged)) = full.as_mut() {
+                    stage(staged, r);
+                } else if r.lsn > received {
+                    let _guard = cluster.replica_guard();
+                    if !following() {
+                        return Ok(());
+                    }
+                    if node.dbs.unapplied_from().is_none() {
+                        node.dbs.set_unapplied_from(Some(applied + 1));
+                    }
+                    log.append(&mut r.clone())?;
+                    received = r.lsn;
                 }
+            }
+            "commit" => {
+                let lsn = rest.parse().map_err(|_| io::Error::other("bad commit"))?;
+                cluster.set_commit(lsn);
             }
             "ping" => {
                 let mut p = rest.split(' ');
@@ -318,15 +418,48 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
             }
             _ => return Err(io::Error::other(format!("unexpected line: {text}"))),
         }
-        if reader.buffer().is_empty() && full.is_none() && acked != Some(applied) {
-            log.wait_durable(applied)?;
-            cluster.set_applied(applied);
-            out.write_all(format!("ack {applied}\n").as_bytes())?;
-            acked = Some(applied);
+        if reader.buffer().is_empty() && full.is_none() {
+            if acked != Some(received) {
+                log.wait_durable(received)?;
+                out.write_all(format!("ack {received}\n").as_bytes())?;
+                acked = Some(received);
+            }
+            let upto = cluster.commit().min(received);
+            if upto > applied {
+                let _guard = cluster.replica_guard();
+                if !following() {
+                    return Ok(());
+                }
+                apply_received(node, upto)?;
+                applied = upto;
+            }
         }
-        if cluster.status().2.as_deref() != Some(primary) {
+        if !following() {
             return Ok(());
         }
+    }
+}
+
+/// Adds one full-sync record to the staged contents (each database's create record comes
+/// before its entries).
+fn stage(staged: &mut Staged, r: Record) {
+    match r.op {
+        Op::CreateDb => staged.push((
+            r.db,
+            Strategy::parse(&r.value).unwrap_or(Strategy::None),
+            Vec::new(),
+        )),
+        Op::Set | Op::Remove => {
+            if let Some((_, _, entries)) = staged.iter_mut().rev().find(|(n, _, _)| *n == r.db) {
+                let entry = if r.op == Op::Set {
+                    Entry::live(&r.value, r.version)
+                } else {
+                    Entry::removed(r.version)
+                };
+                entries.push((r.key, entry));
+            }
+        }
+        Op::DeleteDb | Op::TermStart => {}
     }
 }
 

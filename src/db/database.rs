@@ -285,7 +285,7 @@ impl Database {
         let entry = match record.op {
             Op::Set => Entry::live(&record.value, record.version),
             Op::Remove => Entry::removed(record.version),
-            Op::CreateDb | Op::DeleteDb => return Ok(()),
+            Op::CreateDb | Op::DeleteDb | Op::TermStart => return Ok(()),
         };
         if let Some(log) = log {
             log.append(&mut record.clone())?;
@@ -322,10 +322,30 @@ impl Database {
         self.snapshot_lsn.store(lsn, Ordering::Release);
     }
 
-    /// Sets the LSN this database's contents reflect (after a full sync).
-    pub fn set_last_lsn(&self, lsn: u64) {
-        let _data = write(&self.data);
-        self.last_lsn.store(lsn, Ordering::Release);
+    /// Replaces the contents (a full sync taken at `lsn`) and disconnects the watchers, whose
+    /// clients must watch again: the jump may skip versions they would otherwise have seen.
+    pub fn replace(&self, strategy: Strategy, entries: Vec<(String, Entry)>, lsn: u64) {
+        {
+            let mut data = write(&self.data);
+            data.retain(|k, _| &**k == CONNECTIONS_KEY);
+            for (key, entry) in entries {
+                if key != CONNECTIONS_KEY {
+                    data.insert(key.into_boxed_str(), entry);
+                }
+            }
+            *write(&self.strategy) = strategy;
+            self.last_lsn.store(lsn, Ordering::Release);
+            self.force_snapshot.store(true, Ordering::Release);
+        }
+        self.close_watchers();
+    }
+
+    /// Disconnects every session watching a key of this database.
+    pub fn close_watchers(&self) {
+        let watchers = std::mem::take(&mut *lock(&self.watchers));
+        for outbox in watchers.values().flatten() {
+            outbox.close();
+        }
     }
 
     /// LSN of the last logged change.

@@ -6,7 +6,8 @@ pub mod security;
 
 pub use database::{Database, Entry, WriteError, WriteOp, Written, CONNECTIONS_KEY, TOKEN_KEY};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::protocol::Strategy;
@@ -40,12 +41,18 @@ pub fn valid_db_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// One database of a full sync: name, strategy and entries.
+pub type StagedDb = (String, Strategy, Vec<(String, Entry)>);
+
 /// All databases by name: the one global RwLock-guarded map. Creating and deleting databases
 /// is logged like any other write once a log is attached.
 #[derive(Debug, Default)]
 pub struct Databases {
     map: RwLock<HashMap<String, Arc<Database>>>,
     log: OnceLock<Arc<OpLog>>,
+    /// On a replica holding log records it has not applied yet: the first such LSN (0 when
+    /// everything logged is applied). Snapshots keep the log from there.
+    unapplied_from: AtomicU64,
 }
 
 impl Databases {
@@ -147,6 +154,45 @@ impl Databases {
         self.write_map().insert(name.to_string(), db);
     }
 
+    /// Marks log records from `lsn` on as not applied yet (set before appending them), or
+    /// clears the mark with `None` once they are.
+    pub fn set_unapplied_from(&self, lsn: Option<u64>) {
+        self.unapplied_from
+            .store(lsn.unwrap_or(0), Ordering::Release);
+    }
+
+    /// The first LSN logged but not applied yet, if any: the log must be kept from there.
+    pub fn unapplied_from(&self) -> Option<u64> {
+        Some(self.unapplied_from.load(Ordering::Acquire)).filter(|l| *l > 0)
+    }
+
+    /// Replaces every database with the staged contents of a full sync taken at `lsn`, keeping
+    /// the `Database` objects sessions hold. Watchers are disconnected: what they saw may not
+    /// lead to the new contents, so their clients must watch again.
+    pub fn replace_all(&self, staged: Vec<StagedDb>, lsn: u64) {
+        let mut map = self.write_map();
+        let names: HashSet<&str> = staged.iter().map(|(n, _, _)| n.as_str()).collect();
+        map.retain(|name, db| {
+            let keep = names.contains(name.as_str());
+            if !keep {
+                db.mark_dropped();
+                db.close_watchers();
+            }
+            keep
+        });
+        for (name, strategy, entries) in staged {
+            match map.get(&name) {
+                Some(db) => db.replace(strategy, entries, lsn),
+                None => {
+                    let db = Arc::new(Database::with_log(&name, strategy, self.log.get().cloned()));
+                    db.load(entries, lsn);
+                    db.mark_unsnapshotted();
+                    map.insert(name, db);
+                }
+            }
+        }
+    }
+
     /// Applies a record already in the log (replay or replication), without logging it again.
     pub fn apply_record(&self, record: &Record) {
         let _ = self.apply_logged(record, None);
@@ -191,6 +237,7 @@ impl Databases {
                     }
                 }
             }
+            Op::TermStart => {}
             Op::Set | Op::Remove => match self.get(&record.db) {
                 Some(db) => db.apply_logged(record, log)?,
                 None => log::warn!(
@@ -201,15 +248,6 @@ impl Databases {
             },
         }
         Ok(())
-    }
-
-    /// Drops every database (a replica about to receive a full sync).
-    pub fn clear(&self) {
-        let mut map = self.write_map();
-        for db in map.values() {
-            db.mark_dropped();
-        }
-        map.clear();
     }
 
     /// Sorted database names.

@@ -180,16 +180,16 @@ fn flush_batch(
     }
 }
 
-/// Waits until the writes acknowledged (`lsn`) and the changes pushed (`change`) by a batch
-/// are durable, before the batch is written.
+/// Waits until the writes acknowledged (`lsn`) by a batch are durable for the write concern
+/// and the changes it pushes (`change`) are committed, before the batch is written.
 pub fn durable_before_send(node: &Node, lsn: u64, change: u64) -> bool {
     match node
         .wait_durable(lsn)
-        .and_then(|_| node.wait_local_durable(change))
+        .and_then(|_| node.wait_committed(change))
     {
         Ok(()) => true,
         Err(e) => {
-            log::error!("operation log write failed, closing the session: {e}");
+            log::warn!("closing the session: {e}");
             false
         }
     }

@@ -115,7 +115,13 @@ impl Storage {
     pub fn snapshot(&self, dbs: &Databases) -> io::Result<usize> {
         let _guard = self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
+        // A replica may have logged records it has not applied yet: the snapshot cannot
+        // cover them, so their segments stay (the mark is read after the roll, and is set
+        // before such records are appended).
         let boundary = self.log.roll()?;
+        let boundary = dbs
+            .unapplied_from()
+            .map_or(boundary, |from| boundary.min(from));
         let mut written = 0;
         for db in dbs.all() {
             let (changed, lsn) = db.snapshot_point();

@@ -75,6 +75,8 @@ pub struct OpLog {
     failed: std::sync::atomic::AtomicBool,
     /// Keep recent records in memory for replication (only cluster members need it).
     backlog_enabled: std::sync::atomic::AtomicBool,
+    /// Bumped by [`OpLog::wake`] so tail readers notice news other than new records.
+    wakes: AtomicU64,
 }
 
 /// The most recent records in memory, so replication usually streams without reading files.
@@ -303,6 +305,7 @@ impl OpLog {
             appended: Condvar::new(),
             failed: std::sync::atomic::AtomicBool::new(false),
             backlog_enabled: std::sync::atomic::AtomicBool::new(false),
+            wakes: AtomicU64::new(0),
         })
     }
 
@@ -413,13 +416,34 @@ impl OpLog {
         self.backlog_enabled.store(true, Ordering::Relaxed);
     }
 
+    /// Wakes every [`OpLog::records_after`] waiter (replication senders: the commit point moved).
+    pub fn wake(&self) {
+        let _backlog = lock(&self.backlog);
+        self.wakes.fetch_add(1, Ordering::AcqRel);
+        self.appended.notify_all();
+    }
+
+    /// How many times [`OpLog::wake`] ran; pass it to [`OpLog::records_after`].
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Acquire)
+    }
+
     /// Records with LSN > `after` from the in-memory backlog, waiting up to `wait` for one to be
-    /// appended when there is none yet.
-    pub fn records_after(&self, after: u64, max: usize, wait: std::time::Duration) -> Tail {
-        // Read before taking the backlog lock (append takes inner, then backlog).
+    /// appended (or for a [`OpLog::wake`] after `seen_wakes`). `TooOld` when the backlog no
+    /// longer reaches back to `after`.
+    pub fn records_after(
+        &self,
+        after: u64,
+        max: usize,
+        wait: std::time::Duration,
+        seen_wakes: u64,
+    ) -> Tail {
+        // Read before taking the backlog lock (append takes inner, then backlog); a record
+        // appended since then is visible in the backlog itself.
         let last = self.last_lsn();
         let mut backlog = lock(&self.backlog);
-        if after >= last {
+        let newest = backlog.records.back().map_or(0, |r| r.lsn);
+        if after >= last.max(newest) && self.wakes() == seen_wakes && !wait.is_zero() {
             backlog = self
                 .appended
                 .wait_timeout(backlog, wait)

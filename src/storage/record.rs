@@ -14,6 +14,9 @@ pub enum Op {
     CreateDb = 3,
     /// Database deleted.
     DeleteDb = 4,
+    /// No change: a new primary's first record of its term, so it can commit the records
+    /// it inherited from earlier terms (a term's majority-acked own record commits its prefix).
+    TermStart = 5,
 }
 
 impl Op {
@@ -23,6 +26,7 @@ impl Op {
             2 => Some(Op::Remove),
             3 => Some(Op::CreateDb),
             4 => Some(Op::DeleteDb),
+            5 => Some(Op::TermStart),
             _ => None,
         }
     }
