@@ -468,11 +468,17 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 ..Outcome::default()
             })
         }
-        Command::Fwd { db, user, line } => {
+        Command::Fwd {
+            origin,
+            db,
+            user,
+            line,
+        } => {
             require_admin(session)?;
             if !node.is_primary() {
                 return Err(Outcome::error("Not the primary"));
             }
+            log::debug!("write forwarded by {origin}: {line}");
             Ok(run_forwarded(&node, &db, &user, &line))
         }
     }

@@ -1,4 +1,4 @@
-//! Writes that reach a secondary go to the primary as `fwd <db> <user> <command>`; the client
+//! Writes that reach a secondary go to the primary as `fwd <origin> <db> <user> <command>`; the client
 //! gets the primary's answer once the change has come back through replication (so it reads
 //! its own write). The secondary never applies the write itself.
 
@@ -31,7 +31,7 @@ pub fn forward(node: &Node, session: &mut Session, line: &str) -> Outcome {
     } else {
         session.user.clone()
     };
-    let command = format!("fwd {db} {user} {line}");
+    let command = format!("fwd {} {db} {user} {line}", cluster.self_id);
     for attempt in 0..2 {
         let reuse = matches!(&session.forwarder, Some((p, _)) if *p == primary);
         if !reuse {

@@ -139,8 +139,9 @@ pub enum Command {
         after_term: u64,
         node: String,
     },
-    /// `fwd <db|-> <user|-|$admin> <command…>`: a write forwarded by a secondary.
+    /// `fwd <origin> <db|-> <user|-|$admin> <command…>`: a write forwarded by secondary `origin`.
     Fwd {
+        origin: String,
         db: String,
         user: String,
         line: String,
@@ -404,13 +405,14 @@ impl Command {
                 }
             }
             "fwd" => {
-                let (w, line) = words(args, 2);
-                if w.len() < 2 || line.is_empty() {
-                    return Err(usage("fwd <db> <user> <command>"));
+                let (w, line) = words(args, 3);
+                if w.len() < 3 || line.is_empty() {
+                    return Err(usage("fwd <origin> <db> <user> <command>"));
                 }
                 Command::Fwd {
-                    db: w[0].to_string(),
-                    user: w[1].to_string(),
+                    origin: w[0].to_string(),
+                    db: w[1].to_string(),
+                    user: w[2].to_string(),
                     line: line.to_string(),
                 }
             }

@@ -2,12 +2,14 @@
 //! dir, waits for its readiness line, and kills exactly that process on drop.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use nundb::client::Client;
@@ -360,7 +362,10 @@ pub fn free_port() -> u16 {
 /// A cluster of nodes on loopback, each with its own data dir and log file.
 pub struct TestCluster {
     pub nodes: Vec<Option<Server>>,
+    /// Each node's cluster name (its advertised address).
     pub addrs: Vec<String>,
+    /// Each node's own TCP address (the proxy's target when names are proxy addresses).
+    pub tcp_addrs: Vec<String>,
     pub dirs: Vec<PathBuf>,
     env: Vec<(String, String)>,
 }
@@ -371,10 +376,30 @@ impl TestCluster {
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
+        TestCluster::launch(addrs.clone(), addrs, env)
+    }
+
+    /// Starts `n` nodes whose traffic to each other passes through proxies on `net`.
+    pub fn start_proxied(n: usize, net: &Arc<proxy::Net>, env: &[(&str, &str)]) -> TestCluster {
+        let names: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let tcp: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        for (name, target) in names.iter().zip(&tcp) {
+            net.proxy(name, name, target);
+        }
+        TestCluster::launch(names, tcp, env)
+    }
+
+    fn launch(addrs: Vec<String>, tcp_addrs: Vec<String>, env: &[(&str, &str)]) -> TestCluster {
+        let n = addrs.len();
         let dirs: Vec<PathBuf> = (0..n).map(|_| temp_dir("cluster")).collect();
         let mut c = TestCluster {
             nodes: (0..n).map(|_| None).collect(),
             addrs,
+            tcp_addrs,
             dirs,
             env: env
                 .iter()
@@ -401,7 +426,7 @@ impl TestCluster {
         for (k, v) in &self.env {
             env.push((k, v));
         }
-        let cmd = server_command_at(&self.dirs[i], &self.addrs[i], &env);
+        let cmd = server_command_at(&self.dirs[i], &self.tcp_addrs[i], &env);
         self.nodes[i] = Some(Server::spawn_logged(
             cmd,
             self.dirs[i].clone(),
