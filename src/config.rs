@@ -41,6 +41,8 @@ pub struct Config {
     pub snapshot_interval: Duration,
     /// Operation log size that triggers an early snapshot (NUN_MAX_OP_LOG_SIZE, bytes).
     pub max_log_size: u64,
+    /// How long resolved conflict records are kept (NUN_CONFLICT_RETENTION, seconds).
+    pub conflict_retention: Duration,
     /// When a write is acknowledged in a cluster (NUN_WRITE_QUORUM).
     pub write_quorum: WriteQuorum,
 }
@@ -70,6 +72,7 @@ impl Default for Config {
             http_workers: 4,
             fsync: FsyncPolicy::EverySec,
             snapshot_interval: Duration::from_secs(60),
+            conflict_retention: Duration::from_secs(3600),
             max_log_size: 256 * 1024 * 1024,
             write_quorum: WriteQuorum::Majority,
         }

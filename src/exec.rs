@@ -11,7 +11,7 @@ use crate::db::{
 };
 use crate::node::Node;
 use crate::protocol::Takeover;
-use crate::protocol::{Command, Outcome, VERBS};
+use crate::protocol::{Command, Outcome, Strategy, VERBS};
 use crate::server::session::Session;
 
 const NOT_AUTH: &str = "Not auth";
@@ -140,6 +140,10 @@ fn check_key(session: &Session, db: &Database, access: Access, key: &str) -> Res
 fn check_writable(key: &str) -> Result<(), Outcome> {
     if key == CONNECTIONS_KEY {
         Err(Outcome::error(format!("{CONNECTIONS_KEY} is read only")))
+    } else if key.starts_with(db::conflicts::CONFLICTS_PREFIX) {
+        Err(Outcome::error(
+            "Conflict records change only through resolve",
+        ))
     } else {
         Ok(())
     }
@@ -158,8 +162,27 @@ fn stored_value(key: &str, value: &str) -> String {
 /// A successful write's reply carries its LSN: the transport sends it only once that log record
 /// is durable (see [`acknowledge`]).
 fn write_result(r: Result<Written, WriteError>) -> Res {
-    r.map(|w| Outcome::written(w.lsn))
-        .map_err(|e| Outcome::error(e.to_string()))
+    r.map(|w| Outcome::written(w.lsn)).map_err(|e| {
+        let lsn = match &e {
+            // The conflict record must be durable before the writer is told about it.
+            WriteError::Unresolved { lsn, .. } => *lsn,
+            _ => 0,
+        };
+        Outcome {
+            lsn,
+            ..Outcome::error(e.to_string())
+        }
+    })
+}
+
+/// A value write (`set`, `set-safe`): databases with the `arbiter` strategy turn conflicts into
+/// conflict records for their arbiters, registered on this node or on any other.
+fn write_value(node: &Node, db: &Database, key: &str, op: WriteOp<'_>) -> Res {
+    if db.strategy() != Strategy::Arbiter {
+        return write_result(db.write(key, op));
+    }
+    let online = db.has_arbiter() || node.cluster().is_some_and(|c| c.remote_arbiter(db.name()));
+    write_result(db.write_arbitrated(key, op, online))
 }
 
 /// Makes every log record acknowledged by `outcomes` durable (one group flush for the whole
@@ -261,7 +284,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Write, &key)?;
             check_writable(&key)?;
-            write_result(db.write(&key, WriteOp::Set(&stored_value(&key, &value))))
+            write_value(&node, &db, &key, WriteOp::Set(&stored_value(&key, &value)))
         }
         Command::SetSafe {
             key,
@@ -271,7 +294,12 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Write, &key)?;
             check_writable(&key)?;
-            write_result(db.write(&key, WriteOp::SetSafe(version, &stored_value(&key, &value))))
+            write_value(
+                &node,
+                &db,
+                &key,
+                WriteOp::SetSafe(version, &stored_value(&key, &value)),
+            )
         }
         Command::Increment { key, by } => {
             let db = selected_db(session)?;
@@ -339,15 +367,40 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::Arbiter => {
             let db = selected_db(session)?;
-            db.add_arbiter(&session.outbox);
+            let replay = db.add_arbiter(&session.outbox);
             if !session.arbiter_of.iter().any(|d| Arc::ptr_eq(d, &db)) {
                 session.arbiter_of.push(db);
             }
-            Ok(Outcome::ok())
+            if let Some(cluster) = node.cluster() {
+                // The primary detects conflicts: it must know this arbiter exists first.
+                let generation = cluster.arbiters_changed();
+                if !node.is_primary() && !cluster.wait_arbiters_reported(generation) {
+                    log::warn!("the primary has not confirmed this node's arbiters yet");
+                }
+            }
+            Ok(Outcome {
+                messages: replay,
+                ..Outcome::ok()
+            })
         }
-        Command::Resolve { opp_id, .. } => {
-            selected_db(session)?;
-            Err(Outcome::error(format!("No pending conflict {opp_id}")))
+        Command::Resolve {
+            opp_id,
+            db: name,
+            key,
+            version: _,
+            value,
+        } => {
+            let db = selected_db(session)?;
+            if db.name() != name {
+                return Err(Outcome::error(format!(
+                    "resolve names database {} but the session uses {}",
+                    name.chars().take(64).collect::<String>(),
+                    db.name()
+                )));
+            }
+            check_key(session, &db, Access::Write, &key)?;
+            check_writable(&key)?;
+            write_result(db.resolve(&key, &opp_id, &stored_value(&key, &value)))
         }
         Command::CreateUser { user, token } => {
             require_admin(session)?;

@@ -175,6 +175,13 @@ struct StartArgs {
     /// Operation log size in bytes that triggers an early snapshot.
     #[arg(long = "max-op-log-size", env = "NUN_MAX_OP_LOG_SIZE", default_value_t = 256 * 1024 * 1024)]
     max_op_log_size: u64,
+    /// Seconds a resolved conflict record is kept before it is removed.
+    #[arg(
+        long = "conflict-retention",
+        env = "NUN_CONFLICT_RETENTION",
+        default_value_t = 3600
+    )]
+    conflict_retention: u64,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long = "log-level", env = "NUN_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -368,6 +375,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         write_quorum,
         snapshot_interval: Duration::from_secs(args.snapshot_interval.max(1)),
         max_log_size: args.max_op_log_size,
+        conflict_retention: Duration::from_secs(args.conflict_retention),
         admin_user: user,
         admin_pwd: pwd,
         dbs_dir: args.dbs_dir.clone().into(),
@@ -402,6 +410,9 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
     };
     if let Err(e) = node.start_cluster() {
         return fail(&e);
+    }
+    if let Err(e) = node.start_conflict_sweeper() {
+        return fail(&format!("cannot start the conflict sweeper: {e}"));
     }
     log::info!(
         "nun-db ready: tcp {} ws {} http {} data {}",

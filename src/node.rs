@@ -3,11 +3,12 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cluster::{self, Cluster, WriteQuorum};
 use crate::config::Config;
 use crate::db::Databases;
+use crate::protocol::Strategy;
 use crate::storage::oplog::OpLog;
 use crate::storage::{Storage, StorageConfig};
 
@@ -171,6 +172,32 @@ impl Node {
                 cluster.members()
             );
         }
+        Ok(())
+    }
+
+    /// Starts the thread that removes resolved conflict records after the retention period
+    /// (on the primary; the removals replicate like any write).
+    pub fn start_conflict_sweeper(self: &Arc<Self>) -> std::io::Result<()> {
+        let node = Arc::downgrade(self);
+        let retention = self.config.conflict_retention;
+        let tick = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        std::thread::Builder::new()
+            .name("conflict-sweeper".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                let Some(node) = node.upgrade() else { return };
+                if !node.is_primary() {
+                    continue;
+                }
+                for db in node.dbs.all() {
+                    if db.strategy() == Strategy::Arbiter {
+                        let removed = db.sweep_resolved(retention);
+                        if removed > 0 {
+                            log::debug!("{removed} resolved conflicts of {} removed", db.name());
+                        }
+                    }
+                }
+            })?;
         Ok(())
     }
 

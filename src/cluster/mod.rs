@@ -49,6 +49,12 @@ struct State {
     durable: u64,
     /// LSN of this primary's term-start record: the commit point may only move to or past it.
     term_start: u64,
+    /// Databases with arbiters on each secondary, as last reported, and when.
+    remote_arbiters: HashMap<String, (Vec<String>, Instant)>,
+    /// Arbiter reports (by generation) to confirm to each secondary.
+    arbiter_confirms: HashMap<String, u64>,
+    /// Highest generation of this node's arbiter report the primary confirmed.
+    arbiters_confirmed: u64,
 }
 
 /// Prepares this node to lead `term` before it starts taking writes (applies the log it
@@ -85,6 +91,8 @@ pub struct Cluster {
     on_elected: std::sync::OnceLock<ElectedHook>,
     /// Serializes appending and applying replicated records with taking over as primary.
     replica: Mutex<()>,
+    /// Bumped whenever this node's arbiter sessions change (secondaries report them).
+    arbiter_gen: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,6 +140,9 @@ impl Cluster {
                 commit: 0,
                 durable: 0,
                 term_start: 0,
+                remote_arbiters: HashMap::new(),
+                arbiter_confirms: HashMap::new(),
+                arbiters_confirmed: 0,
             }),
             self_id,
             members: Mutex::new(all),
@@ -146,6 +157,7 @@ impl Cluster {
             pending: AtomicU64::new(0),
             on_elected: std::sync::OnceLock::new(),
             replica: Mutex::new(()),
+            arbiter_gen: AtomicU64::new(0),
         }
     }
 
@@ -436,6 +448,66 @@ impl Cluster {
             .map(|p| last_lsn.saturating_sub(s.acks.get(p).map_or(0, |a| a.0)))
             .max()
             .unwrap_or(0)
+    }
+
+    /// Notes that this node's arbiter sessions changed; returns the generation to report.
+    pub fn arbiters_changed(&self) -> u64 {
+        self.arbiter_gen.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The current generation of this node's arbiter sessions.
+    pub fn arbiter_gen(&self) -> u64 {
+        self.arbiter_gen.load(Ordering::Acquire)
+    }
+
+    /// Waits (up to two election timeouts) until the primary confirmed this node's arbiter
+    /// report of `generation` or a later one.
+    pub fn wait_arbiters_reported(&self, generation: u64) -> bool {
+        let deadline = Instant::now() + self.timeout * 2;
+        let mut s = lock(&self.state);
+        while s.arbiters_confirmed < generation {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// The primary confirmed this node's arbiter report `generation` (secondary side).
+    pub fn confirm_arbiters(&self, generation: u64) {
+        let mut s = lock(&self.state);
+        if generation > s.arbiters_confirmed {
+            s.arbiters_confirmed = generation;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Secondary `peer` reports arbiters on `dbs` (primary side); the confirmation goes back
+    /// on its replication stream.
+    pub fn set_remote_arbiters(&self, peer: &str, generation: u64, dbs: Vec<String>) {
+        let mut s = lock(&self.state);
+        s.remote_arbiters
+            .insert(peer.to_string(), (dbs, Instant::now()));
+        s.arbiter_confirms.insert(peer.to_string(), generation);
+    }
+
+    /// The arbiter report generation to confirm to `peer`, once.
+    pub fn take_arbiter_confirm(&self, peer: &str) -> Option<u64> {
+        lock(&self.state).arbiter_confirms.remove(peer)
+    }
+
+    /// True when a secondary recently reported an arbiter on database `db`.
+    pub fn remote_arbiter(&self, db: &str) -> bool {
+        let s = lock(&self.state);
+        s.remote_arbiters
+            .values()
+            .any(|(dbs, at)| at.elapsed() < self.timeout * 3 && dbs.iter().any(|d| d == db))
     }
 
     /// NunDB's `cluster-state` line.

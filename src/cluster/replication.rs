@@ -113,6 +113,17 @@ pub fn serve_secondary(
                     if cluster.record_ack(&peer, lsn) {
                         log.wake();
                     }
+                } else if let Some(report) = line.strip_prefix("arbiters ") {
+                    let (generation, dbs) = report.split_once(' ').unwrap_or((report, "-"));
+                    if let Ok(generation) = generation.parse() {
+                        let dbs = dbs
+                            .split(',')
+                            .filter(|d| !d.is_empty() && *d != "-")
+                            .map(str::to_string)
+                            .collect();
+                        cluster.set_remote_arbiters(&peer, generation, dbs);
+                        log.wake();
+                    }
                 }
             }
             closed.store(true, Ordering::Release);
@@ -142,6 +153,9 @@ pub fn serve_secondary(
         // Read the wake count before the commit point, so a move after it is not missed.
         let wakes = log.wakes();
         let commit = cluster.commit();
+        if let Some(generation) = cluster.take_arbiter_confirm(&peer) {
+            buf.extend_from_slice(format!("arbiters-ok {generation}\n").as_bytes());
+        }
         if commit > sent_commit {
             sent_commit = commit;
             buf.extend_from_slice(format!("commit {commit}\n").as_bytes());
@@ -356,6 +370,7 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
     let mut applied = node.dbs.unapplied_from().map_or(last_lsn, |f| f - 1);
     // `None` forces an ack (answering a heartbeat keeps the primary's majority view fresh).
     let mut acked: Option<u64> = None;
+    let mut reported = 0;
     cluster.set_applied(applied);
     loop {
         line.clear();
@@ -407,6 +422,11 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                 let lsn = rest.parse().map_err(|_| io::Error::other("bad commit"))?;
                 cluster.set_commit(lsn);
             }
+            "arbiters-ok" => {
+                if let Ok(generation) = rest.parse() {
+                    cluster.confirm_arbiters(generation);
+                }
+            }
             "ping" => {
                 let mut p = rest.split(' ');
                 let term = p.next().and_then(|t| t.parse().ok()).unwrap_or(0);
@@ -421,7 +441,13 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
         if reader.buffer().is_empty() && full.is_none() {
             if acked != Some(received) {
                 log.wait_durable(received)?;
-                out.write_all(format!("ack {received}\n").as_bytes())?;
+                // Answering a heartbeat also renews this node's arbiter report.
+                let mut reply = format!("ack {received}\n");
+                if acked.is_none() || cluster.arbiter_gen() != reported {
+                    reported = cluster.arbiter_gen();
+                    reply.push_str(&arbiter_report(node, reported));
+                }
+                out.write_all(reply.as_bytes())?;
                 acked = Some(received);
             }
             let upto = cluster.commit().min(received);
@@ -438,6 +464,23 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// The `arbiters <generation> <db,db|->` line telling the primary where this node has arbiters.
+fn arbiter_report(node: &Node, generation: u64) -> String {
+    let dbs: Vec<String> = node
+        .dbs
+        .all()
+        .into_iter()
+        .filter(|db| db.has_arbiter())
+        .map(|db| db.name().to_string())
+        .collect();
+    let list = if dbs.is_empty() {
+        "-".to_string()
+    } else {
+        dbs.join(",")
+    };
+    format!("arbiters {generation} {list}\n")
 }
 
 /// Adds one full-sync record to the staged contents (each database's create record comes

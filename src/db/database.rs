@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use crate::protocol::Strategy;
 use crate::server::outbox::Outbox;
@@ -79,6 +80,15 @@ pub enum WriteError {
     NotNumeric,
     /// Stale `set-safe` under `arbiter` with no arbiter connected.
     NoArbiter,
+    /// The write became conflict `record`, queued for the arbiters (logged as `lsn`).
+    Unresolved {
+        /// The conflict's record key, `$conflicts_<key>_<opp_id>`.
+        record: String,
+        /// LSN of the conflict record, durable before the writer hears about it.
+        lsn: u64,
+    },
+    /// `resolve` of a conflict that does not exist.
+    NoConflict(String),
     /// The operation log could not be written; nothing was changed.
     Storage(String),
     /// The key's version cannot grow any more.
@@ -93,6 +103,8 @@ impl std::fmt::Display for WriteError {
             WriteError::NoArbiter => {
                 f.write_str("An conflitct happend and there is no arbiter client not connected")
             }
+            WriteError::Unresolved { record, .. } => write!(f, "$$conflitct unresolved {record}"),
+            WriteError::NoConflict(opp) => write!(f, "No pending conflict {opp}"),
             WriteError::Storage(e) => write!(f, "Storage error: {e}"),
             WriteError::VersionOverflow => f.write_str("Key version overflow"),
         }
@@ -105,9 +117,11 @@ pub struct Database {
     name: String,
     strategy: RwLock<Strategy>,
     /// Keys in order (sorted `keys` for free, no over-allocated hash table).
-    data: RwLock<BTreeMap<Box<str>, Entry>>,
+    pub(super) data: RwLock<BTreeMap<Box<str>, Entry>>,
     watchers: Mutex<HashMap<String, Vec<Arc<Outbox>>>>,
-    arbiters: Mutex<Vec<Arc<Outbox>>>,
+    pub(super) arbiters: Mutex<Vec<Arc<Outbox>>>,
+    /// When each conflict record was seen resolved here (for the retention sweep).
+    pub(super) resolved_at: Mutex<HashMap<String, Instant>>,
     dropped: AtomicBool,
     log: OnceLock<Arc<OpLog>>,
     last_lsn: AtomicU64,
@@ -117,15 +131,15 @@ pub struct Database {
 
 /// Reads a lock even if a panicking thread poisoned it (the data itself is always consistent:
 /// every change is a single map insert).
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+pub(super) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+pub(super) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -145,6 +159,7 @@ impl Database {
             data: RwLock::new(data),
             watchers: Mutex::new(HashMap::new()),
             arbiters: Mutex::new(Vec::new()),
+            resolved_at: Mutex::new(HashMap::new()),
             dropped: AtomicBool::new(false),
             log: log.map(OnceLock::from).unwrap_or_default(),
             last_lsn: AtomicU64::new(0),
@@ -205,6 +220,16 @@ impl Database {
     /// wait on before acknowledging (0 when nothing was logged).
     pub fn write(&self, key: &str, op: WriteOp<'_>) -> Result<Written, WriteError> {
         let mut data = write(&self.data);
+        self.write_locked(&mut data, key, op)
+    }
+
+    /// [`Database::write`] with the data lock already held.
+    pub(super) fn write_locked(
+        &self,
+        data: &mut BTreeMap<Box<str>, Entry>,
+        key: &str,
+        op: WriteOp<'_>,
+    ) -> Result<Written, WriteError> {
         let existing = data.get(key);
         let live = existing.filter(|e| !e.deleted);
         let floor = existing.map(|e| e.version);
@@ -265,7 +290,7 @@ impl Database {
             _ => 0,
         };
         let version = entry.version;
-        self.store(&mut data, key, entry, lsn);
+        self.store(data, key, entry, lsn);
         Ok(Written { version, lsn })
     }
 
@@ -306,6 +331,9 @@ impl Database {
                 format!("changed-version {key} {} {}\n", entry.version, entry.value),
             ]
         };
+        if key.starts_with(super::conflicts::CONFLICTS_PREFIX) {
+            self.conflict_stored(key, &entry, lsn);
+        }
         data.insert(Box::from(key), entry);
         self.notify(key, messages, lsn);
     }
@@ -427,19 +455,6 @@ impl Database {
     /// Number of sessions watching `key`.
     pub fn watcher_count(&self, key: &str) -> usize {
         lock(&self.watchers).get(key).map_or(0, Vec::len)
-    }
-
-    /// Registers an arbiter session.
-    pub fn add_arbiter(&self, outbox: &Arc<Outbox>) {
-        let mut arbiters = lock(&self.arbiters);
-        if !arbiters.iter().any(|o| o.id() == outbox.id()) {
-            arbiters.push(Arc::clone(outbox));
-        }
-    }
-
-    /// Forgets an arbiter session.
-    pub fn remove_arbiter(&self, session_id: u64) {
-        lock(&self.arbiters).retain(|o| o.id() != session_id);
     }
 
     /// Queues `messages` to every watcher of `key`, dropping watchers that are gone or too slow.

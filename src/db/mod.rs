@@ -1,5 +1,6 @@
 //! The databases map and everything stored in it.
 
+pub mod conflicts;
 mod database;
 pub mod pattern;
 pub mod security;

@@ -345,7 +345,11 @@ impl Command {
                     opp_id: w[0].to_string(),
                     db: w[1].to_string(),
                     key: w[2].to_string(),
-                    version: parse_version(w[3])?,
+                    // Informational (the key's next version is the server's to pick): arbiters
+                    // echo the offered version, -2 for a conflict queued behind another.
+                    version: w[3]
+                        .parse()
+                        .map_err(|_| format!("Invalid version number: {}", printable(w[3])))?,
                     value: value.to_string(),
                 }
             }

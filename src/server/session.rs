@@ -76,6 +76,11 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.unwatch_all();
         let id = self.outbox.id();
+        if !self.arbiter_of.is_empty() {
+            if let Some(cluster) = self.node.cluster() {
+                cluster.arbiters_changed();
+            }
+        }
         for db in self.arbiter_of.drain(..) {
             db.remove_arbiter(id);
         }
