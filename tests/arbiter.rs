@@ -200,6 +200,9 @@ fn one_node_conflicts_are_arbitrated_once_and_in_order() {
         vec!["ok \n"]
     );
     assert_eq!(get_safe(&server.tcp, "k"), Some((1003, "final".into())));
+    // The strategy survived the restart: a stale write is still a conflict.
+    conflict_of(&session(&server.tcp).cmd("set-safe k 0 again"));
+    assert_eq!(offer(&third.line()).4, "again");
 }
 
 #[test]
