@@ -271,6 +271,11 @@ impl Cluster {
         if s.primary.as_deref() != Some(primary) {
             s.primary = Some(primary.to_string());
             s.role = Role::Secondary;
+            // A term has one primary: never vote for another candidate in it.
+            if s.voted_for.is_none() {
+                s.voted_for = Some(primary.to_string());
+                self.persist(&s);
+            }
             self.changed.notify_all();
         }
         s.last_heard = Instant::now();

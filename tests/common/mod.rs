@@ -510,6 +510,10 @@ impl Drop for TestCluster {
                 s.kill9();
             }
         }
+        if std::thread::panicking() {
+            eprintln!("node data and logs kept for inspection: {:?}", self.dirs);
+            return;
+        }
         for d in &self.dirs {
             let _ = std::fs::remove_dir_all(d);
         }
