@@ -14,7 +14,7 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,10 +97,14 @@ pub fn serve_secondary(
     }
     log::info!("replicating to {peer} from LSN {after}");
     let closed = Arc::new(AtomicBool::new(false));
+    // Highest LSN this stream has shown to be in the secondary's log (validated position or
+    // records sent): an ack beyond it would count a divergent tail as a copy of ours.
+    let shown = Arc::new(AtomicU64::new(0));
     {
         let cluster = Arc::clone(cluster);
         let log = Arc::clone(log);
         let closed = Arc::clone(&closed);
+        let shown = Arc::clone(&shown);
         let peer = peer.clone();
         let shutdown = out.try_clone().ok();
         std::thread::spawn(move || {
@@ -108,8 +112,9 @@ pub fn serve_secondary(
                 let Ok(line) = line else { break };
                 if let Some(lsn) = line
                     .strip_prefix("ack ")
-                    .and_then(|n| n.trim().parse().ok())
+                    .and_then(|n| n.trim().parse::<u64>().ok())
                 {
+                    let lsn = lsn.min(shown.load(Ordering::Acquire));
                     if cluster.record_ack(&peer, lsn) {
                         log.wake();
                     }
@@ -142,6 +147,7 @@ pub fn serve_secondary(
     if !consistent && full_sync(node, &mut out, &mut after).is_err() {
         return;
     }
+    shown.store(after, Ordering::Release);
     let heartbeat = (cluster.timeout / 4).max(Duration::from_millis(10));
     let mut last_ping = Instant::now()
         .checked_sub(heartbeat)
@@ -195,6 +201,7 @@ pub fn serve_secondary(
                     if full_sync(node, &mut out, &mut after).is_err() {
                         return;
                     }
+                    shown.store(after, Ordering::Release);
                 }
                 Err(e) => {
                     log::error!("replication to {peer}: {e}");
@@ -202,6 +209,8 @@ pub fn serve_secondary(
                 }
             },
         }
+        // Published before the write: an ack for these records can only follow it.
+        shown.store(after, Ordering::Release);
         if !buf.is_empty() && out.write_all(&buf).is_err() {
             break;
         }
