@@ -126,9 +126,11 @@ impl Node {
         self.storage.as_ref().map(|s| s.log())
     }
 
-    /// True when this node takes writes itself (single nodes always do).
+    /// True when this node takes writes itself (single nodes always do, once started). Before
+    /// [`Node::start_cluster`] nobody knows the role yet, so the answer is no: a restarted
+    /// member whose listeners are already up must not acknowledge writes on its own.
     pub fn is_primary(&self) -> bool {
-        self.cluster().is_none_or(|c| c.is_primary())
+        self.cluster().is_some_and(|c| c.is_primary())
     }
 
     /// Joins the configured cluster (after the listeners are bound, so this node's name is
@@ -233,5 +235,34 @@ impl Node {
     /// Counts one more executed command.
     pub fn count_command(&self) {
         self.commands.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::outbox::Outbox;
+    use crate::server::session::Session;
+
+    /// A restarted member's listeners open before it joins its cluster: until then it must not
+    /// take writes itself (it did, and acknowledged writes that the cluster never saw).
+    #[test]
+    fn no_writes_before_the_cluster_is_joined() {
+        let node = Node::new(Config::default());
+        let (outbox, _rx) = Outbox::new(10, 1 << 20);
+        let mut session = Session::new(&node, outbox);
+        session.admin = true;
+        assert!(!node.is_primary());
+        let refused = crate::exec::execute_line(&mut session, "create-db d t");
+        assert_eq!(
+            refused.error.as_deref(),
+            Some("No primary is elected right now; retry shortly")
+        );
+        assert!(node.dbs.get("d").is_none());
+        node.start_cluster().unwrap();
+        assert!(node.is_primary());
+        let created = crate::exec::execute_line(&mut session, "create-db d t");
+        assert_eq!(created.error, None);
+        assert!(node.dbs.get("d").is_some());
     }
 }

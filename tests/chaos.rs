@@ -332,7 +332,6 @@ fn finish(mut c: TestCluster, run: Run) {
 }
 
 #[test]
-#[ignore = "open bug: 1 run in ~17 lost an acknowledged write (run with --ignored)"]
 fn primary_killed_and_restarted_five_times() {
     let mut c = TestCluster::start(3, &[]);
     let run = start_workload(&c);

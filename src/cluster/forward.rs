@@ -14,11 +14,13 @@ pub const ADMIN_USER: &str = "$admin";
 
 /// Sends `line` to the primary on behalf of `session`.
 pub fn forward(node: &Node, session: &mut Session, line: &str) -> Outcome {
+    const NO_PRIMARY: &str = "No primary is elected right now; retry shortly";
+    // No cluster yet: the node is still starting and does not know who leads.
     let Some(cluster) = node.cluster() else {
-        return Outcome::error("Not a cluster node");
+        return Outcome::error(NO_PRIMARY);
     };
     let Some(primary) = cluster.status().2 else {
-        return Outcome::error("No primary is elected right now; retry shortly");
+        return Outcome::error(NO_PRIMARY);
     };
     let db = session
         .db
