@@ -449,13 +449,19 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::Debug { sub } => {
             require_admin(session)?;
             match sub.as_str() {
-                "process-info" => Ok(Outcome::message(format!(
-                    "process-info uptime_secs: {}, sessions: {}, commands: {}, dbs: {}",
-                    node.started.elapsed().as_secs(),
-                    node.sessions.load(Ordering::Relaxed),
-                    node.commands.load(Ordering::Relaxed),
-                    node.dbs.names().len()
-                ))),
+                "process-info" => {
+                    let dbs = node.dbs.all();
+                    let entries: usize = dbs.iter().map(|d| d.stored_entries()).sum();
+                    Ok(Outcome::message(format!(
+                        "process-info uptime_secs: {}, sessions: {}, commands: {}, dbs: {}, \
+                         stored_entries: {entries}, rss_kb: {}",
+                        node.started.elapsed().as_secs(),
+                        node.sessions.load(Ordering::Relaxed),
+                        node.commands.load(Ordering::Relaxed),
+                        dbs.len(),
+                        resident_kb().map_or_else(|| "unknown".into(), |kb| kb.to_string())
+                    )))
+                }
                 "pending-ops" => Ok(Outcome::message(format!(
                     "pending-ops {}",
                     node.cluster().map_or(0, |c| c.pending_ops())
@@ -535,4 +541,11 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             Ok(run_forwarded(&node, &db, &user, &line))
         }
     }
+}
+
+/// The process's resident memory in KiB (Linux `/proc/self/status`), for `debug process-info`.
+fn resident_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -205,9 +205,80 @@ fn one_node_conflicts_are_arbitrated_once_and_in_order() {
     assert_eq!(offer(&third.line()).4, "again");
 }
 
+/// `stored_entries` (tombstones included) and `rss_kb` from `debug process-info`.
+fn process_info(addr: &str) -> (usize, u64) {
+    let mut c = Client::connect_tcp(addr).unwrap();
+    c.auth(ADMIN, ADMIN_PWD).unwrap();
+    let reply = c.call("debug process-info").unwrap();
+    let line = reply.messages.first().cloned().unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        line.split(", ")
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    (field("stored_entries") as usize, field("rss_kb"))
+}
+
+/// Sends `n` stale writes to `k`, answers every offer, and waits until the resolved records
+/// have expired. Returns the key's final version.
+fn burst_resolved(addr: &str, writer: &mut RawTcp, arb: &mut RawTcp, n: usize) -> i32 {
+    let burst: String = (0..n).map(|i| format!("set-safe k 0 w{i}\n")).collect();
+    writer.send(burst.as_bytes());
+    for _ in 0..n {
+        conflict_of(&writer.until_envelope());
+    }
+    let mut answers = String::new();
+    for i in 0..n {
+        let (opp, version, _, _, _) = offer(&arb.line());
+        answers.push_str(&format!("resolve {opp} ad k {version} r{i}\n"));
+    }
+    arb.send(answers.as_bytes());
+    for _ in 0..n {
+        assert_eq!(arb.until_envelope(), vec!["ok \n"]);
+    }
+    assert!(eventually(LONG, || {
+        let mut c = Client::connect_tcp(addr).unwrap();
+        c.use_db("ad", "t").unwrap();
+        c.keys("$conflicts_*").unwrap().is_empty()
+    }));
+    get_safe(addr, "k").unwrap().0
+}
+
+#[test]
+fn memory_returns_to_idle_after_conflict_bursts() {
+    let server = Server::start_with(&[("NUN_CONFLICT_RETENTION", "1")]);
+    let mut admin = server.admin();
+    admin
+        .call("create-db ad t arbiter")
+        .unwrap()
+        .into_result()
+        .unwrap();
+    let mut writer = session(&server.tcp);
+    assert_eq!(writer.cmd("set-safe k 0 base"), vec!["ok \n"]);
+    let (mut arb, _) = arbiter(&server.tcp);
+    let (idle_entries, idle_rss) = process_info(&server.tcp);
+    let mut rss = Vec::new();
+    for round in 0..3 {
+        let version = burst_resolved(&server.tcp, &mut writer, &mut arb, 2000);
+        assert_eq!(version, 1 + 2000 * (round + 1));
+        let (entries, kb) = process_info(&server.tcp);
+        // Expired conflict records leave nothing behind (no tombstones).
+        assert_eq!(entries, idle_entries, "round {round}");
+        rss.push(kb);
+    }
+    eprintln!("rss_kb idle {idle_rss}, after each round {rss:?}");
+    // Memory freed after a round is reused by the next: no growth round over round.
+    assert!(
+        rss[2] <= rss[0] + 1024,
+        "resident memory grew from {} KiB to {} KiB",
+        rss[0],
+        rss[2]
+    );
+}
+
 #[test]
 fn three_nodes_arbiter_on_any_node_merges_concurrent_writes() {
-    let c = TestCluster::start(3, &[]);
+    let c = TestCluster::start(3, &[("NUN_CONFLICT_RETENTION", "1")]);
     let p = c.primary().unwrap();
     let (s1, s2) = ((p + 1) % 3, (p + 2) % 3);
     let addr = |i: usize| c.nodes[i].as_ref().unwrap().tcp.clone();
@@ -249,6 +320,15 @@ fn three_nodes_arbiter_on_any_node_merges_concurrent_writes() {
     assert!(eventually(LONG, || (0..3)
         .all(|i| get_safe(&addr(i), "k") == Some((3, merged.clone())))));
 
+    // Every node's footprint once the resolved record has expired.
+    let no_records = |i: usize| {
+        let mut cl = c.client(i);
+        cl.use_db("ad", "t").unwrap();
+        cl.keys("$conflicts_*").unwrap().is_empty()
+    };
+    assert!(eventually(LONG, || (0..3).all(no_records)));
+    let idle: Vec<usize> = (0..3).map(|i| process_info(&addr(i)).0).collect();
+
     // An arbiter on a secondary handles a burst of stale writes made on the other one.
     drop(arb);
     let (mut arb, replayed) = arbiter(&addr(s2));
@@ -272,6 +352,9 @@ fn three_nodes_arbiter_on_any_node_merges_concurrent_writes() {
     assert!(eventually(LONG, || {
         (0..3).all(|i| get_safe(&addr(i), "k") == Some((1003, "r999".into())))
     }));
+    // Expired records leave nothing behind on any node (the removals replicated).
+    assert!(eventually(LONG, || (0..3).all(no_records)));
+    assert!(eventually(LONG, || (0..3).all(|i| process_info(&addr(i)).0 == idle[i])));
     // Every node is idle afterwards: answers did not bounce between nodes.
     let pids: Vec<u32> = c.nodes.iter().map(|n| n.as_ref().unwrap().pid()).collect();
     let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();

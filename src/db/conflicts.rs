@@ -293,5 +293,8 @@ mod tests {
         );
         assert_eq!(d.sweep_resolved(Duration::ZERO), 2);
         assert_eq!(d.get(&first), None);
+        // Expired records leave no tombstone behind.
+        assert_eq!(d.keys(|_| true), vec!["$connections", "k"]);
+        assert_eq!(d.stored_entries(), 2);
     }
 }

@@ -18,7 +18,8 @@ pub const CONNECTIONS_KEY: &str = "$connections";
 /// The key holding the database's (hashed) token.
 pub const TOKEN_KEY: &str = "$$token";
 
-/// A stored value. Removed keys stay as tombstones so versions keep increasing.
+/// A stored value. Removed keys stay as tombstones so versions keep increasing (except conflict
+/// records, whose keys are never reused).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The value text (shared, so snapshots copy a pointer, not the bytes).
@@ -210,6 +211,11 @@ impl Database {
         read(&self.data).values().filter(|e| !e.deleted).count()
     }
 
+    /// Number of stored entries, tombstones included (what the map holds in memory).
+    pub fn stored_entries(&self) -> usize {
+        read(&self.data).len()
+    }
+
     /// True when the database holds no live key.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -331,10 +337,17 @@ impl Database {
                 format!("changed-version {key} {} {}\n", entry.version, entry.value),
             ]
         };
-        if key.starts_with(super::conflicts::CONFLICTS_PREFIX) {
+        let conflict_record = key.starts_with(super::conflicts::CONFLICTS_PREFIX);
+        if conflict_record {
             self.conflict_stored(key, &entry, lsn);
         }
-        data.insert(Box::from(key), entry);
+        if conflict_record && entry.deleted {
+            // A conflict record key names a fresh opp_id and is never written again, so it
+            // needs no tombstone: dropping it is what lets memory return to idle.
+            data.remove(key);
+        } else {
+            data.insert(Box::from(key), entry);
+        }
         self.notify(key, messages, lsn);
     }
 
