@@ -45,6 +45,8 @@ pub struct Config {
     pub conflict_retention: Duration,
     /// When a write is acknowledged in a cluster (NUN_WRITE_QUORUM).
     pub write_quorum: WriteQuorum,
+    /// Bytes of recent log records kept in memory to feed secondaries (NUN_REPLICATION_BACKLOG).
+    pub replication_backlog: usize,
 }
 
 /// Default TCP address.
@@ -75,6 +77,7 @@ impl Default for Config {
             conflict_retention: Duration::from_secs(3600),
             max_log_size: 256 * 1024 * 1024,
             write_quorum: WriteQuorum::Majority,
+            replication_backlog: 64 * 1024 * 1024,
         }
     }
 }

@@ -182,6 +182,13 @@ struct StartArgs {
         default_value_t = 3600
     )]
     conflict_retention: u64,
+    /// Bytes of recent log records a cluster node keeps in memory to feed secondaries.
+    #[arg(
+        long = "replication-backlog",
+        env = "NUN_REPLICATION_BACKLOG",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    replication_backlog: usize,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long = "log-level", env = "NUN_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -376,6 +383,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         snapshot_interval: Duration::from_secs(args.snapshot_interval.max(1)),
         max_log_size: args.max_op_log_size,
         conflict_retention: Duration::from_secs(args.conflict_retention),
+        replication_backlog: args.replication_backlog,
         admin_user: user,
         admin_pwd: pwd,
         dbs_dir: args.dbs_dir.clone().into(),

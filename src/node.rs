@@ -162,7 +162,7 @@ impl Node {
                 .log()
                 .cloned()
                 .ok_or_else(|| "a cluster node needs storage".to_string())?;
-            log.enable_backlog();
+            log.enable_backlog(self.config.replication_backlog);
             cluster
                 .start_elections(log)
                 .map_err(|e| format!("cannot start the election thread: {e}"))?;

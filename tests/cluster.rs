@@ -144,3 +144,88 @@ fn primary_kill_fails_over_and_old_primary_catches_up() {
         c.victories()
     );
 }
+
+/// First LSN still in node `dir`'s operation log (segment files are named by it).
+fn first_logged_lsn(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("oplog"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".oplog")?
+                .parse()
+                .ok()
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+#[test]
+fn node_behind_a_truncated_log_gets_a_full_sync_with_strategies() {
+    // A small log and backlog: x's position is soon neither in memory nor on disk.
+    let mut c = TestCluster::start(
+        3,
+        &[
+            ("NUN_MAX_OP_LOG_SIZE", "20000"),
+            ("NUN_REPLICATION_BACKLOG", "20000"),
+        ],
+    );
+    let p = c.primary().unwrap();
+    let x = (p + 1) % 3;
+    c.kill(x);
+    // The databases exist only in records x never saw.
+    let mut admin = c.client(p);
+    admin.auth(ADMIN, ADMIN_PWD).unwrap();
+    for cmd in ["create-db arb t arbiter", "create-db nw t newer"] {
+        admin.call(cmd).unwrap().into_result().unwrap();
+    }
+    let mut w = c.client(p);
+    w.use_db("nw", "t").unwrap();
+    let words = "several words; a semicolon, unicode ✓ é";
+    w.set("words", words).unwrap();
+    for i in 0..2000 {
+        w.set(&format!("key{}", i % 300), &format!("value {i}"))
+            .unwrap();
+    }
+    assert!(
+        eventually(LONG, || first_logged_lsn(&c.dirs[p]) > 100),
+        "the primary's log was never truncated"
+    );
+
+    c.start_node(x);
+    let on_x = |key: &str| {
+        let mut cl = c.client(x);
+        cl.use_db("nw", "t").ok()?;
+        cl.get_safe(key).ok()?
+    };
+    assert!(
+        eventually(LONG, || on_x("key299") == Some((5, "value 1799".into()))),
+        "{:?}",
+        on_x("key299")
+    );
+    assert_eq!(on_x("words"), Some((0, words.to_string())));
+    let primary_log = std::fs::read_to_string(c.dirs[p].join("node.log")).unwrap();
+    assert!(primary_log.contains("full sync at LSN"), "{primary_log}");
+    // Records after the full sync stream as usual.
+    w.set("after", "the sync").unwrap();
+    assert!(eventually(LONG, || on_x("after") == Some((0, "the sync".into()))));
+
+    // x's data alone, as a single node: the strategies came to it through the full sync only.
+    c.kill(x);
+    let single = common::Server::start_in(c.dirs[x].clone(), &[]);
+    let mut nw = single.tcp_client("nw", "t");
+    assert_eq!(nw.get_safe("words").unwrap(), Some((0, words.to_string())));
+    nw.set("words", "newer").unwrap();
+    nw.set_safe("words", 0, "stale wins").unwrap();
+    assert_eq!(
+        nw.get_safe("words").unwrap(),
+        Some((2, "stale wins".into()))
+    );
+    let mut arb = single.tcp_client("arb", "t");
+    arb.set_safe("a", 0, "v1").unwrap();
+    assert_eq!(
+        arb.set_safe("a", 0, "v2").unwrap_err().to_string(),
+        "server error: An conflitct happend and there is no arbiter client not connected"
+    );
+}

@@ -74,7 +74,8 @@ pub struct OpLog {
     /// acknowledged until the node restarts (and recovery cuts the damaged tail).
     failed: std::sync::atomic::AtomicBool,
     /// Keep recent records in memory for replication (only cluster members need it).
-    backlog_enabled: std::sync::atomic::AtomicBool,
+    /// Bytes of recent records kept in memory for replication (0: no backlog).
+    backlog_limit: std::sync::atomic::AtomicUsize,
     /// Bumped by [`OpLog::wake`] so tail readers notice news other than new records.
     wakes: AtomicU64,
 }
@@ -86,8 +87,6 @@ struct Backlog {
     bytes: usize,
 }
 
-/// Bytes of recent records kept in memory for replication.
-const BACKLOG_BYTES: usize = 64 * 1024 * 1024;
 /// Approximate memory of a backlog entry beyond its encoded bytes (struct, Arc, strings).
 const BACKLOG_OVERHEAD: usize = 96;
 
@@ -304,7 +303,7 @@ impl OpLog {
             backlog: Mutex::new(Backlog::default()),
             appended: Condvar::new(),
             failed: std::sync::atomic::AtomicBool::new(false),
-            backlog_enabled: std::sync::atomic::AtomicBool::new(false),
+            backlog_limit: std::sync::atomic::AtomicUsize::new(0),
             wakes: AtomicU64::new(0),
         })
     }
@@ -395,11 +394,12 @@ impl OpLog {
         inner.appended_term = record.term;
         self.size.fetch_add(encoded as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
-        if self.backlog_enabled.load(Ordering::Relaxed) {
+        let limit = self.backlog_limit.load(Ordering::Relaxed);
+        if limit > 0 {
             let mut backlog = lock(&self.backlog);
             backlog.records.push_back(Arc::new(record.clone()));
             backlog.bytes += encoded + BACKLOG_OVERHEAD;
-            while backlog.bytes > BACKLOG_BYTES && backlog.records.len() > 1 {
+            while backlog.bytes > limit && backlog.records.len() > 1 {
                 if let Some(old) = backlog.records.pop_front() {
                     backlog.bytes = backlog
                         .bytes
@@ -411,9 +411,10 @@ impl OpLog {
         Ok(record.lsn)
     }
 
-    /// Starts keeping recent records in memory for replication to secondaries.
-    pub fn enable_backlog(&self) {
-        self.backlog_enabled.store(true, Ordering::Relaxed);
+    /// Starts keeping about `bytes` of recent records in memory, so secondaries catch up
+    /// without reading the files (older positions read the log, or get a full sync).
+    pub fn enable_backlog(&self, bytes: usize) {
+        self.backlog_limit.store(bytes.max(1), Ordering::Relaxed);
     }
 
     /// Wakes every [`OpLog::records_after`] waiter (replication senders: the commit point moved).
