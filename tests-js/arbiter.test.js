@@ -3,85 +3,13 @@
 // the final value on every node is what the arbiter callback returned.
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { spawn } = require('node:child_process');
-const fs = require('node:fs');
-const net = require('node:net');
-const os = require('node:os');
-const path = require('node:path');
 const NunDb = require('nun-db');
+const {
+  ADMIN, freePort, startNode, stopNode, tcp, eventually,
+} = require('./helpers');
 
-const BIN = process.env.NUN_DB_BIN || path.join(__dirname, '..', 'target', 'debug', 'nun-db');
 const nodes = [];
 const open = [];
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.on('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function startNode(tcp, members) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nundb-js-cluster-'));
-  const child = spawn(BIN, ['start', '--tcp-address', tcp, '--ws-address', '127.0.0.1:0',
-    '--http-address', '127.0.0.1:0', '--dbs-dir', dir], {
-    env: {
-      ...process.env, NUN_USER: 'admin', NUN_PWD: 'js-admin', NUN_LOG_LEVEL: 'warn',
-      NUN_REPLICATE_ADDR: members, NUN_EXTERNAL_ADDR: tcp, NUN_ELECTION_TIMEOUT: '500',
-    },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const node = { tcp, dir, child, ws: null };
-  nodes.push(node);
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('node did not become ready')), 30000);
-    let buffered = '';
-    child.stdout.on('data', (chunk) => {
-      buffered += chunk.toString();
-      const line = buffered.split('\n').find((l) => l.startsWith('ready '));
-      if (line && !node.ws) {
-        clearTimeout(timer);
-        node.ws = Object.fromEntries(line.slice(6).split(' ').map((kv) => kv.split('='))).ws;
-        resolve(node);
-      }
-    });
-    child.on('exit', (code) => reject(new Error(`node exited with ${code}`)));
-  });
-}
-
-// Sends command lines to a node over TCP and resolves with every line once all envelopes arrived.
-function tcp(addr, lines) {
-  return new Promise((resolve, reject) => {
-    const [host, port] = addr.split(':');
-    const socket = net.connect(Number(port), host, () => socket.write(lines.join('\n') + '\n'));
-    let data = '';
-    socket.on('data', (chunk) => {
-      data += chunk.toString();
-      const replies = data.split('\n').filter((l) => l === 'ok ' || /^error .* $/.test(l));
-      if (replies.length >= lines.length) {
-        socket.end();
-        resolve(data.split('\n').filter((l) => l.length));
-      }
-    });
-    socket.on('error', reject);
-  });
-}
-
-// Polls `check` every 50 ms until it returns true (or throws after `ms`).
-async function eventually(check, ms, what) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      if (await check()) return;
-    } catch (_) { /* not yet */ }
-    if (Date.now() > deadline) throw new Error(`timed out: ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 function connect(node) {
   const db = new NunDb({ url: `ws://${node.ws}`, db: 'arb', token: 'arb-token' });
@@ -94,10 +22,12 @@ let primary;
 before(async () => {
   const addrs = [];
   for (let i = 0; i < 3; i += 1) addrs.push(`127.0.0.1:${await freePort()}`);
-  await Promise.all(addrs.map((a) => startNode(a, addrs.join(','))));
+  nodes.push(...await Promise.all(addrs.map((a) => startNode(a, {
+    NUN_REPLICATE_ADDR: addrs.join(','), NUN_EXTERNAL_ADDR: a, NUN_ELECTION_TIMEOUT: '500',
+  }))));
   await eventually(async () => {
     for (const n of nodes) {
-      const lines = await tcp(n.tcp, ['auth admin js-admin', 'cluster-state']);
+      const lines = await tcp(n.tcp, [`auth ${ADMIN.join(' ')}`, 'cluster-state']);
       if (lines.some((l) => l.includes(`${n.tcp}(self):Primary`))) {
         primary = n;
         return true;
@@ -105,7 +35,7 @@ before(async () => {
     }
     return false;
   }, 30000, 'a primary is elected');
-  assert.deepEqual(await tcp(primary.tcp, ['auth admin js-admin', 'create-db arb arb-token arbiter']),
+  assert.deepEqual(await tcp(primary.tcp, [`auth ${ADMIN.join(' ')}`, 'create-db arb arb-token arbiter']),
     ['valid auth', 'ok ', 'create-db success', 'ok ']);
   await eventually(async () => {
     const all = await Promise.all(nodes.map((n) => tcp(n.tcp, ['use-db arb arb-token'])));
@@ -117,10 +47,7 @@ after(() => {
   for (const db of open) {
     try { db.goOffline(); } catch (_) { /* already closed */ }
   }
-  for (const n of nodes) {
-    n.child.kill('SIGKILL');
-    fs.rmSync(n.dir, { recursive: true, force: true });
-  }
+  nodes.forEach(stopNode);
 });
 
 test('becameArbiter on one node merges setValueSafe conflicts from two other nodes', async () => {

@@ -1,78 +1,27 @@
 // The official JS driver (npm nun-db@1.8.3, unmodified) against a real server on loopback.
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { spawn } = require('node:child_process');
-const fs = require('node:fs');
-const net = require('node:net');
-const os = require('node:os');
-const path = require('node:path');
 const NunDb = require('nun-db');
+const {
+  ADMIN, startNode, stopNode, tcp: tcpTo, withTimeout,
+} = require('./helpers');
 
-const BIN = process.env.NUN_DB_BIN || path.join(__dirname, '..', 'target', 'debug', 'nun-db');
 let server;
-let dataDir;
-let addrs;
 const open = [];
 
-function startServer() {
-  dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nundb-js-'));
-  server = spawn(BIN, ['start', '--tcp-address', '127.0.0.1:0', '--ws-address', '127.0.0.1:0',
-    '--http-address', '127.0.0.1:0', '--dbs-dir', dataDir], {
-    env: { ...process.env, NUN_USER: 'admin', NUN_PWD: 'js-admin', NUN_LOG_LEVEL: 'warn' },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('server did not become ready')), 30000);
-    let buffered = '';
-    server.stdout.on('data', (chunk) => {
-      buffered += chunk.toString();
-      const line = buffered.split('\n').find((l) => l.startsWith('ready '));
-      if (line && !addrs) {
-        clearTimeout(timer);
-        addrs = Object.fromEntries(line.slice(6).split(' ').map((kv) => kv.split('=')));
-        resolve();
-      }
-    });
-    server.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
-  });
-}
-
-// Sends admin command lines over TCP and resolves with every reply line once all envelopes arrived.
-function tcp(lines) {
-  return new Promise((resolve, reject) => {
-    const [host, port] = addrs.tcp.split(':');
-    const socket = net.connect(Number(port), host, () => socket.write(lines.join('\n') + '\n'));
-    let data = '';
-    socket.on('data', (chunk) => {
-      data += chunk.toString();
-      const replies = data.split('\n').filter((l) => l === 'ok ' || /^error .* $/.test(l));
-      if (replies.length >= lines.length) {
-        socket.end();
-        resolve(data.split('\n').filter((l) => l.length));
-      }
-    });
-    socket.on('error', reject);
-  });
-}
+// Sends admin command lines to the server over TCP.
+const tcp = (lines) => tcpTo(server.tcp, lines);
 
 function connect(props) {
-  const db = new NunDb({ url: `ws://${addrs.ws}`, ...props });
+  const db = new NunDb({ url: `ws://${server.ws}`, ...props });
   open.push(db);
   return db;
 }
 
-function withTimeout(promise, ms, what) {
-  let timer;
-  return Promise.race([
-    promise.finally(() => clearTimeout(timer)),
-    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), ms); }),
-  ]);
-}
-
 before(async () => {
-  await startServer();
+  server = await startNode();
   const replies = await tcp([
-    'auth admin js-admin', 'create-db jsdb js-token', 'use-db jsdb js-token',
+    `auth ${ADMIN.join(' ')}`, 'create-db jsdb js-token', 'use-db jsdb js-token',
     'create-user reader reader-token', 'set-permissions reader r *',
     'create-user writer writer-token', 'set-permissions writer rw pub*',
   ]);
@@ -83,8 +32,7 @@ after(() => {
   for (const db of open) {
     try { db.goOffline(); } catch (_) { /* already closed */ }
   }
-  if (server) server.kill('SIGKILL');
-  fs.rmSync(dataDir, { recursive: true, force: true });
+  if (server) stopNode(server);
 });
 
 test('setValue / getValue round-trips strings and objects', async () => {
