@@ -76,6 +76,9 @@ struct BenchArgs {
     /// Compare against Redis at redis://host:port in the same run.
     #[arg(long = "target")]
     target: Option<String>,
+    /// Follow every Redis SET with `WAIT <n> 0` (compare with a replicated write concern).
+    #[arg(long = "redis-wait", default_value_t = 0)]
+    redis_wait: usize,
     /// Seconds per load row.
     #[arg(long = "duration", default_value_t = 3.0)]
     duration: f64,
@@ -297,6 +300,7 @@ fn bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
             user,
             pwd,
             redis,
+            redis_wait: args.redis_wait,
             duration: Duration::from_secs_f64(args.duration.max(0.05)),
             keyspace: args.keyspace.max(1),
             value_size: args.value_size,

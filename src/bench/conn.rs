@@ -146,6 +146,8 @@ impl Conn for NunWs {
 
 /// Redis over RESP.
 pub struct Redis {
+    /// Replicas each SET waits for (`WAIT n 0` after it); 0 sends plain SETs.
+    wait_replicas: usize,
     stream: TcpStream,
     reader: BufReader<TcpStream>,
     out: Vec<u8>,
@@ -165,9 +167,16 @@ pub fn resp_command(out: &mut Vec<u8>, args: &[&str]) {
 impl Redis {
     /// Connects to `host:port`.
     pub fn connect(addr: &str) -> io::Result<Redis> {
+        Redis::connect_waiting(addr, 0)
+    }
+
+    /// Connects to `host:port`; every SET is followed by `WAIT wait_replicas 0`, so a write
+    /// counts as done once that many replicas have it (Redis's synchronous replication).
+    pub fn connect_waiting(addr: &str, wait_replicas: usize) -> io::Result<Redis> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
         Ok(Redis {
+            wait_replicas,
             reader: BufReader::with_capacity(256 * 1024, stream.try_clone()?),
             stream,
             out: Vec::new(),
@@ -228,15 +237,23 @@ impl Redis {
 impl Conn for Redis {
     fn batch(&mut self, op: KvOp, keys: &[String], value: &str) -> io::Result<()> {
         self.out.clear();
+        let wait = self.wait_replicas.to_string();
+        let waiting = op == KvOp::Set && self.wait_replicas > 0;
         for k in keys {
             match op {
                 KvOp::Set => resp_command(&mut self.out, &["SET", k, value]),
                 KvOp::Get => resp_command(&mut self.out, &["GET", k]),
             }
+            if waiting {
+                resp_command(&mut self.out, &["WAIT", &wait, "0"]);
+            }
         }
         self.stream.write_all(&self.out)?;
         for _ in keys {
             self.read_reply()?;
+            if waiting {
+                self.read_reply()?;
+            }
         }
         Ok(())
     }

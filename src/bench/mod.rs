@@ -27,6 +27,8 @@ pub struct BenchOptions {
     pub pwd: String,
     /// Redis address (`host:port`) to compare against, if any.
     pub redis: Option<String>,
+    /// Replicas each Redis SET waits for (`WAIT`), to compare with a replicated write concern.
+    pub redis_wait: usize,
     /// Time per load row.
     pub duration: Duration,
     /// Distinct keys used.
@@ -99,7 +101,10 @@ fn connect(opts: &BenchOptions, t: Transport) -> io::Result<Box<dyn Conn>> {
     Ok(match t {
         Transport::NunTcp => Box::new(NunTcp::connect(&opts.tcp, DB, TOKEN)?),
         Transport::NunWs => Box::new(NunWs::connect(&opts.ws, DB, TOKEN)?),
-        Transport::Redis => Box::new(Redis::connect(opts.redis.as_deref().unwrap_or_default())?),
+        Transport::Redis => Box::new(Redis::connect_waiting(
+            opts.redis.as_deref().unwrap_or_default(),
+            opts.redis_wait,
+        )?),
     })
 }
 

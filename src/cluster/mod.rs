@@ -306,6 +306,12 @@ impl Cluster {
         self.advance_commit(&mut s)
     }
 
+    /// Sets this node's durable mark to exactly `lsn`, its whole log (a new primary, before it
+    /// leads): a higher mark left from a tail that a full sync discarded must not count.
+    pub fn reset_durable(&self, lsn: u64) {
+        lock(&self.state).durable = lsn;
+    }
+
     /// On the primary, moves the commit point to the highest LSN durable on enough members
     /// (its own term's records only: they commit the prefix they extend).
     fn advance_commit(&self, s: &mut State) -> bool {
@@ -352,15 +358,32 @@ impl Cluster {
     /// being primary first, or after five election timeouts: the change may be rolled back, so
     /// the watcher is disconnected rather than told.
     pub fn wait_commit(&self, lsn: u64) -> bool {
-        let deadline = Instant::now() + self.timeout * 5;
+        self.wait_state(self.timeout * 5, |s| {
+            if s.commit >= lsn {
+                Some(true)
+            } else {
+                (s.role != Role::Primary).then_some(false)
+            }
+        })
+        .unwrap_or(false)
+    }
+
+    /// Waits up to `timeout` for `decide` to answer about the state, re-asking on every change.
+    /// On timeout, returns the state as it was then (to explain the failure).
+    fn wait_state<T>(
+        &self,
+        timeout: Duration,
+        mut decide: impl FnMut(&State) -> Option<T>,
+    ) -> Result<T, MutexGuard<'_, State>> {
+        let deadline = Instant::now() + timeout;
         let mut s = lock(&self.state);
         loop {
-            if s.commit >= lsn {
-                return true;
+            if let Some(answer) = decide(&s) {
+                return Ok(answer);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if s.role != Role::Primary || left.is_zero() {
-                return false;
+            if left.is_zero() {
+                return Err(s);
             }
             s = self
                 .changed
@@ -389,28 +412,24 @@ impl Cluster {
             return Ok(());
         }
         self.pending.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + self.timeout * 5;
-        let mut s = lock(&self.state);
-        let result = loop {
-            if s.commit >= lsn {
-                break Ok(());
-            }
-            let have = 1 + s.acks.values().filter(|(l, _)| *l >= lsn).count();
-            if s.role != Role::Primary {
-                break Err("Not the primary any more; the write may not be durable".to_string());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break Err(format!(
+        let result = self
+            .wait_state(self.timeout * 5, |s| {
+                if s.commit >= lsn {
+                    Some(Ok(()))
+                } else if s.role != Role::Primary {
+                    Some(Err(
+                        "Not the primary any more; the write may not be durable".to_string(),
+                    ))
+                } else {
+                    None
+                }
+            })
+            .unwrap_or_else(|s| {
+                let have = 1 + s.acks.values().filter(|(l, _)| *l >= lsn).count();
+                Err(format!(
                     "Write not confirmed by a majority ({have} of {needed} members)"
-                ));
-            }
-            s = self
-                .changed
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        };
+                ))
+            });
         self.pending.fetch_sub(1, Ordering::Relaxed);
         result
     }
@@ -468,20 +487,10 @@ impl Cluster {
     /// Waits (up to two election timeouts) until the primary confirmed this node's arbiter
     /// report of `generation` or a later one.
     pub fn wait_arbiters_reported(&self, generation: u64) -> bool {
-        let deadline = Instant::now() + self.timeout * 2;
-        let mut s = lock(&self.state);
-        while s.arbiters_confirmed < generation {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
+        self.wait_state(self.timeout * 2, |s| {
+            (s.arbiters_confirmed >= generation).then_some(())
+        })
+        .is_ok()
     }
 
     /// The primary confirmed this node's arbiter report `generation` (secondary side).
@@ -550,5 +559,52 @@ impl Cluster {
     pub fn wait_change(&self, timeout: Duration) {
         let s = lock(&self.state);
         let _ = self.changed.wait_timeout(s, timeout);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Member "a" of a, b, c, made primary of a term that started at `term_start`.
+    fn primary_of_three(term_start: u64) -> Cluster {
+        let members = ["a", "b", "c"].map(String::from);
+        let c = Cluster::new(
+            "a".into(),
+            &members,
+            ("u".into(), "p".into()),
+            Duration::from_millis(100),
+            WriteQuorum::Majority,
+            None,
+        );
+        {
+            let mut s = lock(&c.state);
+            s.role = Role::Primary;
+            s.term_start = term_start;
+        }
+        c
+    }
+
+    #[test]
+    fn commit_needs_a_majority_and_a_record_of_this_term() {
+        let c = primary_of_three(10);
+        assert!(!c.note_durable(12), "one copy is not a majority");
+        assert!(!c.record_ack("b", 9), "older than the term's first record");
+        assert_eq!(c.commit(), 0);
+        assert!(c.record_ack("b", 11));
+        assert_eq!(c.commit(), 11);
+        assert!(c.record_ack("c", 12));
+        assert_eq!(c.commit(), 12);
+    }
+
+    #[test]
+    fn a_new_primary_counts_only_the_log_it_has() {
+        // As an old primary this node had 2000 records; a full sync cut its log back to 1900
+        // and it now leads from a term-start record at 1901.
+        let c = primary_of_three(1901);
+        lock(&c.state).durable = 2000;
+        c.reset_durable(1901);
+        c.record_ack("b", 1950);
+        assert_eq!(c.commit(), 1901, "records 1902..1950 are on one node only");
     }
 }

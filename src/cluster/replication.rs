@@ -345,7 +345,7 @@ pub fn take_over(node: &Node, term: u64) -> Result<u64, String> {
     };
     let lsn = log.append(&mut start).map_err(|e| e.to_string())?;
     log.wait_durable(lsn).map_err(|e| e.to_string())?;
-    cluster.note_durable(lsn);
+    cluster.reset_durable(lsn);
     cluster.set_applied(lsn);
     Ok(lsn)
 }
