@@ -43,6 +43,7 @@ fn run_forwarded(node: &Arc<Node>, db: &str, user: &str, line: &str) -> Outcome 
         Ok(Command::Fwd { .. }
             | Command::ReplSync { .. }
             | Command::Election { .. }
+            | Command::PreVote { .. }
             | Command::Victory { .. })
     );
     if internal {
@@ -503,6 +504,19 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 return Err(Outcome::error("Not a cluster node"));
             };
             let vote = c.handle_election(log, term, &candidate, (last_term, last_lsn));
+            Ok(Outcome::message(vote.line()))
+        }
+        Command::PreVote {
+            term,
+            candidate,
+            last_term,
+            last_lsn,
+        } => {
+            require_admin(session)?;
+            let (Some(c), Some(log)) = (node.cluster(), node.log()) else {
+                return Err(Outcome::error("Not a cluster node"));
+            };
+            let vote = c.handle_pre_vote(log, term, &candidate, (last_term, last_lsn));
             Ok(Outcome::message(vote.line()))
         }
         Command::Victory { term, primary } => {

@@ -229,3 +229,54 @@ fn node_behind_a_truncated_log_gets_a_full_sync_with_strategies() {
         "server error: An conflitct happend and there is no arbiter client not connected"
     );
 }
+
+/// Highest term any node won so far.
+fn last_term(c: &TestCluster) -> u64 {
+    c.victories().iter().map(|(_, t)| *t).max().unwrap_or(0)
+}
+
+#[test]
+fn force_election_elects_again_from_the_primary_or_a_secondary() {
+    let c = TestCluster::start(3, &[]);
+    setup(&c, c.primary().unwrap());
+    for (round, on_primary) in [true, false].into_iter().enumerate() {
+        let p = c.wait_primary(LONG).unwrap();
+        let before = last_term(&c);
+        let target = if on_primary { p } else { (p + 1) % 3 };
+        let mut admin = c.client(target);
+        admin.auth(ADMIN, ADMIN_PWD).unwrap();
+        admin
+            .call("debug force-election")
+            .unwrap()
+            .into_result()
+            .unwrap();
+        assert!(
+            eventually(LONG, || last_term(&c) > before && c.primary().is_some()),
+            "round {round}: no new election"
+        );
+        // The new primary takes writes.
+        let key = format!("forced{round}");
+        assert!(eventually(LONG, || use_db(c.client(target))
+            .set(&key, "yes")
+            .is_ok()));
+        assert!(converged(&c, &key, Some((0, "yes"))));
+    }
+}
+
+#[test]
+fn isolated_secondary_rejoins_without_deposing_the_primary() {
+    let net = common::proxy::Net::new();
+    let c = TestCluster::start_proxied(3, &net, &[]);
+    let p = c.wait_primary(LONG).unwrap();
+    setup(&c, p);
+    let s = (p + 1) % 3;
+    let before = c.victories();
+    net.isolate(&c.addrs[s]);
+    // Cut off for ten election timeouts: it may ask for votes, but nobody answers.
+    std::thread::sleep(Duration::from_secs(5));
+    net.heal();
+    use_db(c.client(p)).set("after-heal", "v").unwrap();
+    assert!(converged(&c, "after-heal", Some((0, "v"))));
+    assert_eq!(c.primary(), Some(p));
+    assert_eq!(c.victories(), before, "the healed node forced an election");
+}

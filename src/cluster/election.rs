@@ -91,37 +91,45 @@ impl Cluster {
         }
     }
 
-    /// Handles `victory <term> <primary>`.
-    pub fn handle_victory(&self, term: u64, primary: &str) -> bool {
-        if primary == self.self_id {
-            return true;
+    /// Handles `pre-vote <term> <candidate> <last_term> <last_lsn>`: would this node vote for
+    /// `candidate` in `term`? Changes nothing. No while a primary is alive (this node leads, or
+    /// heard from its primary within half a timeout, where a healthy primary's heartbeats come
+    /// every quarter), so a node that was cut off cannot depose a healthy primary by calling
+    /// elections in ever higher terms when it comes back.
+    pub fn handle_pre_vote(
+        &self,
+        log: &OpLog,
+        term: u64,
+        candidate: &str,
+        their_log: (u64, u64),
+    ) -> Vote {
+        let s = lock(&self.state);
+        let primary_alive = s.role == Role::Primary
+            || (s.primary.as_deref().is_some_and(|p| p != candidate)
+                && s.last_heard.elapsed() < self.timeout / 2);
+        Vote {
+            granted: term > s.term && !primary_alive && their_log >= log.last_position(),
+            term: s.term,
+            primary: s.primary.clone(),
         }
-        self.heard_from_primary(term, primary)
     }
 
-    /// Runs one election; true if this node became primary.
-    pub fn run_election(self: &Arc<Self>, log: &OpLog) -> bool {
-        let (term, position) = {
-            let mut s = lock(&self.state);
-            s.term += 1;
-            s.voted_for = Some(self.self_id.clone());
-            s.role = Role::Candidate;
-            s.primary = None;
-            self.persist(&s);
-            (s.term, log.last_position())
-        };
-        log::info!("{} starts an election for term {term}", self.self_id);
+    /// Asks every peer `cmd` in parallel (for up to one timeout) and counts this node plus the
+    /// peers whose vote `counts`, stopping at a majority. Also returns the most informative
+    /// refusal (newest term, then one naming a primary), if any.
+    fn canvass(
+        self: &Arc<Self>,
+        cmd: &str,
+        counts: impl Fn(&Vote) -> bool,
+    ) -> (usize, Option<Vote>) {
         let peers = self.peers();
         let (tx, rx) = mpsc::channel();
         for peer in &peers {
             let tx = tx.clone();
             let peer = peer.clone();
             let cluster = Arc::clone(self);
+            let cmd = cmd.to_string();
             std::thread::spawn(move || {
-                let cmd = format!(
-                    "election {term} {} {} {}",
-                    cluster.self_id, position.0, position.1
-                );
                 let _ = tx.send(cluster.ask(&peer, &cmd).and_then(|m| Vote::parse(&m)));
             });
         }
@@ -132,15 +140,69 @@ impl Cluster {
         for _ in &peers {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(Some(v)) if v.granted && v.term == term => votes += 1,
-                Ok(Some(v)) if v.term > term || v.primary.is_some() => newer = Some(v),
-                Ok(_) => {}
+                Ok(Some(v)) if counts(&v) => votes += 1,
+                Ok(Some(v)) => {
+                    // Keep the most informative refusal: the newest term, then a known primary.
+                    let key = |v: &Vote| (v.term, v.primary.is_some());
+                    if newer.as_ref().is_none_or(|n| key(&v) > key(n)) {
+                        newer = Some(v);
+                    }
+                }
+                Ok(None) => {}
                 Err(_) => break,
             }
             if votes >= self.majority() {
                 break;
             }
         }
+        (votes, newer)
+    }
+
+    /// Handles `victory <term> <primary>`.
+    pub fn handle_victory(&self, term: u64, primary: &str) -> bool {
+        if primary == self.self_id {
+            return true;
+        }
+        self.heard_from_primary(term, primary)
+    }
+
+    /// Runs one election (after a pre-vote, unless forced); true if this node became primary.
+    pub fn run_election(self: &Arc<Self>, log: &OpLog) -> bool {
+        let (next, forced) = {
+            let mut s = lock(&self.state);
+            (s.term + 1, std::mem::take(&mut s.force_next))
+        };
+        if !forced {
+            let position = log.last_position();
+            let cmd = format!(
+                "pre-vote {next} {} {} {}",
+                self.self_id, position.0, position.1
+            );
+            let (votes, newer) = self.canvass(&cmd, |v| v.granted);
+            if votes < self.majority() {
+                if let Some(v) = newer {
+                    let mut s = lock(&self.state);
+                    self.observe_term(&mut s, v.term);
+                }
+                return false;
+            }
+        }
+        let (term, position) = {
+            let mut s = lock(&self.state);
+            s.term += 1;
+            s.voted_for = Some(self.self_id.clone());
+            s.role = Role::Candidate;
+            s.primary = None;
+            self.persist(&s);
+            (s.term, log.last_position())
+        };
+        log::info!("{} starts an election for term {term}", self.self_id);
+        let cmd = format!(
+            "election {term} {} {} {}",
+            self.self_id, position.0, position.1
+        );
+        let (votes, newer) = self.canvass(&cmd, |v| v.granted && v.term == term);
+        let newer = newer.filter(|v| v.term > term || v.primary.is_some());
         let won = {
             let s = lock(&self.state);
             s.term == term && s.role == Role::Candidate && votes >= self.majority()
@@ -231,6 +293,7 @@ impl Cluster {
     /// Forces an election at the next tick (`debug force-election`).
     pub fn force_election(&self) {
         let mut s = lock(&self.state);
+        s.force_next = true;
         if s.role != Role::Primary {
             s.last_heard = ago(self.timeout * 10);
         } else {

@@ -55,6 +55,8 @@ struct State {
     arbiter_confirms: HashMap<String, u64>,
     /// Highest generation of this node's arbiter report the primary confirmed.
     arbiters_confirmed: u64,
+    /// The next election skips the pre-vote (`debug force-election`).
+    force_next: bool,
 }
 
 /// Prepares this node to lead `term` before it starts taking writes (applies the log it
@@ -143,6 +145,7 @@ impl Cluster {
                 remote_arbiters: HashMap::new(),
                 arbiter_confirms: HashMap::new(),
                 arbiters_confirmed: 0,
+                force_next: false,
             }),
             self_id,
             members: Mutex::new(all),

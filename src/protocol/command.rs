@@ -131,6 +131,14 @@ pub enum Command {
         last_term: u64,
         last_lsn: u64,
     },
+    /// `pre-vote <term> <candidate> <last_term> <last_lsn>`: would you vote for me in `term`?
+    /// Asked before a real election, changes nothing (between nodes).
+    PreVote {
+        term: u64,
+        candidate: String,
+        last_term: u64,
+        last_lsn: u64,
+    },
     /// `victory <term> <primary>` (between nodes).
     Victory { term: u64, primary: String },
     /// `repl-sync <after_lsn> <after_term> <node>`: stream the log (between nodes).
@@ -387,6 +395,15 @@ impl Command {
             "election" => {
                 let a = exact(4, "election <term> <candidate> <last_term> <last_lsn>")?;
                 Command::Election {
+                    term: number(&a[0])?,
+                    candidate: a[1].clone(),
+                    last_term: number(&a[2])?,
+                    last_lsn: number(&a[3])?,
+                }
+            }
+            "pre-vote" => {
+                let a = exact(4, "pre-vote <term> <candidate> <last_term> <last_lsn>")?;
+                Command::PreVote {
                     term: number(&a[0])?,
                     candidate: a[1].clone(),
                     last_term: number(&a[2])?,

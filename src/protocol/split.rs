@@ -31,6 +31,7 @@ pub const VERBS: &[&str] = &[
     "join",
     "leave",
     "election",
+    "pre-vote",
     "victory",
     "repl-sync",
     "fwd",
