@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::cluster::forward;
 use crate::db::security::{self, Access, Permissions};
@@ -265,9 +266,11 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             }
         }
         Command::Get { key } => {
+            let start = Instant::now();
             let db = selected_db(session)?;
             check_key(session, &db, Access::Read, &key)?;
             let value = db.get(&key).map(|(v, _)| v);
+            node.get_time.record(start.elapsed());
             Ok(Outcome::message(format!(
                 "value {}",
                 value.as_deref().unwrap_or("<Empty>")
@@ -435,7 +438,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 _ => (0, 0),
             };
             Ok(Outcome::message(format!(
-                "metrics-state pending_ops: {pending}, op_log_file_size: {size}, op_log_count: {count},replication_time_moving_avg: 0.0, get_query_time_moving_avg: 0.0, replication_lag: {lag}"
+                "metrics-state pending_ops: {pending}, op_log_file_size: {size}, op_log_count: {count},replication_time_moving_avg: {:.3}, get_query_time_moving_avg: {:.3}, replication_lag: {lag}",
+                node.replication_time.millis(),
+                node.get_time.millis()
             )))
         }
         Command::ListCommands => {

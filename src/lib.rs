@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod exec;
+pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod server;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{self, Cluster, WriteQuorum};
 use crate::config::Config;
 use crate::db::Databases;
+use crate::metrics::MovingAvg;
 use crate::protocol::Strategy;
 use crate::storage::oplog::OpLog;
 use crate::storage::{Storage, StorageConfig};
@@ -29,6 +30,10 @@ pub struct Node {
     pub sessions: AtomicU64,
     /// The TCP address actually bound (differs from the configured one with port 0).
     pub tcp_bound: OnceLock<SocketAddr>,
+    /// How long `get` takes, for `metrics-state`.
+    pub get_time: MovingAvg,
+    /// How long an acknowledged write waits for its quorum, for `metrics-state`.
+    pub replication_time: MovingAvg,
     cluster: OnceLock<Arc<Cluster>>,
 }
 
@@ -65,6 +70,8 @@ impl Node {
             commands: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             tcp_bound: OnceLock::new(),
+            get_time: MovingAvg::default(),
+            replication_time: MovingAvg::default(),
             cluster: OnceLock::new(),
         })
     }
@@ -85,7 +92,11 @@ impl Node {
     pub fn wait_durable(&self, lsn: u64) -> std::io::Result<()> {
         self.wait_local_durable(lsn)?;
         if let Some(c) = self.cluster() {
+            let start = Instant::now();
             c.wait_quorum(lsn).map_err(std::io::Error::other)?;
+            if lsn > 0 {
+                self.replication_time.record(start.elapsed());
+            }
         }
         Ok(())
     }

@@ -105,6 +105,18 @@ fn writes_replicate_and_secondaries_forward() {
         assert!(line.contains(&format!("{}(", c.addrs[p])), "{line}");
         assert_eq!(line.matches(":Primary").count(), 1, "{line}");
     }
+    // The primary waited for a majority on every write above: its replication average is set.
+    let mut a = c.client(p);
+    a.auth(ADMIN, ADMIN_PWD).unwrap();
+    let line = a.call("metrics-state").unwrap().messages.remove(0);
+    let avg: f64 = line
+        .split("replication_time_moving_avg: ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(avg > 0.0, "{line}");
+    assert!(line.starts_with("metrics-state pending_ops: 0, "), "{line}");
 }
 
 #[test]
