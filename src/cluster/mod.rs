@@ -294,9 +294,7 @@ impl Cluster {
             .or_insert((0, Instant::now()));
         entry.0 = entry.0.max(lsn);
         entry.1 = Instant::now();
-        let moved = self.advance_commit(&mut s);
-        self.changed.notify_all();
-        moved
+        self.advance_commit(&mut s)
     }
 
     /// Records that this node's own log is durable up to `lsn`. True when the commit point moved.
