@@ -33,8 +33,6 @@ pub struct Config {
     pub outbox_messages: usize,
     /// Bytes a session may have queued before a slow watcher is disconnected (NUN_OUTBOX_BYTES).
     pub outbox_bytes: usize,
-    /// Worker threads answering HTTP requests (NUN_HTTP_WORKERS).
-    pub http_workers: usize,
     /// When the operation log is fsynced (NUN_FSYNC).
     pub fsync: FsyncPolicy,
     /// Time between periodic snapshots of changed databases (NUN_SNAPSHOT_INTERVAL, seconds).
@@ -71,7 +69,6 @@ impl Default for Config {
             max_line: 16 * 1024 * 1024,
             outbox_messages: 16 * 1024,
             outbox_bytes: 64 * 1024 * 1024,
-            http_workers: 4,
             fsync: FsyncPolicy::EverySec,
             snapshot_interval: Duration::from_secs(60),
             conflict_retention: Duration::from_secs(3600),

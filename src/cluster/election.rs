@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::{lock, Cluster, Role};
 use crate::client::Client;
+use crate::server::spawn_connection_thread;
 use crate::storage::oplog::OpLog;
 
 /// The answer to `election`.
@@ -129,7 +130,8 @@ impl Cluster {
             let peer = peer.clone();
             let cluster = Arc::clone(self);
             let cmd = cmd.to_string();
-            std::thread::spawn(move || {
+            // A peer whose thread cannot start counts as not answering.
+            spawn_connection_thread(format!("canvass-{peer}"), move || {
                 let _ = tx.send(cluster.ask(&peer, &cmd).and_then(|m| Vote::parse(&m)));
             });
         }
@@ -268,7 +270,7 @@ impl Cluster {
     fn announce(self: &Arc<Self>, term: u64) {
         for peer in self.peers() {
             let cluster = Arc::clone(self);
-            std::thread::spawn(move || {
+            spawn_connection_thread(format!("announce-{peer}"), move || {
                 cluster.ask(&peer, &format!("victory {term} {}", cluster.self_id));
             });
         }

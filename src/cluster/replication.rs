@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use crate::db::Entry;
 use crate::node::Node;
 use crate::protocol::Strategy;
+use crate::server::spawn_connection_thread;
 use crate::storage::oplog::Tail;
 use crate::storage::record::{decode, Decoded, Op, Record};
 
@@ -107,7 +108,7 @@ pub fn serve_secondary(
         let shown = Arc::clone(&shown);
         let peer = peer.clone();
         let shutdown = out.try_clone().ok();
-        std::thread::spawn(move || {
+        let started = spawn_connection_thread(format!("acks-{peer}"), move || {
             for line in reader.lines() {
                 let Ok(line) = line else { break };
                 if let Some(lsn) = line
@@ -136,6 +137,9 @@ pub fn serve_secondary(
                 let _ = s.shutdown(Shutdown::Both);
             }
         });
+        if !started {
+            return;
+        }
     }
     let consistent = after <= log.last_lsn()
         && if after == 0 {

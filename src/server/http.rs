@@ -15,26 +15,26 @@ use crate::protocol::{split_commands, Outcome};
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 use crate::server::outbox::Outbox;
 use crate::server::session::Session;
+use crate::server::spawn_connection_thread;
 
-/// Binds the HTTP listener and starts the worker threads that answer requests.
+/// Binds the HTTP listener and starts the thread that hands each request to a thread of its
+/// own, so a client that is slow to send its body holds up nobody else.
 pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
     let server = Server::http(&node.config.http_addr).map_err(io::Error::other)?;
     let addr = server
         .server_addr()
         .to_ip()
         .ok_or_else(|| io::Error::other("http listener has no IP address"))?;
-    let server = Arc::new(server);
-    for i in 0..node.config.http_workers.max(1) {
-        let server = Arc::clone(&server);
-        let node = Arc::clone(node);
-        std::thread::Builder::new()
-            .name(format!("http-{i}"))
-            .spawn(move || {
-                while let Ok(request) = server.recv() {
-                    handle(&node, request);
-                }
-            })?;
-    }
+    let node = Arc::clone(node);
+    std::thread::Builder::new()
+        .name("http-accept".into())
+        .spawn(move || {
+            while let Ok(request) = server.recv() {
+                let node = Arc::clone(&node);
+                let name = format!("http-{}", request.remote_addr().map_or_else(String::new, |a| a.to_string()));
+                spawn_connection_thread(name, move || handle(&node, request));
+            }
+        })?;
     Ok(addr)
 }
 
