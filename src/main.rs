@@ -406,7 +406,6 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         max_line: args.max_line,
         outbox_messages: args.outbox_messages,
         outbox_bytes: args.outbox_bytes,
-        ..Config::default()
     };
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(s) => s,

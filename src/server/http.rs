@@ -31,7 +31,12 @@ pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
         .spawn(move || {
             while let Ok(request) = server.recv() {
                 let node = Arc::clone(&node);
-                let name = format!("http-{}", request.remote_addr().map_or_else(String::new, |a| a.to_string()));
+                let name = format!(
+                    "http-{}",
+                    request
+                        .remote_addr()
+                        .map_or_else(String::new, |a| a.to_string())
+                );
                 spawn_connection_thread(name, move || handle(&node, request));
             }
         })?;
