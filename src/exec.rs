@@ -188,7 +188,7 @@ fn write_value(node: &Node, db: &Database, key: &str, op: WriteOp<'_>) -> Res {
 }
 
 /// Makes every log record acknowledged by `outcomes` durable (one group flush for the whole
-/// batch), turning their `ok` into a storage error if that fails. Transports call this before
+/// batch), turning their `ok` into the error if that fails (storage, or no quorum). Transports call this before
 /// sending replies.
 pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
     let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
@@ -196,12 +196,12 @@ pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
         return;
     }
     if let Err(e) = node.wait_durable(lsn) {
-        log::error!("operation log write failed: {e}");
+        log::error!("write not acknowledged: {e}");
         for o in outcomes
             .iter_mut()
             .filter(|o| o.lsn > 0 && o.error.is_none())
         {
-            o.error = Some(format!("Storage error: {e}"));
+            o.error = Some(e.clone());
         }
     }
 }

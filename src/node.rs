@@ -88,12 +88,14 @@ impl Node {
     }
 
     /// Waits until the log record `lsn` may be acknowledged: durable per the fsync policy here
-    /// and, in a cluster, on enough members for the write concern.
-    pub fn wait_durable(&self, lsn: u64) -> std::io::Result<()> {
-        self.wait_local_durable(lsn)?;
+    /// and, in a cluster, on enough members for the write concern. The error is the message
+    /// the writer gets.
+    pub fn wait_durable(&self, lsn: u64) -> Result<(), String> {
+        self.wait_local_durable(lsn)
+            .map_err(|e| format!("Storage error: {e}"))?;
         if let Some(c) = self.cluster() {
             let start = Instant::now();
-            c.wait_quorum(lsn).map_err(std::io::Error::other)?;
+            c.wait_quorum(lsn)?;
             if lsn > 0 {
                 self.replication_time.record(start.elapsed());
             }

@@ -120,6 +120,33 @@ fn writes_replicate_and_secondaries_forward() {
 }
 
 #[test]
+fn a_write_without_a_majority_gets_an_error_not_ok() {
+    let mut c = TestCluster::start(3, &[]);
+    let p = c.primary().unwrap();
+    setup(&c, p);
+    let mut w = use_db(c.client(p));
+    w.set("k", "with a majority").unwrap();
+    c.kill((p + 1) % 3);
+    c.kill((p + 2) % 3);
+    let reply = w.call("set k alone").unwrap();
+    let error = reply
+        .error
+        .clone()
+        .unwrap_or_else(|| panic!("acknowledged alone: {reply:?}"));
+    assert!(
+        error == "Write not confirmed by a majority (1 of 2 members)"
+            || error == "Not the primary any more; the write may not be durable",
+        "{error}"
+    );
+    // With a member back, the cluster elects again and takes writes.
+    c.start_node((p + 1) % 3);
+    let np = c.wait_primary(LONG).expect("a primary with a majority");
+    let mut w = use_db(c.client(np));
+    w.set("k", "majority again").unwrap();
+    assert_eq!(w.get("k").unwrap().as_deref(), Some("majority again"));
+}
+
+#[test]
 fn primary_kill_fails_over_and_old_primary_catches_up() {
     let mut c = TestCluster::start(3, &[]);
     let p = c.primary().unwrap();

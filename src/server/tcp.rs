@@ -185,6 +185,7 @@ fn flush_batch(
 pub fn durable_before_send(node: &Node, lsn: u64, change: u64) -> bool {
     match node
         .wait_durable(lsn)
+        .map_err(std::io::Error::other)
         .and_then(|_| node.wait_committed(change))
     {
         Ok(()) => true,
