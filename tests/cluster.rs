@@ -212,11 +212,28 @@ fn node_behind_a_truncated_log_gets_a_full_sync_with_strategies() {
     );
     let p = c.primary().unwrap();
     let x = (p + 1) % 3;
-    c.kill(x);
-    // The databases exist only in records x never saw.
+    // Two databases x knows: `re` will be recreated with another strategy, `gone` deleted.
     let mut admin = c.client(p);
     admin.auth(ADMIN, ADMIN_PWD).unwrap();
-    for cmd in ["create-db arb t arbiter", "create-db nw t newer"] {
+    for cmd in ["create-db re t none", "create-db gone t none"] {
+        admin.call(cmd).unwrap().into_result().unwrap();
+    }
+    let mut re = c.client(p);
+    re.use_db("re", "t").unwrap();
+    re.set("old", "from before").unwrap();
+    assert!(eventually(LONG, || {
+        let mut cl = c.client(x);
+        cl.use_db("re", "t").is_ok() && cl.get("old").ok().flatten().is_some()
+    }));
+    c.kill(x);
+    // The other databases exist only in records x never saw.
+    for cmd in [
+        "create-db arb t arbiter",
+        "create-db nw t newer",
+        "delete-db re",
+        "create-db re t arbiter",
+        "delete-db gone",
+    ] {
         admin.call(cmd).unwrap().into_result().unwrap();
     }
     let mut w = c.client(p);
@@ -267,6 +284,16 @@ fn node_behind_a_truncated_log_gets_a_full_sync_with_strategies() {
         arb.set_safe("a", 0, "v2").unwrap_err().to_string(),
         "server error: An conflitct happend and there is no arbiter client not connected"
     );
+    // A database x already had took the new strategy and contents; a deleted one is gone.
+    let mut re = single.tcp_client("re", "t");
+    assert_eq!(re.get("old").unwrap(), None);
+    re.set_safe("a", 0, "v1").unwrap();
+    assert_eq!(
+        re.set_safe("a", 0, "v2").unwrap_err().to_string(),
+        "server error: An conflitct happend and there is no arbiter client not connected"
+    );
+    let mut gone = Client::connect_tcp(&single.tcp).unwrap();
+    assert!(gone.use_db("gone", "t").is_err());
 }
 
 /// Highest term any node won so far.
