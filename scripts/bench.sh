@@ -194,3 +194,29 @@ RSS_RATIO=$(python3 -c "print(f'{$RSS_KB*1024/($N*116):.2f}')")
   echo "| RSS after cold start | ${RSS_AFTER_MB} MB |"
 } > BENCHMARKS.md
 echo "wrote BENCHMARKS.md"
+
+# README shows the headline rows of this run between its bench markers.
+{
+  echo "Latest run: $(date -u +%Y-%m-%d), $(nproc) cores, loopback, against Redis $(redis-server --version | grep -o 'v=[^ ]*' | cut -d= -f2) in the same run; made by \`make bench\`"
+  echo "(load rows: \`$CMD\`). TCP rows; WebSocket, fsync and storage rows are in BENCHMARKS.md."
+  echo
+  echo "$MAIN" | grep -E '^\|(---| op | set \| tcp | get \| tcp )' | awk '!/^\|---/ || !seen++'
+  echo
+  echo "$MAIN" | grep -E '^\| (watchers|[0-9]+ \|)' | sed '2i |---|---|---|---|---|---|---|---|---|---|---|---|'
+  echo
+  echo "| 3-node cluster: NUN_WRITE_QUORUM | conns | pipeline | ops/s | p50 µs | p99 µs | p99.9 µs | redis ops/s | redis p50 | redis p99 | redis p99.9 | ours/redis |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "$CLUSTER_ROWS"
+  echo
+  echo "Failover after \`kill -9\` of the primary: ${FAILOVER_MS} ms."
+} > "$WORK/readme-bench.md"
+python3 - "$WORK/readme-bench.md" <<'PY'
+import sys
+block = open(sys.argv[1]).read().strip()
+text = open("README.md").read()
+start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+head, rest = text.split(start, 1)
+tail = rest.split(end, 1)[1]
+open("README.md", "w").write(head + start + "\n" + block + "\n" + end + tail)
+PY
+echo "updated README.md"
