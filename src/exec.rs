@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cluster::forward;
+use crate::cluster::{forward, membership};
 use crate::db::security::{self, Access, Permissions};
 use crate::db::{
     self, pattern, Database, WriteError, WriteOp, Written, CONNECTIONS_KEY, TOKEN_KEY, TOKEN_USER,
@@ -188,8 +188,8 @@ fn write_value(node: &Node, db: &Database, key: &str, op: WriteOp<'_>) -> Res {
 }
 
 /// Makes every log record acknowledged by `outcomes` durable (one group flush for the whole
-/// batch), turning their `ok` into the error if that fails (storage, or no quorum). Transports call this before
-/// sending replies.
+/// batch), turning their `ok` into the error if that fails (storage, or no quorum).
+/// Transports call this before sending replies.
 pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
     let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
     if lsn == 0 {
@@ -486,17 +486,11 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::Join { node: member } => {
             require_admin(session)?;
-            if let Some(c) = node.cluster() {
-                c.join(&member);
-            }
-            Ok(Outcome::ok())
+            Ok(membership::change(&node, session, &member, true))
         }
         Command::Leave { node: member } => {
             require_admin(session)?;
-            match node.cluster() {
-                Some(c) if c.leave(&member) => Ok(Outcome::ok()),
-                _ => Err(Outcome::error(format!("Not a member: {member}"))),
-            }
+            Ok(membership::change(&node, session, &member, false))
         }
         Command::Election {
             term,

@@ -1,7 +1,7 @@
 //! The running node: configuration, databases and counters shared by every session.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,7 @@ pub struct Node {
     /// How long an acknowledged write waits for its quorum, for `metrics-state`.
     pub replication_time: MovingAvg,
     cluster: OnceLock<Arc<Cluster>>,
+    cluster_threads: AtomicBool,
 }
 
 impl Node {
@@ -73,6 +74,7 @@ impl Node {
             get_time: MovingAvg::default(),
             replication_time: MovingAvg::default(),
             cluster: OnceLock::new(),
+            cluster_threads: AtomicBool::new(false),
         })
     }
 
@@ -171,22 +173,36 @@ impl Node {
         })));
         let _ = self.cluster.set(Arc::clone(&cluster));
         if multi {
-            let log = self
-                .log()
-                .cloned()
-                .ok_or_else(|| "a cluster node needs storage".to_string())?;
-            log.enable_backlog(self.config.replication_backlog);
-            cluster
-                .start_elections(log)
-                .map_err(|e| format!("cannot start the election thread: {e}"))?;
-            cluster::replication::start_receiver(self)
-                .map_err(|e| format!("cannot start replication: {e}"))?;
-            log::info!(
-                "cluster member {} of {:?}",
-                cluster.self_id,
-                cluster.members()
-            );
+            self.start_cluster_threads()?;
+            cluster::membership::announce_self(&cluster);
         }
+        Ok(())
+    }
+
+    /// Starts the election and replication threads, once: at start-up when there are peers,
+    /// or when a `join` gives a single node its first peer.
+    pub fn start_cluster_threads(self: &Arc<Self>) -> Result<(), String> {
+        let Some(cluster) = self.cluster() else {
+            return Err("the cluster is not started".to_string());
+        };
+        if self.cluster_threads.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let log = self
+            .log()
+            .cloned()
+            .ok_or_else(|| "a cluster node needs storage".to_string())?;
+        log.enable_backlog(self.config.replication_backlog);
+        cluster
+            .start_elections(log)
+            .map_err(|e| format!("cannot start the election thread: {e}"))?;
+        cluster::replication::start_receiver(self)
+            .map_err(|e| format!("cannot start replication: {e}"))?;
+        log::info!(
+            "cluster member {} of {:?}",
+            cluster.self_id,
+            cluster.members()
+        );
         Ok(())
     }
 

@@ -258,7 +258,7 @@ fn memory_returns_to_idle_after_conflict_bursts() {
     let (mut arb, _) = arbiter(&server.tcp);
     let (idle_entries, idle_rss) = process_info(&server.tcp);
     let mut rss = Vec::new();
-    for round in 0..3 {
+    for round in 0..6 {
         let version = burst_resolved(&server.tcp, &mut writer, &mut arb, 2000);
         assert_eq!(version, 1 + 2000 * (round + 1));
         let (entries, kb) = process_info(&server.tcp);
@@ -267,12 +267,15 @@ fn memory_returns_to_idle_after_conflict_bursts() {
         rss.push(kb);
     }
     eprintln!("rss_kb idle {idle_rss}, after each round {rss:?}");
-    // Memory freed after a round is reused by the next: no growth round over round.
+    // Memory freed after a round is reused by the next. The exact entry count above is what
+    // proves no record is kept; resident memory also moves with the allocator's working set
+    // (steps of about 1 MiB seen over the first rounds), so this only catches leaks of more
+    // than about 250 bytes per conflict: 8000 conflicts over the last four rounds.
     assert!(
-        rss[2] <= rss[0] + 1024,
+        rss[5] <= rss[1] + 2048,
         "resident memory grew from {} KiB to {} KiB",
-        rss[0],
-        rss[2]
+        rss[1],
+        rss[5]
     );
 }
 

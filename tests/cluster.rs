@@ -30,9 +30,12 @@ fn setup(c: &TestCluster, via: usize) {
 fn converged(c: &TestCluster, key: &str, expected: Option<(i32, &str)>) -> bool {
     eventually(LONG, || {
         c.nodes.iter().enumerate().all(|(i, n)| {
-            n.is_none()
-                || use_db(c.client(i)).get_safe(key).unwrap()
-                    == expected.map(|(v, s)| (v, s.to_string()))
+            n.is_none() || {
+                // A node still catching up may not have the database yet.
+                let mut cl = c.client(i);
+                cl.use_db("d", "t").is_ok()
+                    && cl.get_safe(key).ok() == Some(expected.map(|(v, s)| (v, s.to_string())))
+            }
         })
     })
 }
@@ -144,6 +147,99 @@ fn a_write_without_a_majority_gets_an_error_not_ok() {
     let mut w = use_db(c.client(np));
     w.set("k", "majority again").unwrap();
     assert_eq!(w.get("k").unwrap().as_deref(), Some("majority again"));
+}
+
+/// The members node `i` lists in its `cluster-state`.
+fn listed_members(c: &TestCluster, i: usize) -> Vec<String> {
+    c.state_line(i)
+        .trim_start_matches("cluster-state ")
+        .split(',')
+        .filter_map(|part| part.trim().split('(').next())
+        .filter(|m| !m.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_started_node_joins_the_cluster_and_leave_removes_it() {
+    let mut c = TestCluster::start(3, &[]);
+    let p = c.primary().unwrap();
+    setup(&c, p);
+    let mut w = use_db(c.client(p));
+    w.set("k", "before the join").unwrap();
+    // The new node only has to start with the member list: it asks to join.
+    let d = c.add_node();
+    let mut all = c.addrs.clone();
+    all.sort();
+    assert!(
+        eventually(LONG, || (0..4).all(|i| listed_members(&c, i) == all)),
+        "{:?}",
+        (0..4).map(|i| c.state_line(i)).collect::<Vec<_>>()
+    );
+    assert!(converged(&c, "k", Some((0, "before the join"))));
+    w.set("k", "after the join").unwrap();
+    assert!(eventually(LONG, || {
+        let mut cl = use_db(c.client(d));
+        cl.get("k").ok().flatten().as_deref() == Some("after the join")
+    }));
+
+    let mut admin = c.client((p + 1) % 3);
+    admin.auth(ADMIN, ADMIN_PWD).unwrap();
+    for (cmd, error) in [
+        (
+            "join nonsense",
+            "Invalid member address nonsense: use host:port",
+        ),
+        ("leave 127.0.0.1:1", "Not a member: 127.0.0.1:1"),
+    ] {
+        assert_eq!(
+            admin.call(cmd).unwrap().error.as_deref(),
+            Some(error),
+            "{cmd}"
+        );
+    }
+    // Removed through a secondary (forwarded to the primary), then stopped.
+    let removed = c.addrs[d].clone();
+    assert_eq!(admin.call(&format!("leave {removed}")).unwrap().error, None);
+    c.kill(d);
+    all.retain(|m| *m != removed);
+    assert!(
+        eventually(LONG, || (0..3).all(|i| listed_members(&c, i) == all)),
+        "{:?}",
+        (0..3).map(|i| c.state_line(i)).collect::<Vec<_>>()
+    );
+    // Three members again: the primary and one secondary are a majority (2 of 4 would not be).
+    let p = c.wait_primary(LONG).unwrap();
+    c.kill((p + 1) % 3);
+    let mut w = use_db(c.client(p));
+    w.set("k", "two of three").unwrap();
+    assert_eq!(w.get("k").unwrap().as_deref(), Some("two of three"));
+}
+
+#[test]
+fn a_single_node_grows_into_a_cluster() {
+    let mut c = TestCluster::start(1, &[]);
+    assert_eq!(c.primary(), Some(0));
+    setup(&c, 0);
+    let mut w = use_db(c.client(0));
+    w.set("k", "alone").unwrap();
+    let b = c.add_node();
+    let mut all = c.addrs.clone();
+    all.sort();
+    assert!(
+        eventually(LONG, || (0..2).all(|i| listed_members(&c, i) == all)),
+        "{:?}",
+        (0..2).map(|i| c.state_line(i)).collect::<Vec<_>>()
+    );
+    // Writes now need both nodes, and reach the new one.
+    let p = c.wait_primary(LONG).unwrap();
+    let mut w = use_db(c.client(p));
+    w.set("k", "two nodes").unwrap();
+    assert!(converged(&c, "k", Some((1, "two nodes"))));
+    assert!(c
+        .state_line(p)
+        .contains(&format!("{}(Connected)", c.addrs[1 - p])));
+    let _ = b;
 }
 
 #[test]

@@ -263,24 +263,3 @@ fn hundred_thousand_hostile_lines_do_not_hurt_the_server() {
     drop(half_open);
     drop(garbage);
 }
-
-#[test]
-fn clients_slow_to_send_http_bodies_hold_up_no_other_request() {
-    let s = Server::start();
-    // More stalled requests than a fixed worker pool would have, each promising a body it
-    // never finishes sending.
-    let stalled: Vec<TcpStream> = (0..16)
-        .map(|_| {
-            let mut t = TcpStream::connect(&s.http).unwrap();
-            t.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nauth")
-                .unwrap();
-            t
-        })
-        .collect();
-    let body = format!("auth {} {}; ping", common::ADMIN, common::ADMIN_PWD);
-    assert_eq!(
-        client::post(&s.http_url(), &body).unwrap(),
-        "valid auth;pong"
-    );
-    drop(stalled);
-}

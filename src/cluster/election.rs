@@ -267,7 +267,8 @@ impl Cluster {
         true
     }
 
-    fn announce(self: &Arc<Self>, term: u64) {
+    /// Tells every peer that this node leads `term` (periodically, and when members join).
+    pub fn announce(self: &Arc<Self>, term: u64) {
         for peer in self.peers() {
             let cluster = Arc::clone(self);
             spawn_connection_thread(format!("announce-{peer}"), move || {
@@ -320,6 +321,10 @@ impl Cluster {
         let mut last_announce = Instant::now();
         loop {
             std::thread::sleep(tick);
+            if !self.is_member() {
+                // Removed by `leave`: it may still follow, but never leads or calls elections.
+                continue;
+            }
             if self.peers().is_empty() {
                 let term = {
                     let mut s = lock(&self.state);

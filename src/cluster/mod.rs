@@ -4,11 +4,12 @@
 
 pub mod election;
 pub mod forward;
+pub mod membership;
 pub mod replication;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -95,6 +96,10 @@ pub struct Cluster {
     replica: Mutex<()>,
     /// Bumped whenever this node's arbiter sessions change (secondaries report them).
     arbiter_gen: AtomicU64,
+    /// Bumped whenever the member list changes (a primary then streams it to its secondaries).
+    members_gen: AtomicU64,
+    /// A primary's member list included this node.
+    listed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,6 +166,8 @@ impl Cluster {
             on_elected: std::sync::OnceLock::new(),
             replica: Mutex::new(()),
             arbiter_gen: AtomicU64::new(0),
+            members_gen: AtomicU64::new(0),
+            listed: AtomicBool::new(false),
         }
     }
 
@@ -193,24 +200,63 @@ impl Cluster {
         lock(&self.members).len() / 2 + 1
     }
 
-    /// Adds a member (`join`).
-    pub fn join(&self, node: &str) {
+    /// Adds a member (`join`). True when it was not one already.
+    pub fn join(&self, node: &str) -> bool {
         let mut m = lock(&self.members);
-        if !m.iter().any(|x| x == node) {
-            m.push(node.to_string());
-            m.sort();
-        }
-    }
-
-    /// Removes a member (`leave`); a node cannot remove itself.
-    pub fn leave(&self, node: &str) -> bool {
-        if node == self.self_id {
+        if m.iter().any(|x| x == node) {
             return false;
         }
+        m.push(node.to_string());
+        m.sort();
+        self.members_gen.fetch_add(1, Ordering::AcqRel);
+        drop(m);
+        // A primary gives the newcomer a full timeout to start acknowledging before it
+        // counts it as unreachable (a single node that grows would step down at once).
+        let mut s = lock(&self.state);
+        if s.role == Role::Primary {
+            s.last_heard = Instant::now();
+        }
+        true
+    }
+
+    /// Removes a member (`leave`). True when it was one.
+    pub fn leave(&self, node: &str) -> bool {
         let mut m = lock(&self.members);
         let before = m.len();
         m.retain(|x| x != node);
-        before != m.len()
+        if before == m.len() {
+            return false;
+        }
+        self.members_gen.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Adopts the primary's member list (secondaries, from the replication stream).
+    pub fn set_members(&self, mut members: Vec<String>) {
+        members.sort();
+        members.dedup();
+        self.listed
+            .store(members.contains(&self.self_id), Ordering::Release);
+        let mut m = lock(&self.members);
+        if *m != members {
+            *m = members;
+            self.members_gen.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// How many times the member list changed; a primary's senders compare it to stream changes.
+    pub fn members_gen(&self) -> u64 {
+        self.members_gen.load(Ordering::Acquire)
+    }
+
+    /// True once this node leads, or a primary's member list included it.
+    pub fn is_listed(&self) -> bool {
+        self.is_primary() || self.listed.load(Ordering::Acquire)
+    }
+
+    /// True while this node is in its own member list (a removed node stops calling elections).
+    pub fn is_member(&self) -> bool {
+        lock(&self.members).contains(&self.self_id)
     }
 
     /// (role, term, primary).

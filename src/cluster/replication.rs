@@ -158,11 +158,17 @@ pub fn serve_secondary(
         .unwrap_or_else(Instant::now);
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut sent_commit = 0;
+    let mut sent_members = None;
     while !closed.load(Ordering::Acquire) && cluster.is_primary() {
         buf.clear();
         // Read the wake count before the commit point, so a move after it is not missed.
         let wakes = log.wakes();
         let commit = cluster.commit();
+        let members_gen = cluster.members_gen();
+        if sent_members != Some(members_gen) {
+            sent_members = Some(members_gen);
+            buf.extend_from_slice(format!("members {}\n", cluster.members().join(",")).as_bytes());
+        }
         if let Some(generation) = cluster.take_arbiter_confirm(&peer) {
             buf.extend_from_slice(format!("arbiters-ok {generation}\n").as_bytes());
         }
@@ -434,6 +440,14 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
             "commit" => {
                 let lsn = rest.parse().map_err(|_| io::Error::other("bad commit"))?;
                 cluster.set_commit(lsn);
+            }
+            "members" => {
+                cluster.set_members(
+                    rest.split(',')
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                );
             }
             "arbiters-ok" => {
                 if let Ok(generation) = rest.parse() {

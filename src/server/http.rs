@@ -10,12 +10,12 @@ use tiny_http::{Header, Request, Response, Server};
 use crate::exec;
 use crate::node::Node;
 use crate::protocol::{split_commands, Outcome};
-
-/// Response bytes after which the remaining commands of a body are refused.
-const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 use crate::server::outbox::Outbox;
 use crate::server::session::Session;
 use crate::server::spawn_connection_thread;
+
+/// Response bytes after which the remaining commands of a body are refused.
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 
 /// Binds the HTTP listener and starts the thread that hands each request to a thread of its
 /// own, so a client that is slow to send its body holds up nobody else.

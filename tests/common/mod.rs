@@ -414,6 +414,34 @@ impl TestCluster {
         c
     }
 
+    /// Starts one more node whose member list names every node so far and itself; returns its
+    /// index. The running nodes keep their own configuration.
+    pub fn add_node(&mut self) -> usize {
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.addrs.push(addr.clone());
+        self.tcp_addrs.push(addr);
+        self.dirs.push(temp_dir("cluster"));
+        self.nodes.push(None);
+        let i = self.addrs.len() - 1;
+        self.start_node(i);
+        i
+    }
+
+    /// Node `i`'s `cluster-state` line ("" when it does not answer).
+    pub fn state_line(&self, i: usize) -> String {
+        let Some(n) = &self.nodes[i] else {
+            return String::new();
+        };
+        Client::connect_tcp_timeout(&n.tcp, Duration::from_secs(2))
+            .and_then(|mut c| {
+                c.auth(ADMIN, ADMIN_PWD)?;
+                c.call("cluster-state")
+            })
+            .ok()
+            .and_then(|r| r.messages.into_iter().next())
+            .unwrap_or_default()
+    }
+
     /// (Re)starts node `i`.
     pub fn start_node(&mut self, i: usize) {
         let members = self.addrs.join(",");

@@ -1,0 +1,98 @@
+//! Who is in the cluster. The primary's member list is the cluster's: `join`/`leave` sent to a
+//! secondary go to the primary, which streams every change to its secondaries (`members` lines
+//! in replication). A node started with itself in NUN_REPLICATE_ADDR asks to join until a
+//! primary lists it. With no primary elected, a change applies to the node it is sent to, so a
+//! cluster that lost its majority for good can be repaired by hand.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{forward, Cluster};
+use crate::client::Client;
+use crate::node::Node;
+use crate::protocol::Outcome;
+use crate::server::session::Session;
+
+/// Runs `join <member>` (`join` true) or `leave <member>` for `session`.
+pub fn change(node: &Arc<Node>, session: &mut Session, member: &str, join: bool) -> Outcome {
+    let Some(cluster) = node.cluster() else {
+        return Outcome::error("Not a cluster node");
+    };
+    let valid = member
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !valid {
+        return Outcome::error(format!("Invalid member address {member}: use host:port"));
+    }
+    if !join && member == cluster.self_id {
+        return Outcome::error(format!(
+            "{member} cannot remove itself: stop it, then run leave {member} on another member"
+        ));
+    }
+    if !session.forwarded && !cluster.is_primary() && cluster.status().2.is_some() {
+        let verb = if join { "join" } else { "leave" };
+        return forward::forward(node, session, &format!("{verb} {member}"));
+    }
+    let changed = if join {
+        cluster.join(member)
+    } else {
+        cluster.leave(member)
+    };
+    if !changed {
+        return if join {
+            Outcome::ok()
+        } else {
+            Outcome::error(format!("Not a member: {member}"))
+        };
+    }
+    log::info!("members are now {:?}", cluster.members());
+    if let Some(log) = node.log() {
+        // Wakes the replication senders, which stream the new list.
+        log.wake();
+    }
+    if join {
+        if let Err(e) = node.start_cluster_threads() {
+            return Outcome::error(e);
+        }
+        let (_, term, _) = cluster.status();
+        if cluster.is_primary() {
+            // The newcomer learns who leads now rather than at the next periodic announcement.
+            cluster.announce(term);
+        }
+    }
+    Outcome::ok()
+}
+
+/// Asks the peers, until a primary lists this node, to let it join (a node added to a running
+/// cluster only has to be started with the member list).
+pub fn announce_self(cluster: &Arc<Cluster>) {
+    let cluster = Arc::clone(cluster);
+    let started = std::thread::Builder::new()
+        .name("join-cluster".into())
+        .spawn(move || {
+            let cmd = format!("join {}", cluster.self_id);
+            let mut pause = cluster.timeout;
+            while !cluster.is_listed() {
+                for peer in cluster.peers() {
+                    if ask_ok(&cluster, &peer, &cmd) {
+                        break;
+                    }
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        });
+    if let Err(e) = started {
+        log::error!("cannot start the thread that joins the cluster: {e}");
+    }
+}
+
+/// Sends an admin command to `peer`; true when it answered `ok`.
+fn ask_ok(cluster: &Cluster, peer: &str, cmd: &str) -> bool {
+    Client::connect_tcp_timeout(peer, cluster.timeout)
+        .and_then(|mut c| {
+            c.auth(&cluster.admin.0, &cluster.admin.1)?;
+            c.call(cmd)
+        })
+        .is_ok_and(|reply| reply.error.is_none())
+}
