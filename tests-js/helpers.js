@@ -8,15 +8,14 @@ const path = require('node:path');
 const BIN = process.env.NUN_DB_BIN || path.join(__dirname, '..', 'target', 'debug', 'nun-db');
 const ADMIN = ['admin', 'js-admin'];
 
-// A free TCP port on 127.0.0.1.
+// A free TCP port on 127.0.0.1, below the kernel's ephemeral range (32768+): never handed out
+// meanwhile to a node's port-0 listeners or outgoing connections, as a released ephemeral port can be.
 function freePort() {
-  return new Promise((resolve, reject) => {
+  const port = 20000 + Math.floor(Math.random() * 12000);
+  return new Promise((resolve) => {
     const s = net.createServer();
-    s.on('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
+    s.on('error', () => resolve(freePort()));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(port)));
   });
 }
 

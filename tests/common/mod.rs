@@ -351,12 +351,17 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// A free loopback port (bound then released; fine for tests).
+/// A free loopback port for a node that must know its port before it starts.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    // Below the kernel's ephemeral range (32768 and up): a port chosen here is never handed
+    // out meanwhile to some node's port-0 listener or outgoing connection, as a released
+    // ephemeral port can be.
+    loop {
+        let port = 20000 + rand::random::<u16>() % 12000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A cluster of nodes on loopback, each with its own data dir and log file.
