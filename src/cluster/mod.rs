@@ -8,7 +8,7 @@ pub mod membership;
 pub mod replication;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -102,6 +102,21 @@ pub struct Cluster {
     listed: AtomicBool,
 }
 
+/// The member list file kept next to the term file.
+fn members_file(term_file: &Path) -> PathBuf {
+    term_file.with_file_name("cluster.members")
+}
+
+/// Replaces `path` with `text` so that a crash leaves the old or the new content.
+fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -117,8 +132,13 @@ impl Cluster {
         term_file: Option<PathBuf>,
     ) -> Cluster {
         let mut all: Vec<String> = members.to_vec();
-        if !all.contains(&self_id) {
-            all.push(self_id.clone());
+        all.push(self_id.clone());
+        // Members that joined while this node ran are kept next to its term.
+        if let Some(saved) = term_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(members_file(p)).ok())
+        {
+            all.extend(saved.split_whitespace().map(str::to_string));
         }
         all.sort();
         all.dedup();
@@ -209,6 +229,7 @@ impl Cluster {
         m.push(node.to_string());
         m.sort();
         self.members_gen.fetch_add(1, Ordering::AcqRel);
+        self.save_members(&m);
         drop(m);
         // A primary gives the newcomer a full timeout to start acknowledging before it
         // counts it as unreachable (a single node that grows would step down at once).
@@ -228,6 +249,7 @@ impl Cluster {
             return false;
         }
         self.members_gen.fetch_add(1, Ordering::AcqRel);
+        self.save_members(&m);
         true
     }
 
@@ -239,6 +261,7 @@ impl Cluster {
             .store(members.contains(&self.self_id), Ordering::Release);
         let mut m = lock(&self.members);
         if *m != members {
+            self.save_members(&members);
             *m = members;
             self.members_gen.fetch_add(1, Ordering::AcqRel);
         }
@@ -278,12 +301,18 @@ impl Cluster {
     fn persist(&self, s: &State) {
         if let Some(path) = &self.term_file {
             let text = format!("{} {}\n", s.term, s.voted_for.as_deref().unwrap_or("-"));
-            let tmp = path.with_extension("tmp");
-            let ok = std::fs::write(&tmp, text)
-                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|_| std::fs::rename(&tmp, path));
-            if let Err(e) = ok {
+            if let Err(e) = write_durably(path, &text) {
                 log::error!("cannot persist the election term: {e}");
+            }
+        }
+    }
+
+    /// Saves the member list (after `join`, `leave` or the primary's list changed it), so a
+    /// restart with an older `--replicate-address` still knows the members that joined.
+    fn save_members(&self, members: &[String]) {
+        if let Some(path) = &self.term_file {
+            if let Err(e) = write_durably(&members_file(path), &(members.join("\n") + "\n")) {
+                log::error!("cannot persist the member list: {e}");
             }
         }
     }
@@ -653,5 +682,33 @@ mod tests {
         c.reset_durable(1901);
         c.record_ack("b", 1950);
         assert_eq!(c.commit(), 1901, "records 1902..1950 are on one node only");
+    }
+
+    #[test]
+    fn members_that_joined_survive_a_restart_with_the_old_member_list() {
+        let dir = std::env::temp_dir().join(format!("nun-members-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let term_file = dir.join("cluster.term");
+        let configured = ["a:1", "b:1"].map(String::from);
+        let start = || {
+            Cluster::new(
+                "a:1".into(),
+                &configured,
+                ("u".into(), "p".into()),
+                Duration::from_millis(100),
+                WriteQuorum::Majority,
+                Some(term_file.clone()),
+            )
+        };
+        let c = start();
+        assert!(c.join("d:1"));
+        c.set_members(["a:1", "b:1", "d:1", "e:1"].map(String::from).to_vec());
+        assert!(c.leave("b:1"));
+        drop(c);
+        // The list on disk plus the configured one (an operator updates the flags after `leave`).
+        let c = start();
+        assert_eq!(c.members(), ["a:1", "b:1", "d:1", "e:1"]);
+        assert_eq!(c.majority(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
