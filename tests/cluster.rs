@@ -98,10 +98,35 @@ fn writes_replicate_and_secondaries_forward() {
             e => panic!("{e:?}"),
         }
     }
-    // cluster-state in NunDB's shape on every node.
+    // cluster-state in NunDB's shape, and the diagnostic commands, on every node.
     for i in 0..3 {
         let mut a = c.client(i);
         a.auth(ADMIN, ADMIN_PWD).unwrap();
+        assert_eq!(a.call("ping").unwrap().messages, vec!["pong"], "node {i}");
+        assert_eq!(
+            a.call("debug pending-ops").unwrap().messages,
+            vec!["pending-ops 0"],
+            "node {i}"
+        );
+        let info = a.call("debug process-info").unwrap().messages.remove(0);
+        assert!(info.starts_with("process-info uptime_secs: "), "{info}");
+        assert!(info.contains(", dbs: 1, "), "node {i}: {info}");
+        let metrics = a.call("metrics-state").unwrap().messages.remove(0);
+        assert!(
+            metrics.starts_with("metrics-state pending_ops: 0, op_log_file_size: "),
+            "{metrics}"
+        );
+        // Every node has every record: no lag, whether measured from the primary's acks or
+        // against the primary's log end.
+        assert!(
+            eventually(LONG, || a
+                .call("metrics-state")
+                .unwrap()
+                .messages
+                .remove(0)
+                .ends_with(", replication_lag: 0")),
+            "node {i}: {metrics}"
+        );
         let line = a.call("cluster-state").unwrap().messages.remove(0);
         assert!(line.starts_with("cluster-state  "), "{line}");
         assert!(line.contains(&format!("{}(self)", c.addrs[i])), "{line}");
@@ -344,6 +369,14 @@ fn node_behind_a_truncated_log_gets_a_full_sync_with_strategies() {
         eventually(LONG, || first_logged_lsn(&c.dirs[p]) > 100),
         "the primary's log was never truncated"
     );
+    // The primary reports how far its slowest member (x, down) is behind.
+    let metrics = admin.call("metrics-state").unwrap().messages.remove(0);
+    let lag: u64 = metrics
+        .rsplit("replication_lag: ")
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(lag >= 2000, "{metrics}");
 
     c.start_node(x);
     let on_x = |key: &str| {

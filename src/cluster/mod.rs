@@ -100,6 +100,8 @@ pub struct Cluster {
     members_gen: AtomicU64,
     /// A primary's member list included this node.
     listed: AtomicBool,
+    /// The primary's log end as last heard (secondaries, for `replication_lag`).
+    primary_lsn: AtomicU64,
 }
 
 /// The member list file kept next to the term file.
@@ -188,6 +190,7 @@ impl Cluster {
             arbiter_gen: AtomicU64::new(0),
             members_gen: AtomicU64::new(0),
             listed: AtomicBool::new(false),
+            primary_lsn: AtomicU64::new(0),
         }
     }
 
@@ -540,14 +543,24 @@ impl Cluster {
         true
     }
 
-    /// Replication lag of the slowest member (primary) in LSNs.
+    /// Replication lag in LSNs: on the primary, of its slowest member; on a secondary, how far
+    /// its log is behind the primary's (as of the primary's last heartbeat or commit point).
     pub fn max_lag(&self, last_lsn: u64) -> u64 {
         let s = lock(&self.state);
+        if s.role != Role::Primary {
+            let primary = self.primary_lsn.load(Ordering::Acquire).max(s.commit);
+            return primary.saturating_sub(last_lsn);
+        }
         self.peers()
             .iter()
             .map(|p| last_lsn.saturating_sub(s.acks.get(p).map_or(0, |a| a.0)))
             .max()
             .unwrap_or(0)
+    }
+
+    /// A secondary heard the primary's log end (`ping` on the replication stream).
+    pub fn note_primary_lsn(&self, lsn: u64) {
+        self.primary_lsn.fetch_max(lsn, Ordering::AcqRel);
     }
 
     /// Notes that this node's arbiter sessions changed; returns the generation to report.

@@ -461,6 +461,9 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                 if id != primary || !cluster.heard_from_primary(term, id) {
                     return Ok(());
                 }
+                if let Some(lsn) = p.next().and_then(|l| l.parse().ok()) {
+                    cluster.note_primary_lsn(lsn);
+                }
                 acked = None;
             }
             _ => return Err(io::Error::other(format!("unexpected line: {text}"))),
