@@ -216,6 +216,10 @@ fn a_started_node_joins_the_cluster_and_leave_removes_it() {
             "Invalid member address nonsense: use host:port",
         ),
         ("leave 127.0.0.1:1", "Not a member: 127.0.0.1:1"),
+        (
+            "join 127.0.0.1:1",
+            "127.0.0.1:1 does not answer; start it first (a node started with the member list joins by itself)",
+        ),
     ] {
         assert_eq!(
             admin.call(cmd).unwrap().error.as_deref(),

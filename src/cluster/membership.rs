@@ -33,6 +33,12 @@ pub fn change(node: &Arc<Node>, session: &mut Session, member: &str, join: bool)
         let verb = if join { "join" } else { "leave" };
         return forward::forward(node, session, &format!("{verb} {member}"));
     }
+    if join && !cluster.members().iter().any(|m| m == member) && !ask_ok(cluster, member, "ping") {
+        // A member that cannot answer would count towards the majority and stall every write.
+        return Outcome::error(format!(
+            "{member} does not answer; start it first (a node started with the member list joins by itself)"
+        ));
+    }
     let changed = if join {
         cluster.join(member)
     } else {
