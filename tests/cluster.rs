@@ -227,10 +227,21 @@ fn a_started_node_joins_the_cluster_and_leave_removes_it() {
             "{cmd}"
         );
     }
-    // Removed through a secondary (forwarded to the primary), then stopped.
+    // Nobody votes for a non-member, nor moves to its term: the primary keeps leading.
+    let term = last_term(&c);
+    let p = c.wait_primary(LONG).unwrap();
+    let reply = admin.call("election 999 127.0.0.1:2 99 99").unwrap();
+    assert_eq!(
+        reply.messages,
+        vec![format!("vote no {term} {}", c.addrs[p])],
+        "{reply:?}"
+    );
+    w.set("k", "still led").unwrap();
+    assert!(converged(&c, "k", Some((2, "still led"))));
+    // Stopped, then removed through a secondary (forwarded to the primary).
     let removed = c.addrs[d].clone();
-    assert_eq!(admin.call(&format!("leave {removed}")).unwrap().error, None);
     c.kill(d);
+    assert_eq!(admin.call(&format!("leave {removed}")).unwrap().error, None);
     all.retain(|m| *m != removed);
     assert!(
         eventually(LONG, || (0..3).all(|i| listed_members(&c, i) == all)),
@@ -269,6 +280,30 @@ fn a_single_node_grows_into_a_cluster() {
         .state_line(p)
         .contains(&format!("{}(Connected)", c.addrs[1 - p])));
     let _ = b;
+}
+
+#[test]
+fn a_survivor_without_majority_is_repaired_with_leave() {
+    let mut c = TestCluster::start(2, &[]);
+    let p = c.primary().unwrap();
+    let dead = 1 - p;
+    c.kill(dead);
+    // Alone, the primary steps down; nobody leads.
+    assert!(eventually(LONG, || !c.state_line(p).contains(":Primary")));
+    let mut admin = c.client(p);
+    admin.auth(ADMIN, ADMIN_PWD).unwrap();
+    let reply = admin.call(&format!("leave {}", c.addrs[dead])).unwrap();
+    assert_eq!(reply.error, None);
+    assert_eq!(
+        reply.messages,
+        vec!["applied on this node only: no primary is elected"]
+    );
+    // A cluster of one elects itself and takes writes again.
+    assert_eq!(c.wait_primary(LONG), Some(p));
+    setup(&c, p);
+    let mut w = use_db(c.client(p));
+    w.set("k", "repaired").unwrap();
+    assert_eq!(w.get("k").unwrap().as_deref(), Some("repaired"));
 }
 
 #[test]

@@ -66,6 +66,9 @@ impl Cluster {
         candidate: &str,
         their_log: (u64, u64),
     ) -> Vote {
+        if !self.members().iter().any(|m| m == candidate) {
+            return self.refuse_non_member();
+        }
         let mut s = lock(&self.state);
         let known = self.observe_term(&mut s, term);
         let mine = log.last_position();
@@ -104,12 +107,26 @@ impl Cluster {
         candidate: &str,
         their_log: (u64, u64),
     ) -> Vote {
+        if !self.members().iter().any(|m| m == candidate) {
+            return self.refuse_non_member();
+        }
         let s = lock(&self.state);
         let primary_alive = s.role == Role::Primary
             || (s.primary.as_deref().is_some_and(|p| p != candidate)
                 && s.last_heard.elapsed() < self.timeout / 2);
         Vote {
             granted: term > s.term && !primary_alive && their_log >= log.last_position(),
+            term: s.term,
+            primary: s.primary.clone(),
+        }
+    }
+
+    /// The answer to a candidate this node does not count as a member (not joined yet, or
+    /// removed): no vote, and no term change, but who leads, so it can ask to join.
+    fn refuse_non_member(&self) -> Vote {
+        let s = lock(&self.state);
+        Vote {
+            granted: false,
             term: s.term,
             primary: s.primary.clone(),
         }

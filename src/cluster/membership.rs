@@ -1,8 +1,9 @@
 //! Who is in the cluster. The primary's member list is the cluster's: `join`/`leave` sent to a
 //! secondary go to the primary, which streams every change to its secondaries (`members` lines
-//! in replication). A node started with itself in NUN_REPLICATE_ADDR asks to join until a
-//! primary lists it. With no primary elected, a change applies to the node it is sent to, so a
-//! cluster that lost its majority for good can be repaired by hand.
+//! in replication). A node started with itself in NUN_REPLICATE_ADDR asks to join whenever no
+//! primary lists it. Only a primary that reaches a majority changes the list. With no primary
+//! elected, a change applies to the node it is sent to (and says so), so a cluster that lost its
+//! majority for good can be repaired by hand.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +30,16 @@ pub fn change(node: &Arc<Node>, session: &mut Session, member: &str, join: bool)
             "{member} cannot remove itself: stop it, then run leave {member} on another member"
         ));
     }
-    if !session.forwarded && !cluster.is_primary() && cluster.status().2.is_some() {
+    let local_only = !cluster.is_primary();
+    if local_only && !session.forwarded && cluster.status().2.is_some() {
         let verb = if join { "join" } else { "leave" };
         return forward::forward(node, session, &format!("{verb} {member}"));
+    }
+    if !local_only && !cluster.peers().is_empty() && !cluster.leads_a_majority() {
+        // A primary cut off from its majority must not grow a majority of its own.
+        return Outcome::error(
+            "The primary does not reach a majority of its members; the member list cannot change now",
+        );
     }
     if join && !cluster.members().iter().any(|m| m == member) && !ask_ok(cluster, member, "ping") {
         // A member that cannot answer would count towards the majority and stall every write.
@@ -60,32 +68,41 @@ pub fn change(node: &Arc<Node>, session: &mut Session, member: &str, join: bool)
         if let Err(e) = node.start_cluster_threads() {
             return Outcome::error(e);
         }
-        let (_, term, _) = cluster.status();
         if cluster.is_primary() {
             // The newcomer learns who leads now rather than at the next periodic announcement.
-            cluster.announce(term);
+            cluster.announce(cluster.term());
         }
+    }
+    if local_only {
+        // No primary: the next one's list replaces this unless this node becomes primary.
+        return Outcome::message("applied on this node only: no primary is elected");
     }
     Outcome::ok()
 }
 
-/// Asks the peers, until a primary lists this node, to let it join (a node added to a running
-/// cluster only has to be started with the member list).
+/// For the node's lifetime, whenever no primary lists this node (it was just started, or a new
+/// primary's list lacks it), asks the peers to let it join: a node added to a running cluster
+/// only has to be started with the member list.
 pub fn announce_self(cluster: &Arc<Cluster>) {
     let cluster = Arc::clone(cluster);
     let started = std::thread::Builder::new()
         .name("join-cluster".into())
         .spawn(move || {
             let cmd = format!("join {}", cluster.self_id);
-            let mut pause = cluster.timeout;
-            while !cluster.is_listed() {
+            let mut backoff = cluster.timeout;
+            loop {
+                if cluster.is_listed() {
+                    backoff = cluster.timeout;
+                    std::thread::sleep(cluster.timeout * 2);
+                    continue;
+                }
                 for peer in cluster.peers() {
                     if ask_ok(&cluster, &peer, &cmd) {
                         break;
                     }
                 }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_secs(10));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         });
     if let Err(e) = started {

@@ -253,6 +253,8 @@ impl Cluster {
         }
         self.members_gen.fetch_add(1, Ordering::AcqRel);
         self.save_members(&m);
+        drop(m);
+        self.forget_acks_of_non_members();
         true
     }
 
@@ -267,7 +269,16 @@ impl Cluster {
             self.save_members(&members);
             *m = members;
             self.members_gen.fetch_add(1, Ordering::AcqRel);
+            drop(m);
+            self.forget_acks_of_non_members();
         }
+    }
+
+    /// Drops what removed members acknowledged: a node that still follows after `leave` must
+    /// not count towards the majority.
+    fn forget_acks_of_non_members(&self) {
+        let members = self.members();
+        lock(&self.state).acks.retain(|m, _| members.contains(m));
     }
 
     /// How many times the member list changed; a primary's senders compare it to stream changes.
@@ -472,11 +483,19 @@ impl Cluster {
         }
     }
 
+    /// True when this node leads and a majority of its members (itself included) acknowledged
+    /// within the election timeout: only then may the member list change.
+    pub fn leads_a_majority(&self) -> bool {
+        let s = lock(&self.state);
+        s.role == Role::Primary && self.reachable(&s) + 1 >= self.majority()
+    }
+
     /// Members (other than us) that acknowledged something within the election timeout.
     fn reachable(&self, s: &State) -> usize {
+        let members = lock(&self.members);
         s.acks
-            .values()
-            .filter(|(_, at)| at.elapsed() < self.timeout)
+            .iter()
+            .filter(|(m, (_, at))| at.elapsed() < self.timeout && members.contains(m))
             .count()
     }
 
@@ -504,7 +523,12 @@ impl Cluster {
                 }
             })
             .unwrap_or_else(|s| {
-                let have = 1 + s.acks.values().filter(|(l, _)| *l >= lsn).count();
+                let members = lock(&self.members);
+                let have = 1 + s
+                    .acks
+                    .iter()
+                    .filter(|(m, (l, _))| *l >= lsn && members.contains(m))
+                    .count();
                 Err(format!(
                     "Write not confirmed by a majority ({have} of {needed} members)"
                 ))
@@ -558,9 +582,10 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    /// A secondary heard the primary's log end (`ping` on the replication stream).
+    /// A secondary heard the primary's log end (`ping` on the replication stream; 0 when it
+    /// starts following another primary).
     pub fn note_primary_lsn(&self, lsn: u64) {
-        self.primary_lsn.fetch_max(lsn, Ordering::AcqRel);
+        self.primary_lsn.store(lsn, Ordering::Release);
     }
 
     /// Notes that this node's arbiter sessions changed; returns the generation to report.

@@ -391,6 +391,7 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
     let mut acked: Option<u64> = None;
     let mut reported = 0;
     cluster.set_applied(applied);
+    cluster.note_primary_lsn(0);
     loop {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
@@ -442,6 +443,9 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                 cluster.set_commit(lsn);
             }
             "members" => {
+                if !following() {
+                    return Ok(());
+                }
                 cluster.set_members(
                     rest.split(',')
                         .filter(|m| !m.is_empty())
