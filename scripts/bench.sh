@@ -16,20 +16,7 @@ trap cleanup EXIT
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 cargo build --release --quiet
 
-# Below the kernel's ephemeral range, so no port-0 listener or outgoing connection takes it meanwhile.
-free_port() {
-  python3 -c '
-import random, socket
-while True:
-    p = random.randrange(20000, 32000)
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p))
-    except OSError:
-        continue
-    print(p)
-    break'
-}
+free_port() { python3 scripts/free_port.py; }
 
 # start_nun DIR [ENV=VALUE...] -> sets NUN_PID NUN_TCP NUN_WS, STARTUP_SECS
 start_nun() {

@@ -10,6 +10,7 @@ use crate::db::security::{self, Access, Permissions};
 use crate::db::{
     self, pattern, Database, WriteError, WriteOp, Written, CONNECTIONS_KEY, TOKEN_KEY, TOKEN_USER,
 };
+use crate::metrics;
 use crate::node::Node;
 use crate::protocol::Takeover;
 use crate::protocol::{Command, Outcome, Strategy, VERBS};
@@ -266,11 +267,13 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             }
         }
         Command::Get { key } => {
-            let start = Instant::now();
+            let start = metrics::sample_due().then(Instant::now);
             let db = selected_db(session)?;
             check_key(session, &db, Access::Read, &key)?;
             let value = db.get(&key).map(|(v, _)| v);
-            node.get_time.record(start.elapsed());
+            if let Some(start) = start {
+                node.get_time.record(start.elapsed());
+            }
             Ok(Outcome::message(format!(
                 "value {}",
                 value.as_deref().unwrap_or("<Empty>")

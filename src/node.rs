@@ -32,7 +32,7 @@ pub struct Node {
     pub tcp_bound: OnceLock<SocketAddr>,
     /// How long `get` takes, for `metrics-state`.
     pub get_time: MovingAvg,
-    /// How long an acknowledged write waits for its quorum, for `metrics-state`.
+    /// How long an acknowledged write waits for its majority, for `metrics-state`.
     pub replication_time: MovingAvg,
     cluster: OnceLock<Arc<Cluster>>,
     cluster_threads: AtomicBool,
@@ -97,8 +97,7 @@ impl Node {
             .map_err(|e| format!("Storage error: {e}"))?;
         if let Some(c) = self.cluster() {
             let start = Instant::now();
-            c.wait_quorum(lsn)?;
-            if lsn > 0 {
+            if c.wait_quorum(lsn)? {
                 self.replication_time.record(start.elapsed());
             }
         }

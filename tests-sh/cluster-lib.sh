@@ -11,21 +11,7 @@ declare -a PIDS ADDRS
 cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-# A free port below the kernel's ephemeral range (32768+): never handed out meanwhile to a node's
-# port-0 listeners or outgoing connections, as a released ephemeral port can be.
-free_port() {
-  python3 -c '
-import random, socket
-while True:
-    p = random.randrange(20000, 32000)
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p))
-    except OSError:
-        continue
-    print(p)
-    break'
-}
+free_port() { python3 "$(dirname "${BASH_SOURCE[0]}")/../scripts/free_port.py"; }
 
 # send ADDR LINES...: sends each line, prints every reply line (nc -N closes after the last reply).
 send() {

@@ -501,13 +501,14 @@ impl Cluster {
 
     /// Waits until `lsn` is durable on enough members for the write concern. The caller has
     /// already made it durable locally.
-    pub fn wait_quorum(&self, lsn: u64) -> Result<(), String> {
+    /// Returns whether it had to wait at all (not with `NUN_WRITE_QUORUM=1` or alone).
+    pub fn wait_quorum(&self, lsn: u64) -> Result<bool, String> {
         let needed = match self.quorum {
-            WriteQuorum::One => return Ok(()),
+            WriteQuorum::One => return Ok(false),
             WriteQuorum::Majority => self.majority(),
         };
         if needed <= 1 || lsn == 0 {
-            return Ok(());
+            return Ok(false);
         }
         self.pending.fetch_add(1, Ordering::Relaxed);
         let result = self
@@ -534,7 +535,7 @@ impl Cluster {
                 ))
             });
         self.pending.fetch_sub(1, Ordering::Relaxed);
-        result
+        result.map(|()| true)
     }
 
     /// Writes waiting for the quorum.
