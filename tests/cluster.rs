@@ -218,7 +218,7 @@ fn a_started_node_joins_the_cluster_and_leave_removes_it() {
         ("leave 127.0.0.1:1", "Not a member: 127.0.0.1:1"),
         (
             "join 127.0.0.1:1",
-            "127.0.0.1:1 does not answer; start it first (a node started with the member list joins by itself)",
+            "127.0.0.1:1 does not answer as 127.0.0.1:1; start it first, with --external-address 127.0.0.1:1 (a node started with the member list joins by itself)",
         ),
     ] {
         assert_eq!(

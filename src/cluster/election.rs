@@ -358,9 +358,10 @@ impl Cluster {
                 self.promote(term, log);
                 continue;
             }
-            let (role, term, silent, reachable) = {
+            let (role, term, silent, reachable, forced) = {
                 let s = lock(&self.state);
-                (s.role, s.term, s.last_heard.elapsed(), self.reachable(&s))
+                let silent = s.last_heard.elapsed();
+                (s.role, s.term, silent, self.reachable(&s), s.force_next)
             };
             match role {
                 Role::Primary => {
@@ -388,7 +389,10 @@ impl Cluster {
                 Role::Secondary | Role::Candidate => {
                     // Bully order: higher-ranked nodes call elections first; lower ones wait a
                     // little longer, so candidates rarely split the vote.
-                    if silent > self.timeout + self.rank_delay() && !self.run_election(log) {
+                    // A forced election runs at once: heartbeats from the primary, which a
+                    // secondary still receives, would otherwise keep postponing it.
+                    let due = forced || silent > self.timeout + self.rank_delay();
+                    if due && !self.run_election(log) {
                         // Retry after half a timeout, randomised so candidates drift apart.
                         let jitter =
                             rand::random::<u64>() % (self.timeout.as_millis() as u64 / 4 + 1);

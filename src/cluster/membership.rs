@@ -41,10 +41,11 @@ pub fn change(node: &Arc<Node>, session: &mut Session, member: &str, join: bool)
             "The primary does not reach a majority of its members; the member list cannot change now",
         );
     }
-    if join && !cluster.members().iter().any(|m| m == member) && !ask_ok(cluster, member, "ping") {
-        // A member that cannot answer would count towards the majority and stall every write.
+    if join && !cluster.members().iter().any(|m| m == member) && !answers_as(cluster, member) {
+        // A member that cannot answer (or knows itself by another name, so its acks would
+        // never count) would count towards the majority and stall every write.
         return Outcome::error(format!(
-            "{member} does not answer; start it first (a node started with the member list joins by itself)"
+            "{member} does not answer as {member}; start it first, with --external-address {member} (a node started with the member list joins by itself)"
         ));
     }
     let changed = if join {
@@ -108,6 +109,21 @@ pub fn announce_self(cluster: &Arc<Cluster>) {
     if let Err(e) = started {
         log::error!("cannot start the thread that joins the cluster: {e}");
     }
+}
+
+/// True when `member` answers and calls itself `member` in its `cluster-state`.
+fn answers_as(cluster: &Cluster, member: &str) -> bool {
+    Client::connect_tcp_timeout(member, cluster.timeout)
+        .and_then(|mut c| {
+            c.auth(&cluster.admin.0, &cluster.admin.1)?;
+            c.call("cluster-state")
+        })
+        .is_ok_and(|reply| {
+            reply
+                .messages
+                .first()
+                .is_some_and(|line| line.contains(&format!(" {member}(self)")))
+        })
 }
 
 /// Sends an admin command to `peer`; true when it answered `ok`.
