@@ -207,6 +207,23 @@ pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
     }
 }
 
+/// `election` / `pre-vote` (`pre`) from a candidate node: this node's vote.
+fn answer_candidate(
+    session: &Session,
+    pre: bool,
+    term: u64,
+    candidate: &str,
+    their_log: (u64, u64),
+) -> Res {
+    require_admin(session)?;
+    let node = session.node();
+    let (Some(c), Some(log)) = (node.cluster(), node.log()) else {
+        return Err(Outcome::error("Not a cluster node"));
+    };
+    let vote = c.answer_candidate(log, pre, term, candidate, their_log);
+    Ok(Outcome::message(vote.line()))
+}
+
 fn run(session: &mut Session, cmd: Command) -> Res {
     let node = Arc::clone(session.node());
     match cmd {
@@ -500,27 +517,13 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             candidate,
             last_term,
             last_lsn,
-        } => {
-            require_admin(session)?;
-            let (Some(c), Some(log)) = (node.cluster(), node.log()) else {
-                return Err(Outcome::error("Not a cluster node"));
-            };
-            let vote = c.handle_election(log, term, &candidate, (last_term, last_lsn));
-            Ok(Outcome::message(vote.line()))
-        }
+        } => answer_candidate(session, false, term, &candidate, (last_term, last_lsn)),
         Command::PreVote {
             term,
             candidate,
             last_term,
             last_lsn,
-        } => {
-            require_admin(session)?;
-            let (Some(c), Some(log)) = (node.cluster(), node.log()) else {
-                return Err(Outcome::error("Not a cluster node"));
-            };
-            let vote = c.handle_pre_vote(log, term, &candidate, (last_term, last_lsn));
-            Ok(Outcome::message(vote.line()))
-        }
+        } => answer_candidate(session, true, term, &candidate, (last_term, last_lsn)),
         Command::Victory { term, primary } => {
             require_admin(session)?;
             match node.cluster() {

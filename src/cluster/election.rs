@@ -59,16 +59,13 @@ fn ago(d: Duration) -> Instant {
 
 impl Cluster {
     /// Handles `election <term> <candidate> <last_term> <last_lsn>` from a candidate.
-    pub fn handle_election(
+    fn handle_election(
         &self,
         log: &OpLog,
         term: u64,
         candidate: &str,
         their_log: (u64, u64),
     ) -> Vote {
-        if !self.members().iter().any(|m| m == candidate) {
-            return self.refuse_non_member();
-        }
         let mut s = lock(&self.state);
         let known = self.observe_term(&mut s, term);
         let mine = log.last_position();
@@ -100,16 +97,13 @@ impl Cluster {
     /// heard from its primary within half a timeout, where a healthy primary's heartbeats come
     /// every quarter), so a node that was cut off cannot depose a healthy primary by calling
     /// elections in ever higher terms when it comes back.
-    pub fn handle_pre_vote(
+    fn handle_pre_vote(
         &self,
         log: &OpLog,
         term: u64,
         candidate: &str,
         their_log: (u64, u64),
     ) -> Vote {
-        if !self.members().iter().any(|m| m == candidate) {
-            return self.refuse_non_member();
-        }
         let s = lock(&self.state);
         let primary_alive = s.role == Role::Primary
             || (s.primary.as_deref().is_some_and(|p| p != candidate)
@@ -118,6 +112,25 @@ impl Cluster {
             granted: term > s.term && !primary_alive && their_log >= log.last_position(),
             term: s.term,
             primary: s.primary.clone(),
+        }
+    }
+
+    /// Answers a candidate's `pre-vote` (`pre` true) or `election` request. A candidate this
+    /// node does not count as a member gets no vote either way.
+    pub fn answer_candidate(
+        &self,
+        log: &OpLog,
+        pre: bool,
+        term: u64,
+        candidate: &str,
+        their_log: (u64, u64),
+    ) -> Vote {
+        if !self.members().iter().any(|m| m == candidate) {
+            self.refuse_non_member()
+        } else if pre {
+            self.handle_pre_vote(log, term, candidate, their_log)
+        } else {
+            self.handle_election(log, term, candidate, their_log)
         }
     }
 
