@@ -45,6 +45,8 @@ pub struct Config {
     pub write_quorum: WriteQuorum,
     /// Bytes of recent log records kept in memory to feed secondaries (NUN_REPLICATION_BACKLOG).
     pub replication_backlog: usize,
+    /// Most TCP + WebSocket sessions at once (NUN_MAX_CONNECTIONS); past it clients are refused.
+    pub max_connections: usize,
 }
 
 /// Default TCP address.
@@ -75,6 +77,7 @@ impl Default for Config {
             max_log_size: 256 * 1024 * 1024,
             write_quorum: WriteQuorum::Majority,
             replication_backlog: 64 * 1024 * 1024,
+            max_connections: 10_000,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! nun-db: a NunDB-compatible realtime key-value database.
 //!
-//! Data flows one way: bytes -> [`protocol`] -> [`exec`] -> [`db`] -> replies and watch
-//! notifications -> session queue -> transport ([`server`]).
+//! Data flows one way: bytes -> [`protocol`] -> [`exec`] -> [`node`] -> [`db`] (+ [`storage`],
+//! [`cluster`]) -> replies and watch pushes -> the session's outbox ([`db::outbox`]) -> socket.
+//! Imports point down only: [`server`] -> [`exec`] -> [`node`] -> [`cluster`] / [`storage`] /
+//! [`db`] -> [`protocol`].
 
 pub mod bench;
 pub mod client;
@@ -11,6 +13,7 @@ pub mod db;
 pub mod exec;
 pub mod metrics;
 pub mod node;
+pub mod os;
 pub mod protocol;
 pub mod server;
 pub mod storage;

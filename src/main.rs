@@ -195,6 +195,10 @@ struct StartArgs {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long = "log-level", env = "NUN_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Most TCP + WebSocket sessions at once; past it new clients are refused. Default: what
+    /// this machine's descriptor, thread and memory limits allow (logged at start-up).
+    #[arg(long = "max-connections", env = "NUN_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -381,7 +385,22 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
             ))
         }
     };
+    // One descriptor per session: the default soft limit (often 1024) would cap the node early.
+    match nundb::os::raise_fd_limit() {
+        Ok(limit) => log::debug!("open files limit: {limit}"),
+        Err(e) => log::warn!("cannot raise the open files limit: {e}"),
+    }
+    let max_connections = match args.max_connections {
+        Some(0) => return fail("--max-connections must be at least 1"),
+        Some(n) => n,
+        None => {
+            let (n, why) = nundb::os::default_max_connections();
+            log::info!("max connections {n}: {why}; set NUN_MAX_CONNECTIONS to change it");
+            n
+        }
+    };
     let config = Config {
+        max_connections,
         fsync,
         write_quorum,
         snapshot_interval: Duration::from_secs(args.snapshot_interval.max(1)),

@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::cluster::replication::Replica;
 use crate::cluster::{self, Cluster, WriteQuorum};
 use crate::config::Config;
+use crate::db::outbox::{self, Touched};
 use crate::db::Databases;
 use crate::metrics::MovingAvg;
 use crate::protocol::Strategy;
@@ -130,6 +132,44 @@ impl Node {
         }
     }
 
+    /// Waits until the pushes in `touched` may be shown: their log records durable here and,
+    /// in a cluster, committed. False when that failed (the watchers must be disconnected).
+    pub fn settle(&self, touched: &Touched) -> bool {
+        let lsn = touched.lsn();
+        if touched.is_empty() || lsn == 0 {
+            return true;
+        }
+        match self.wait_committed(lsn) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("changes up to {lsn} cannot be shown to watchers: {e}");
+                false
+            }
+        }
+    }
+
+    /// Sends the pushes this thread queued (see [`outbox::take_touched`]) once [`Node::settle`]
+    /// allows, or disconnects their watchers if it cannot.
+    pub fn deliver(&self, touched: Touched) {
+        if touched.is_empty() {
+            return;
+        }
+        if self.settle(&touched) {
+            touched.release();
+        } else {
+            touched.abandon();
+        }
+    }
+
+    /// What log shipping needs from this node (a cluster node with storage).
+    pub fn replica(&self) -> Option<Replica> {
+        Some(Replica {
+            cluster: Arc::clone(self.cluster()?),
+            storage: Arc::clone(self.storage.as_ref()?),
+            dbs: Arc::clone(&self.dbs),
+        })
+    }
+
     /// The cluster, once started.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.get()
@@ -168,7 +208,20 @@ impl Node {
         let node = Arc::downgrade(self);
         cluster.set_elected_hook(cluster::ElectedHook(Box::new(move |term| {
             let node = node.upgrade().ok_or("the node is shutting down")?;
-            cluster::replication::take_over(&node, term)
+            let replica = node.replica().ok_or("a cluster node needs storage")?;
+            let started = cluster::replication::take_over(&replica, term);
+            // What it inherited may be shown once the term-start record commits, which needs
+            // this (election) thread to go on: wait for it elsewhere.
+            let touched = outbox::take_touched();
+            if !touched.is_empty() {
+                let node = Arc::clone(&node);
+                if !crate::os::spawn_small("deliver-inherited".into(), move || {
+                    node.deliver(touched)
+                }) {
+                    log::error!("watchers of inherited changes get them on their next change");
+                }
+            }
+            started
         })));
         let _ = self.cluster.set(Arc::clone(&cluster));
         if multi {
@@ -195,7 +248,8 @@ impl Node {
         cluster
             .start_elections(log)
             .map_err(|e| format!("cannot start the election thread: {e}"))?;
-        cluster::replication::start_receiver(self)
+        let replica = self.replica().ok_or("a cluster node needs storage")?;
+        cluster::replication::start_receiver(&replica)
             .map_err(|e| format!("cannot start replication: {e}"))?;
         log::info!(
             "cluster member {} of {:?}",
@@ -227,6 +281,7 @@ impl Node {
                         }
                     }
                 }
+                node.deliver(outbox::take_touched());
             })?;
         Ok(())
     }
@@ -263,34 +318,5 @@ impl Node {
     /// Counts one more executed command.
     pub fn count_command(&self) {
         self.commands.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::server::outbox::Outbox;
-    use crate::server::session::Session;
-
-    /// A restarted member's listeners open before it joins its cluster: until then it must not
-    /// take writes itself (it did, and acknowledged writes that the cluster never saw).
-    #[test]
-    fn no_writes_before_the_cluster_is_joined() {
-        let node = Node::new(Config::default());
-        let (outbox, _rx) = Outbox::new(10, 1 << 20);
-        let mut session = Session::new(&node, outbox);
-        session.admin = true;
-        assert!(!node.is_primary());
-        let refused = crate::exec::execute_line(&mut session, "create-db d t");
-        assert_eq!(
-            refused.error.as_deref(),
-            Some("No primary is elected right now; retry shortly")
-        );
-        assert!(node.dbs.get("d").is_none());
-        node.start_cluster().unwrap();
-        assert!(node.is_primary());
-        let created = crate::exec::execute_line(&mut session, "create-db d t");
-        assert_eq!(created.error, None);
-        assert!(node.dbs.get("d").is_some());
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::{lock, Cluster, Role};
 use crate::client::Client;
-use crate::server::spawn_connection_thread;
+use crate::os::spawn_small;
 use crate::storage::oplog::OpLog;
 
 /// The answer to `election`.
@@ -161,7 +161,7 @@ impl Cluster {
             let cluster = Arc::clone(self);
             let cmd = cmd.to_string();
             // A peer whose thread cannot start counts as not answering.
-            spawn_connection_thread(format!("canvass-{peer}"), move || {
+            spawn_small(format!("canvass-{peer}"), move || {
                 let _ = tx.send(cluster.ask(&peer, &cmd).and_then(|m| Vote::parse(&m)));
             });
         }
@@ -301,7 +301,7 @@ impl Cluster {
     pub fn announce(self: &Arc<Self>, term: u64) {
         for peer in self.peers() {
             let cluster = Arc::clone(self);
-            spawn_connection_thread(format!("announce-{peer}"), move || {
+            spawn_small(format!("announce-{peer}"), move || {
                 cluster.ask(&peer, &format!("victory {term} {}", cluster.self_id));
             });
         }

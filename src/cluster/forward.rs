@@ -4,47 +4,43 @@
 
 use std::time::Duration;
 
+use super::Cluster;
 use crate::client::Client;
-use crate::node::Node;
 use crate::protocol::Outcome;
-use crate::server::session::Session;
 
 /// Marker user for forwarded admin sessions.
 pub const ADMIN_USER: &str = "$admin";
 
-/// Sends `line` to the primary on behalf of `session`.
-pub fn forward(node: &Node, session: &mut Session, line: &str) -> Outcome {
-    const NO_PRIMARY: &str = "No primary is elected right now; retry shortly";
-    // No cluster yet: the node is still starting and does not know who leads.
-    let Some(cluster) = node.cluster() else {
-        return Outcome::error(NO_PRIMARY);
-    };
+/// The answer while no primary is known.
+pub const NO_PRIMARY: &str = "No primary is elected right now; retry shortly";
+
+/// A session's connection to the primary, kept between its forwarded writes.
+pub type Forwarder = Option<(String, Client)>;
+
+/// Sends `line` to the primary on behalf of a session using database `db` (`-`: none) as `user`
+/// ([`ADMIN_USER`] for admins, `-` for nobody), over the session's `forwarder` connection.
+pub fn forward(
+    cluster: &Cluster,
+    forwarder: &mut Forwarder,
+    db: &str,
+    user: &str,
+    line: &str,
+) -> Outcome {
     let Some(primary) = cluster.status().2 else {
         return Outcome::error(NO_PRIMARY);
     };
-    let db = session
-        .db
-        .as_ref()
-        .map_or("-".to_string(), |d| d.name().to_string());
-    let user = if session.admin {
-        ADMIN_USER.to_string()
-    } else if session.user.is_empty() {
-        "-".to_string()
-    } else {
-        session.user.clone()
-    };
     let command = format!("fwd {} {db} {user} {line}", cluster.self_id);
     for attempt in 0..2 {
-        let reuse = matches!(&session.forwarder, Some((p, _)) if *p == primary);
+        let reuse = matches!(forwarder, Some((p, _)) if *p == primary);
         if !reuse {
             match Client::connect_tcp_timeout(&primary, cluster.timeout * 5)
                 .and_then(|mut c| c.auth(&cluster.admin.0, &cluster.admin.1).map(|_| c))
             {
-                Ok(c) => session.forwarder = Some((primary.clone(), c)),
+                Ok(c) => *forwarder = Some((primary.clone(), c)),
                 Err(e) => return Outcome::error(format!("Primary {primary} unreachable: {e}")),
             }
         }
-        let Some((_, client)) = session.forwarder.as_mut() else {
+        let Some((_, client)) = forwarder.as_mut() else {
             break;
         };
         match client.call(&command) {
@@ -74,7 +70,7 @@ pub fn forward(node: &Node, session: &mut Session, line: &str) -> Outcome {
                 };
             }
             Err(e) => {
-                session.forwarder = None;
+                *forwarder = None;
                 if attempt == 1 {
                     return Outcome::error(format!("Primary {primary} unreachable: {e}"));
                 }

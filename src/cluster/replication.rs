@@ -12,18 +12,39 @@
 //! Lines from the primary: `rec <hex record>`, `full <base_lsn>` … `full-end`,
 //! `commit <lsn>`, `ping <term> <primary> <last_lsn>`. Lines from the secondary: `ack <lsn>`.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::db::Entry;
-use crate::node::Node;
+use super::Cluster;
+use crate::db::{outbox, Databases, Entry};
+use crate::os::spawn_small;
 use crate::protocol::Strategy;
-use crate::server::spawn_connection_thread;
-use crate::storage::oplog::Tail;
+use crate::storage::oplog::{OpLog, Tail};
 use crate::storage::record::{decode, Decoded, Op, Record};
+use crate::storage::Storage;
+
+/// What log shipping works on: the cluster's state, this node's storage and its databases.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// Roles, terms, members and the commit point.
+    pub cluster: Arc<Cluster>,
+    /// The operation log and snapshots.
+    pub storage: Arc<Storage>,
+    /// The databases records apply to.
+    pub dbs: Arc<Databases>,
+}
+
+impl Replica {
+    fn log(&self) -> &Arc<OpLog> {
+        self.storage.log()
+    }
+}
+
+/// How long a blocking write to a secondary may take before the stream is dropped.
+const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -66,8 +87,7 @@ fn parse_record(text: &str) -> Option<Record> {
 }
 
 /// The term of the record at `lsn` on this node, from memory or the log files.
-fn term_of(node: &Node, lsn: u64) -> Option<u64> {
-    let log = node.log()?;
+fn term_of(log: &OpLog, lsn: u64) -> Option<u64> {
     log.term_at(lsn).or_else(|| {
         log.read_from(lsn)
             .ok()
@@ -76,19 +96,20 @@ fn term_of(node: &Node, lsn: u64) -> Option<u64> {
     })
 }
 
-/// Serves one secondary on a TCP session that sent `repl-sync` (primary side).
+/// Serves one secondary on a TCP session that sent `repl-sync` (primary side); `leftover` is
+/// what the session had read past that command.
 pub fn serve_secondary(
-    node: &Arc<Node>,
-    reader: BufReader<TcpStream>,
-    mut out: TcpStream,
+    replica: &Replica,
+    stream: Arc<TcpStream>,
+    leftover: Vec<u8>,
     after: u64,
     after_term: u64,
     peer: String,
 ) {
-    let (Some(cluster), Some(log)) = (node.cluster(), node.log()) else {
-        let _ = out.write_all(b"error Not a cluster node \n");
-        return;
-    };
+    let (cluster, log) = (&replica.cluster, replica.log());
+    let _ = stream.set_read_timeout(None);
+    let _ = stream.set_write_timeout(Some(STREAM_WRITE_TIMEOUT));
+    let mut out = &*stream;
     if !cluster.is_primary() {
         let _ = out.write_all(b"error Not the primary \n");
         return;
@@ -107,8 +128,9 @@ pub fn serve_secondary(
         let closed = Arc::clone(&closed);
         let shown = Arc::clone(&shown);
         let peer = peer.clone();
-        let shutdown = out.try_clone().ok();
-        let started = spawn_connection_thread(format!("acks-{peer}"), move || {
+        let input = Arc::clone(&stream);
+        let started = spawn_small(format!("acks-{peer}"), move || {
+            let reader = BufReader::new(io::Cursor::new(leftover).chain(&*input));
             for line in reader.lines() {
                 let Ok(line) = line else { break };
                 if let Some(lsn) = line
@@ -133,9 +155,7 @@ pub fn serve_secondary(
                 }
             }
             closed.store(true, Ordering::Release);
-            if let Some(s) = shutdown {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            let _ = input.shutdown(Shutdown::Both);
         });
         if !started {
             return;
@@ -145,10 +165,10 @@ pub fn serve_secondary(
         && if after == 0 {
             matches!(log.read_from(1), Ok(Some(_)))
         } else {
-            term_of(node, after) == Some(after_term)
+            term_of(log, after) == Some(after_term)
         };
     let mut after = after;
-    if !consistent && full_sync(node, &mut out, &mut after).is_err() {
+    if !consistent && full_sync(replica, &mut out, &mut after).is_err() {
         return;
     }
     shown.store(after, Ordering::Release);
@@ -208,7 +228,7 @@ pub fn serve_secondary(
                     }
                 }
                 Ok(None) => {
-                    if full_sync(node, &mut out, &mut after).is_err() {
+                    if full_sync(replica, &mut out, &mut after).is_err() {
                         return;
                     }
                     shown.store(after, Ordering::Release);
@@ -231,12 +251,12 @@ pub fn serve_secondary(
 
 /// Sends every database as records (a fuzzy copy taken after reading the base LSN; records
 /// after the base, streamed next, make it exact).
-fn full_sync(node: &Node, out: &mut TcpStream, after: &mut u64) -> io::Result<()> {
-    let base = node.log().map_or(0, |l| l.last_lsn());
+fn full_sync(replica: &Replica, out: &mut impl Write, after: &mut u64) -> io::Result<()> {
+    let base = replica.log().last_lsn();
     log::info!("full sync at LSN {base}");
     out.write_all(format!("full {base}\n").as_bytes())?;
     let mut buf = Vec::with_capacity(1 << 20);
-    for db in node.dbs.all() {
+    for db in replica.dbs.all() {
         let create = Record {
             lsn: 0,
             term: 0,
@@ -278,18 +298,16 @@ fn full_sync(node: &Node, out: &mut TcpStream, after: &mut u64) -> io::Result<()
 }
 
 /// Starts the receiver thread of a secondary: follows whoever is primary.
-pub fn start_receiver(node: &Arc<Node>) -> io::Result<()> {
-    let node = Arc::clone(node);
+pub fn start_receiver(replica: &Replica) -> io::Result<()> {
+    let replica = replica.clone();
     std::thread::Builder::new()
         .name("repl-receiver".into())
         .spawn(move || loop {
-            let Some(cluster) = node.cluster() else {
-                return;
-            };
+            let cluster = &replica.cluster;
             let (role, _, primary) = cluster.status();
             match primary {
                 Some(p) if role != super::Role::Primary && p != cluster.self_id => {
-                    if let Err(e) = follow(&node, &p) {
+                    if let Err(e) = follow(&replica, &p) {
                         log::debug!("replication from {p} stopped: {e}");
                     }
                     cluster.wait_change(Duration::from_millis(100));
@@ -306,8 +324,9 @@ type Staged = Vec<crate::db::StagedDb>;
 /// Applies logged records up to `upto` that this node has received but not applied yet
 /// (they are committed, or this node is taking over as primary). Callers hold
 /// [`super::Cluster::replica_guard`].
-fn apply_received(node: &Node, upto: u64) -> io::Result<()> {
-    let (Some(log), Some(from)) = (node.log(), node.dbs.unapplied_from()) else {
+fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
+    let log = replica.log();
+    let Some(from) = replica.dbs.unapplied_from() else {
         return Ok(());
     };
     if upto < from {
@@ -315,7 +334,7 @@ fn apply_received(node: &Node, upto: u64) -> io::Result<()> {
     }
     let apply = |r: &Record| {
         if r.lsn <= upto {
-            node.dbs.apply_record(r);
+            replica.dbs.apply_record(r);
         }
     };
     match log.records_after(from - 1, usize::MAX, Duration::ZERO, 0) {
@@ -328,22 +347,21 @@ fn apply_received(node: &Node, upto: u64) -> io::Result<()> {
             .for_each(apply),
     }
     let last = log.last_lsn();
-    node.dbs
+    replica
+        .dbs
         .set_unapplied_from((upto < last).then_some(upto + 1));
-    if let Some(cluster) = node.cluster() {
-        cluster.set_applied(upto.min(last));
-    }
+    replica.cluster.set_applied(upto.min(last));
     Ok(())
 }
 
 /// Prepares this node to lead `term` (the cluster's elected hook): applies every record it
-/// received as a secondary, then logs the term-start record and returns its LSN.
-pub fn take_over(node: &Node, term: u64) -> Result<u64, String> {
-    let (Some(cluster), Some(log)) = (node.cluster(), node.log()) else {
-        return Err("not a cluster node".into());
-    };
+/// received as a secondary, then logs the term-start record and returns its LSN. The pushes of
+/// what it applied are left in this thread's [`outbox::take_touched`] list: they may be shown
+/// once the term-start record commits.
+pub fn take_over(replica: &Replica, term: u64) -> Result<u64, String> {
+    let (cluster, log) = (&replica.cluster, replica.log());
     let _guard = cluster.replica_guard();
-    apply_received(node, log.last_lsn()).map_err(|e| e.to_string())?;
+    apply_received(replica, log.last_lsn()).map_err(|e| e.to_string())?;
     let mut start = Record {
         lsn: 0,
         term,
@@ -361,10 +379,8 @@ pub fn take_over(node: &Node, term: u64) -> Result<u64, String> {
 }
 
 /// Follows `primary` until the connection fails or the primary changes.
-fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
-    let (Some(cluster), Some(log)) = (node.cluster(), node.log()) else {
-        return Ok(());
-    };
+fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
+    let (cluster, log) = (&replica.cluster, replica.log());
     let addr = primary
         .to_socket_addrs()?
         .next()
@@ -386,7 +402,7 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
     let mut line = String::new();
     let mut full: Option<(u64, Staged)> = None;
     let mut received = last_lsn;
-    let mut applied = node.dbs.unapplied_from().map_or(last_lsn, |f| f - 1);
+    let mut applied = replica.dbs.unapplied_from().map_or(last_lsn, |f| f - 1);
     // `None` forces an ack (answering a heartbeat keeps the primary's majority view fresh).
     let mut acked: Option<u64> = None;
     let mut reported = 0;
@@ -415,9 +431,9 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                     return Ok(());
                 }
                 log.reset(base)?;
-                node.dbs.set_unapplied_from(None);
-                node.dbs.replace_all(staged, base);
-                node.snapshot()?;
+                replica.dbs.set_unapplied_from(None);
+                replica.dbs.replace_all(staged, base);
+                replica.storage.snapshot(&replica.dbs)?;
                 received = base;
                 applied = base;
                 cluster.set_applied(applied);
@@ -431,8 +447,8 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                     if !following() {
                         return Ok(());
                     }
-                    if node.dbs.unapplied_from().is_none() {
-                        node.dbs.set_unapplied_from(Some(applied + 1));
+                    if replica.dbs.unapplied_from().is_none() {
+                        replica.dbs.set_unapplied_from(Some(applied + 1));
                     }
                     log.append(&mut r.clone())?;
                     received = r.lsn;
@@ -479,7 +495,7 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                 let mut reply = format!("ack {received}\n");
                 if acked.is_none() || cluster.arbiter_gen() != reported {
                     reported = cluster.arbiter_gen();
-                    reply.push_str(&arbiter_report(node, reported));
+                    reply.push_str(&arbiter_report(&replica.dbs, reported));
                 }
                 out.write_all(reply.as_bytes())?;
                 acked = Some(received);
@@ -490,8 +506,10 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
                 if !following() {
                     return Ok(());
                 }
-                apply_received(node, upto)?;
+                apply_received(replica, upto)?;
                 applied = upto;
+                // Committed, and durable here since the ack above: the pushes may go.
+                outbox::take_touched().release();
             }
         }
         if !following() {
@@ -501,9 +519,8 @@ fn follow(node: &Arc<Node>, primary: &str) -> io::Result<()> {
 }
 
 /// The `arbiters <generation> <db,db|->` line telling the primary where this node has arbiters.
-fn arbiter_report(node: &Node, generation: u64) -> String {
-    let dbs: Vec<String> = node
-        .dbs
+fn arbiter_report(dbs: &Databases, generation: u64) -> String {
+    let dbs: Vec<String> = dbs
         .all()
         .into_iter()
         .filter(|db| db.has_arbiter())

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::database::{lock, read, write};
+use super::outbox::{Outbox, Push};
 use super::{Database, Entry, WriteError, WriteOp, Written};
-use crate::server::outbox::Outbox;
 
 /// Prefix of conflict record keys.
 pub const CONFLICTS_PREFIX: &str = "$conflicts_";
@@ -186,8 +186,8 @@ impl Database {
         } else if !is_pending(entry) {
             lock(&self.resolved_at).insert(record.to_string(), Instant::now());
         } else if let Some(message) = resolve_message(self.name(), record, &entry.value) {
-            let messages = Arc::new(vec![format!("{message}\n")]);
-            lock(&self.arbiters).retain(|o| o.notify(&messages, lsn));
+            let push = Push::new(vec![format!("{message}\n")]);
+            lock(&self.arbiters).retain(|o| o.notify(&push, lsn));
         }
     }
 
@@ -261,7 +261,7 @@ mod tests {
         else {
             panic!("expected a queued conflict");
         };
-        let (outbox, _rx) = Outbox::new(10, 1 << 20);
+        let (outbox, _got) = super::super::outbox::Collect::outbox(10, 1 << 20);
         let messages = d.add_arbiter(&outbox);
         let (_, opp1) = parse_record_key(&first).unwrap();
         let (_, opp2) = parse_record_key(&second).unwrap();

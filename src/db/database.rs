@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
+use super::outbox::{Outbox, Push};
 use crate::protocol::Strategy;
-use crate::server::outbox::Outbox;
 use crate::storage::oplog::OpLog;
 use crate::storage::record::{Op, Record};
 
@@ -476,8 +476,8 @@ impl Database {
         let Some(list) = watchers.get_mut(key) else {
             return;
         };
-        let messages = Arc::new(messages);
-        list.retain(|o| o.notify(&messages, lsn));
+        let push = Push::new(messages);
+        list.retain(|o| o.notify(&push, lsn));
         if list.is_empty() {
             watchers.remove(key);
         }
@@ -572,11 +572,12 @@ mod tests {
     #[test]
     fn watchers_get_changes_in_order() {
         let db = Database::new("t", Strategy::None);
-        let (outbox, rx) = Outbox::new(100, 1 << 20);
+        let (outbox, got) = super::super::outbox::Collect::outbox(100, 1 << 20);
         db.watch("a", &outbox);
         db.write("a", WriteOp::Set("1")).unwrap();
         db.write("a", WriteOp::Remove).unwrap();
-        let got: Vec<String> = rx.try_iter().flat_map(|o| o.messages().to_vec()).collect();
+        super::super::outbox::take_touched().release();
+        let got = got.take_lines();
         assert_eq!(
             got,
             vec!["changed a 1\n", "changed-version a 0 1\n", "removed a\n"]

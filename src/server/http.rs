@@ -5,39 +5,34 @@ use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tiny_http::{Header, Request, Response, Server};
+use tiny_http::{Header, Request, Response};
 
-use crate::exec;
+use super::Server;
+use crate::db::outbox::Outbox;
+use crate::exec::{self, Session};
 use crate::node::Node;
 use crate::protocol::{split_commands, Outcome};
-use crate::server::outbox::Outbox;
-use crate::server::session::Session;
-use crate::server::spawn_connection_thread;
 
 /// Response bytes after which the remaining commands of a body are refused.
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 
-/// Binds the HTTP listener and starts the thread that hands each request to a thread of its
-/// own, so a client that is slow to send its body holds up nobody else.
-pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
-    let server = Server::http(&node.config.http_addr).map_err(io::Error::other)?;
-    let addr = server
+/// Binds the HTTP listener and starts the thread that hands each request to a worker, so a
+/// client that is slow to send its body holds up nobody else.
+pub fn listen(server: &Arc<Server>) -> io::Result<SocketAddr> {
+    let http = tiny_http::Server::http(&server.node.config.http_addr).map_err(io::Error::other)?;
+    let addr = http
         .server_addr()
         .to_ip()
         .ok_or_else(|| io::Error::other("http listener has no IP address"))?;
-    let node = Arc::clone(node);
+    let server = Arc::clone(server);
     std::thread::Builder::new()
         .name("http-accept".into())
         .spawn(move || {
-            while let Ok(request) = server.recv() {
-                let node = Arc::clone(&node);
-                let name = format!(
-                    "http-{}",
-                    request
-                        .remote_addr()
-                        .map_or_else(String::new, |a| a.to_string())
-                );
-                spawn_connection_thread(name, move || handle(&node, request));
+            while let Ok(request) = http.recv() {
+                let node = Arc::clone(&server.node);
+                if let Err((_, e)) = server.pool.submit(Box::new(move || handle(&node, request))) {
+                    log::error!("cannot start a thread for an HTTP request: {e}");
+                }
             }
         })?;
     Ok(addr)
@@ -56,8 +51,7 @@ fn text_response(status: u16, body: String) -> Response<io::Cursor<Vec<u8>>> {
 
 /// Runs every command of `body` in a fresh session and joins the reply items with `;`.
 pub fn run_body(node: &Arc<Node>, body: &str) -> String {
-    let (outbox, _rx) = Outbox::new(1, 1);
-    let mut session = Session::new(node, outbox);
+    let mut session = Session::new(node, Outbox::discard());
     let mut outcomes = Vec::new();
     let mut bytes = 0;
     for command in split_commands(body) {

@@ -1,255 +1,230 @@
-//! WebSocket transport (tungstenite): one text frame may hold several `;`-separated commands;
-//! every reply message goes out as its own text frame. Reads and writes run on separate threads
-//! over clones of one socket; writes share a lock so frames never interleave.
+//! WebSocket transport: the upgrade handshake, then client frames decoded in the session's own
+//! input buffer (no per-session codec objects). One text frame may hold several `;`-separated
+//! commands; every reply message goes out as its own text frame. Frames already received run
+//! as one batch with one durability wait and one socket write.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, Weak};
+use std::io::Write;
 use std::time::Duration;
 
-use tungstenite::protocol::{Role, WebSocketConfig};
-use tungstenite::{Message, WebSocket};
-
-use crate::exec;
-use crate::node::Node;
-use crate::protocol::{split_commands, Outcome};
-use crate::server::outbox::{Outbox, Outgoing};
-use crate::server::session::Session;
-use crate::server::tcp::durable_before_send;
-use crate::server::{listen_with, spawn_connection_thread, WRITE_TIMEOUT};
-
-/// Reply bytes buffered while running one frame before they are queued.
-const REPLY_CHUNK: usize = 1024 * 1024;
+use super::conn::{Conn, SocketSink};
+use super::Server;
+use crate::db::outbox::{self, Outbox};
+use crate::exec::{self, Session};
+use crate::protocol::wire::{self, Decoded, FrameError, Handshake};
+use crate::protocol::{split_commands, Framing, Outcome};
 
 /// How long a client may take to complete the WebSocket handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds the WebSocket listener and accepts connections on a background thread.
-pub fn listen(node: &Arc<Node>) -> io::Result<SocketAddr> {
-    listen_with(node, &node.config.ws_addr, "ws", serve)
-}
+/// The longest upgrade request accepted.
+const MAX_HANDSHAKE: usize = 16 * 1024;
 
-/// A socket whose reads are private and whose writes go through a shared lock, one whole buffer
-/// per call, so the reader's control frames (pong, close) and the writer's frames never interleave.
-struct SharedStream {
-    read: TcpStream,
-    write: Arc<Mutex<TcpStream>>,
-    /// Socket reads so far: unchanged across a message means it came from tungstenite's buffer,
-    /// i.e. the client is pipelining.
-    reads: u64,
-}
+/// Reply bytes held back before they are sent while a long frame runs.
+const REPLY_CHUNK: usize = 1024 * 1024;
 
-impl Read for SharedStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.reads += 1;
-        self.read.read(buf)
+/// Most frames run before their replies are sent when a client pipelines.
+const MAX_BATCH: usize = 1024;
+
+/// Reads the upgrade request and answers it. `Ok(false)` when the client is not a WebSocket
+/// client (it got an HTTP error) or left.
+pub fn handshake(conn: &mut Conn) -> std::io::Result<bool> {
+    conn.stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    conn.stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    loop {
+        match wire::handshake(conn.data()) {
+            Handshake::Partial if conn.data().len() < MAX_HANDSHAKE => {
+                if !conn.fill(conn.data().len() + 1)? {
+                    return Ok(false);
+                }
+            }
+            Handshake::Partial => {
+                let _ = (&*conn.stream).write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                return Ok(false);
+            }
+            Handshake::Reject { response } => {
+                let _ = (&*conn.stream).write_all(&response);
+                return Ok(false);
+            }
+            Handshake::Accept { response, len } => {
+                (&*conn.stream).write_all(&response)?;
+                conn.consume(len);
+                conn.stream
+                    .set_read_timeout(Some(super::conn::IDLE_AFTER))?;
+                return Ok(true);
+            }
+        }
     }
 }
 
-impl Write for SharedStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut s = self
-            .write
-            .lock()
-            .map_err(|_| io::Error::other("poisoned socket lock"))?;
-        s.write_all(buf)?;
-        Ok(buf.len())
-    }
+/// A message being reassembled from fragments: its opcode and bytes so far.
+type Fragments = Option<(u8, Vec<u8>)>;
 
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn ws_config(node: &Node) -> WebSocketConfig {
-    let mut config = WebSocketConfig::default();
-    config.max_message_size = Some(node.config.max_line);
-    config.max_frame_size = Some(node.config.max_line);
-    config
-}
-
-fn serve(node: &Arc<Node>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let (Ok(read2), Ok(write), Ok(shutdown_half)) =
-        (stream.try_clone(), stream.try_clone(), stream.try_clone())
-    else {
-        return;
-    };
-    let write = Arc::new(Mutex::new(write));
-    let shared = SharedStream {
-        read: stream,
-        write: Arc::clone(&write),
-        reads: 0,
-    };
-    let mut ws = match tungstenite::accept_with_config(shared, Some(ws_config(node))) {
-        Ok(ws) => ws,
+/// Serves one WebSocket session until the client leaves.
+pub fn serve(server: &Server, conn: Conn) {
+    let node = &server.node;
+    let mut conn = conn;
+    match handshake(&mut conn) {
+        Ok(true) => {}
+        Ok(false) => return,
         Err(e) => {
             log::debug!("ws handshake failed: {e}");
-            let _ = shutdown_half.shutdown(Shutdown::Both);
             return;
         }
-    };
-    let _ = ws.get_ref().read.set_read_timeout(None);
-    // A client that stops reading cannot pin a writer thread (and its queue) forever.
-    let _ = ws.get_ref().read.set_write_timeout(Some(WRITE_TIMEOUT));
-    let writer_ws = Arc::new(Mutex::new(WebSocket::from_raw_socket(
-        SharedStream {
-            read: read2,
-            write,
-            reads: 0,
-        },
-        Role::Server,
-        Some(ws_config(node)),
-    )));
-    let direct = Arc::clone(&writer_ws);
-    let (outbox, rx) = Outbox::new(node.config.outbox_messages, node.config.outbox_bytes);
-    outbox.set_close_hook(move || {
-        let _ = shutdown_half.shutdown(Shutdown::Both);
-    });
-    let weak = Arc::downgrade(&outbox);
-    let writer_node = Arc::clone(node);
-    if !spawn_connection_thread("ws-writer".into(), move || {
-        write_loop(&writer_node, writer_ws, &rx, &weak)
-    }) {
-        return;
     }
+    let outbox = Outbox::new(
+        Box::new(SocketSink::new(
+            &conn.stream,
+            Framing::WebSocket,
+            &server.flusher,
+        )),
+        node.config.outbox_messages,
+        node.config.outbox_bytes,
+    );
     let mut session = Session::new(node, outbox);
+    let max = node.config.max_line;
+    let mut batch: Vec<Outcome> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut fragments: Fragments = None;
     loop {
-        let reads_before = ws.get_ref().reads;
-        let text = match ws.read() {
-            Ok(Message::Text(text)) => text,
-            Ok(Message::Binary(bytes)) => match String::from_utf8(bytes) {
-                Ok(text) => text,
-                Err(_) => {
-                    reply(&session, &Outcome::error("Invalid UTF-8 in command"));
-                    continue;
-                }
-            },
-            Ok(Message::Close(_)) => {
-                // tungstenite answers the close frame on the next read; drain until it reports closed.
-                continue;
-            }
-            Ok(_) => continue,
-            Err(tungstenite::Error::Utf8) => {
-                reply(&session, &Outcome::error("Invalid UTF-8 in command"));
-                continue;
-            }
-            Err(tungstenite::Error::Capacity(_)) => {
-                reply(&session, &Outcome::error("line too long"));
-                break;
-            }
-            Err(e) => {
-                log::debug!("ws session ended: {e}");
-                break;
-            }
-        };
-        let pipelined = ws.get_ref().reads == reads_before;
-        let mut outcomes: Vec<Outcome> = Vec::new();
-        let mut pending_bytes = 0;
-        for command in split_commands(&text) {
-            let outcome = exec::execute_line(&mut session, command);
-            pending_bytes += outcome.size();
-            outcomes.push(outcome);
-            // Replies of a huge frame go out as they accumulate, so memory stays bounded.
-            if pending_bytes > REPLY_CHUNK {
-                if !send_replies(node, &session, &direct, &mut outcomes, true) {
+        let decoded = wire::decode_frame(conn.data_mut(), max);
+        let frame = match decoded {
+            Ok(Decoded::Frame(frame)) => frame,
+            Ok(Decoded::Need(n)) => {
+                if !flush(&session, &mut batch, &mut batch_bytes) {
                     return;
                 }
-                outcomes.clear();
-                pending_bytes = 0;
+                match conn.fill(n) {
+                    Ok(true) => continue,
+                    Ok(false) | Err(_) => break,
+                }
             }
+            Err(FrameError::TooBig(_)) => {
+                batch.push(Outcome::error("line too long"));
+                flush(&session, &mut batch, &mut batch_bytes);
+                close(&session, wire::CLOSE_TOO_BIG, "message too big");
+                return;
+            }
+            Err(FrameError::Protocol(why)) => {
+                flush(&session, &mut batch, &mut batch_bytes);
+                close(&session, wire::CLOSE_PROTOCOL_ERROR, why);
+                return;
+            }
+        };
+        let payload = &conn.data()[frame.payload.clone()];
+        let message: Option<Vec<u8>> = match frame.opcode {
+            wire::OP_TEXT | wire::OP_BINARY if fragments.is_some() => {
+                flush(&session, &mut batch, &mut batch_bytes);
+                close(
+                    &session,
+                    wire::CLOSE_PROTOCOL_ERROR,
+                    "expected a continuation",
+                );
+                return;
+            }
+            wire::OP_TEXT | wire::OP_BINARY if frame.fin => {
+                batch_bytes += run_message(&mut session, payload, &mut batch);
+                None
+            }
+            wire::OP_TEXT | wire::OP_BINARY => {
+                fragments = Some((frame.opcode, payload.to_vec()));
+                None
+            }
+            wire::OP_CONTINUATION => {
+                let Some((_, bytes)) = fragments.as_mut() else {
+                    flush(&session, &mut batch, &mut batch_bytes);
+                    close(
+                        &session,
+                        wire::CLOSE_PROTOCOL_ERROR,
+                        "unexpected continuation",
+                    );
+                    return;
+                };
+                if bytes.len() + payload.len() > max {
+                    batch.push(Outcome::error("line too long"));
+                    flush(&session, &mut batch, &mut batch_bytes);
+                    close(&session, wire::CLOSE_TOO_BIG, "message too big");
+                    return;
+                }
+                bytes.extend_from_slice(payload);
+                if frame.fin {
+                    fragments.take().map(|(_, bytes)| bytes)
+                } else {
+                    None
+                }
+            }
+            wire::OP_PING => {
+                let mut pong = Vec::with_capacity(payload.len() + 2);
+                wire::ws_frame(wire::OP_PONG, payload, &mut pong);
+                conn.consume(frame.len);
+                if !flush(&session, &mut batch, &mut batch_bytes) || !session.outbox.reply(pong) {
+                    return;
+                }
+                continue;
+            }
+            wire::OP_CLOSE => {
+                // Echo the status code, as RFC 6455 asks, and end the session.
+                let code =
+                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                flush(&session, &mut batch, &mut batch_bytes);
+                close(&session, code.unwrap_or(1000), "");
+                return;
+            }
+            _ => None,
+        };
+        conn.consume(frame.len);
+        if let Some(message) = message {
+            batch_bytes += run_message(&mut session, &message, &mut batch);
         }
-        if !send_replies(node, &session, &direct, &mut outcomes, pipelined) {
+        // Replies of a huge frame, or of many pipelined ones, go out as they accumulate.
+        if (batch_bytes > REPLY_CHUNK || batch.len() >= MAX_BATCH)
+            && !flush(&session, &mut batch, &mut batch_bytes)
+        {
             return;
         }
     }
+    flush(&session, &mut batch, &mut batch_bytes);
 }
 
-fn reply(session: &Session, outcome: &Outcome) -> bool {
-    session.outbox.reply(outcome.wire_messages(), 0)
-}
-
-type SharedWs = Arc<Mutex<WebSocket<SharedStream>>>;
-
-fn lock_ws(ws: &SharedWs) -> std::sync::MutexGuard<'_, WebSocket<SharedStream>> {
-    ws.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Sends replies straight to the socket when the session's queue is idle and the client is not
-/// pipelining; otherwise queues them for the writer thread, which batches durability waits and
-/// socket writes across frames.
-fn send_replies(
-    node: &Node,
-    session: &Session,
-    direct: &SharedWs,
-    outcomes: &mut [Outcome],
-    pipelined: bool,
-) -> bool {
-    if pipelined || !session.outbox.try_claim_idle() {
-        let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
-        let messages = outcomes.iter().flat_map(Outcome::wire_messages).collect();
-        return session.outbox.reply(messages, lsn);
-    }
-    exec::acknowledge(node, outcomes);
-    let messages: Vec<String> = outcomes.iter().flat_map(Outcome::wire_messages).collect();
-    let ok = {
-        let mut ws = lock_ws(direct);
-        messages
-            .into_iter()
-            .all(|m| ws.write(Message::Text(m)).is_ok())
-            && ws.flush().is_ok()
+/// Runs every command of one message; returns the reply bytes it added to `batch`.
+fn run_message(session: &mut Session, payload: &[u8], batch: &mut Vec<Outcome>) -> usize {
+    let Ok(text) = std::str::from_utf8(payload) else {
+        let outcome = Outcome::error("Invalid UTF-8 in command");
+        let size = outcome.size();
+        batch.push(outcome);
+        return size;
     };
-    session.outbox.release();
-    if !ok {
-        session.outbox.close();
+    let mut added = 0;
+    for command in split_commands(text) {
+        let outcome = exec::execute_line(session, command);
+        added += outcome.size();
+        batch.push(outcome);
     }
+    added
+}
+
+/// Acknowledges a batch (durable, and committed in a cluster) and sends its replies, one text
+/// frame per message.
+fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let ok = exec::acknowledge_and_reply(session, batch, |outcomes| {
+        let messages: Vec<String> = outcomes.iter().flat_map(Outcome::wire_messages).collect();
+        session
+            .outbox
+            .reply(outbox::encode(Framing::WebSocket, &messages))
+    });
+    batch.clear();
+    *batch_bytes = 0;
     ok
 }
 
-fn write_item(ws: &mut WebSocket<SharedStream>, item: &Outgoing) -> bool {
-    item.messages()
-        .iter()
-        .all(|m| ws.write(Message::Text(m.clone())).is_ok())
-}
-
-fn write_loop(node: &Node, shared: SharedWs, rx: &Receiver<Outgoing>, outbox: &Weak<Outbox>) {
-    while let Ok(first) = rx.recv() {
-        let owner = outbox.upgrade();
-        if let Some(o) = &owner {
-            o.claim();
-        }
-        let mut items = vec![first];
-        let mut size = items[0].size();
-        while size < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(item) => {
-                    size += item.size();
-                    items.push(item);
-                }
-                Err(_) => break,
-            }
-        }
-        let lsn = items.iter().map(Outgoing::lsn).max().unwrap_or(0);
-        let change = items.iter().map(Outgoing::change_lsn).max().unwrap_or(0);
-        let mut ws = lock_ws(&shared);
-        let ok = durable_before_send(node, lsn, change)
-            && items.iter().all(|item| write_item(&mut ws, item))
-            && ws.flush().is_ok();
-        drop(ws);
-        if let Some(outbox) = owner {
-            outbox.written(size);
-            outbox.release();
-            if !ok {
-                outbox.close();
-            }
-        }
-        if !ok {
-            return;
-        }
+/// Sends a close frame with `code` and `reason`, lets it drain, and shuts the session down.
+fn close(session: &Session, code: u16, reason: &str) {
+    let mut frame = Vec::new();
+    wire::ws_close_frame(code, reason, &mut frame);
+    if session.outbox.reply(frame) {
+        session.outbox.drain(Duration::from_secs(5));
     }
-    let mut ws = lock_ws(&shared);
-    let _ = ws.close(None);
-    let _ = ws.flush();
+    session.outbox.close();
 }

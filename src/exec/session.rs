@@ -1,13 +1,14 @@
-//! A client session: admin flag, selected database, acting user, watches and its outbound queue.
-//! Dropping a session undoes everything it registered; its queue then drains and the writer ends.
+//! A client session: protocol state, not a transport detail. Admin flag, selected database,
+//! acting user, watches, arbiter registrations and the outbound queue its replies and pushes go
+//! through. Dropping a session undoes everything it registered.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::client::Client;
+use crate::db::outbox::{self, Outbox};
 use crate::db::Database;
 use crate::node::Node;
-use crate::server::outbox::Outbox;
 
 /// Per-connection (or per-HTTP-request) state.
 #[derive(Debug)]
@@ -32,7 +33,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// A fresh, unauthenticated session.
+    /// A fresh, unauthenticated session writing to `outbox`.
     pub fn new(node: &Arc<Node>, outbox: Arc<Outbox>) -> Session {
         node.sessions.fetch_add(1, Ordering::Relaxed);
         Session {
@@ -87,6 +88,8 @@ impl Drop for Session {
         if let Some(db) = self.db.take() {
             db.add_connections(-1);
         }
+        // `$connections` is not logged: its pushes may go out at once.
+        self.node.deliver(outbox::take_touched());
         self.node.sessions.fetch_sub(1, Ordering::Relaxed);
     }
 }

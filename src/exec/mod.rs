@@ -1,11 +1,17 @@
 //! Command + Session -> effects on the databases and an [`Outcome`]. The one place where command
 //! semantics live; knows nothing about sockets.
 
+mod membership;
+mod session;
+
+pub use session::Session;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cluster::{forward, membership};
+use crate::cluster::forward;
+use crate::db::outbox::{self, Outbox};
 use crate::db::security::{self, Access, Permissions};
 use crate::db::{
     self, pattern, Database, WriteError, WriteOp, Written, CONNECTIONS_KEY, TOKEN_KEY, TOKEN_USER,
@@ -14,7 +20,6 @@ use crate::metrics;
 use crate::node::Node;
 use crate::protocol::Takeover;
 use crate::protocol::{Command, Outcome, Strategy, VERBS};
-use crate::server::session::Session;
 
 const NOT_AUTH: &str = "Not auth";
 const NO_DB: &str = "no-db-selected";
@@ -25,8 +30,7 @@ const PERMISSION_DENIED: &str = "permission denied";
 /// Runs a write forwarded by a secondary as `user` on `db`, acknowledged like any write here,
 /// and prefixes the reply with the LSN the secondary waits for before answering its client.
 fn run_forwarded(node: &Arc<Node>, db: &str, user: &str, line: &str) -> Outcome {
-    let (outbox, _rx) = crate::server::outbox::Outbox::new(1, 1);
-    let mut s = Session::new(node, outbox);
+    let mut s = Session::new(node, Outbox::discard());
     s.forwarded = true;
     s.admin = user == forward::ADMIN_USER;
     s.user = if user == "-" {
@@ -68,12 +72,33 @@ pub fn execute_line(session: &mut Session, line: &str) -> Outcome {
             let node = Arc::clone(session.node());
             if cmd.is_write() && !session.forwarded && !node.is_primary() {
                 node.count_command();
-                return forward::forward(&node, session, line);
+                return forward(session, line);
             }
             execute(session, cmd)
         }
         Err(e) => Outcome::error(e),
     }
+}
+
+/// Sends a write to the primary for `session` (this node is not the primary).
+fn forward(session: &mut Session, line: &str) -> Outcome {
+    let node = Arc::clone(session.node());
+    // No cluster yet: the node is still starting and does not know who leads.
+    let Some(cluster) = node.cluster() else {
+        return Outcome::error(forward::NO_PRIMARY);
+    };
+    let db = session
+        .db
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |d| d.name().to_string());
+    let user = if session.admin {
+        forward::ADMIN_USER.to_string()
+    } else if session.user.is_empty() {
+        "-".to_string()
+    } else {
+        session.user.clone()
+    };
+    forward::forward(cluster, &mut session.forwarder, &db, &user, line)
 }
 
 /// Executes one command for `session`.
@@ -189,9 +214,38 @@ fn write_value(node: &Node, db: &Database, key: &str, op: WriteOp<'_>) -> Res {
 }
 
 /// Makes every log record acknowledged by `outcomes` durable (one group flush for the whole
-/// batch), turning their `ok` into the error if that fails (storage, or no quorum).
-/// Transports call this before sending replies.
+/// batch), turning their `ok` into the error if that fails (storage, or no quorum), then sends
+/// the pushes the batch's changes made. For replies that go nowhere but back to the caller.
 pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
+    make_durable(node, outcomes);
+    node.deliver(outbox::take_touched());
+}
+
+/// [`acknowledge`] for a session's batch, with `send` queueing its replies: the session's own
+/// pushes go first, then its replies, then the pushes to every other watcher, so the writer
+/// does not wait for the fan-out and its own order is kept. Returns what `send` returned.
+pub fn acknowledge_and_reply(
+    session: &Session,
+    outcomes: &mut [Outcome],
+    send: impl FnOnce(&[Outcome]) -> bool,
+) -> bool {
+    let node = session.node();
+    make_durable(node, outcomes);
+    let touched = outbox::take_touched();
+    let committed = node.settle(&touched);
+    if committed {
+        touched.release_first(&session.outbox);
+    }
+    let sent = send(outcomes);
+    if committed {
+        touched.release();
+    } else {
+        touched.abandon();
+    }
+    sent
+}
+
+fn make_durable(node: &Node, outcomes: &mut [Outcome]) {
     let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
     if lsn == 0 {
         return;
@@ -567,4 +621,31 @@ fn resident_kb() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A restarted member's listeners open before it joins its cluster: until then it must not
+    /// take writes itself (it did, and acknowledged writes that the cluster never saw).
+    #[test]
+    fn no_writes_before_the_cluster_is_joined() {
+        let node = Node::new(Config::default());
+        let mut session = Session::new(&node, Outbox::discard());
+        session.admin = true;
+        assert!(!node.is_primary());
+        let refused = execute_line(&mut session, "create-db d t");
+        assert_eq!(
+            refused.error.as_deref(),
+            Some("No primary is elected right now; retry shortly")
+        );
+        assert!(node.dbs.get("d").is_none());
+        node.start_cluster().unwrap();
+        assert!(node.is_primary());
+        let created = execute_line(&mut session, "create-db d t");
+        assert_eq!(created.error, None);
+        assert!(node.dbs.get("d").is_some());
+    }
 }

@@ -1,0 +1,695 @@
+//! A session's outbound queue, kept beside the databases that push into it. Replies and watch
+//! pushes queue here in the order they happen; whichever thread makes an item sendable writes
+//! the queue straight to the socket without blocking (no writer thread per session). A push
+//! waits in the queue until its log record is durable and committed: the thread that made the
+//! change releases it once it knows (see [`take_touched`]). When the socket is full the rest
+//! waits for the transport's [`Sink::stalled`] hook to call [`Outbox::resume`]; a watcher whose
+//! queue outgrows its limits is disconnected rather than waited for.
+//!
+//! A push is encoded once per framing and shared by every watcher ([`Push`]), so fanning a
+//! change out to N watchers costs N queue inserts and N socket writes.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::protocol::Framing;
+
+/// Where an outbox's bytes go: a socket written without blocking, or nowhere.
+pub trait Sink: Send + Sync {
+    /// How messages are framed on this transport.
+    fn framing(&self) -> Framing;
+    /// Writes as much of `parts` as the transport takes now, without blocking (0 when full).
+    fn try_send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// The transport is full with output still queued: call `outbox.resume()` once it drains.
+    fn stalled(&self, outbox: &Arc<Outbox>);
+    /// Shuts the transport down, so the session's reader wakes up and ends.
+    fn close(&self);
+}
+
+/// A sink that drops everything: sessions with no client socket (HTTP requests, forwarded
+/// writes) still have an outbox.
+#[derive(Debug)]
+pub struct Discard;
+
+impl Sink for Discard {
+    fn framing(&self) -> Framing {
+        Framing::Lines
+    }
+
+    fn try_send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        Ok(parts.iter().map(|p| p.len()).sum())
+    }
+
+    fn stalled(&self, _outbox: &Arc<Outbox>) {}
+
+    fn close(&self) {}
+}
+
+/// A change pushed to watchers: its messages (each ending in `\n`), encoded once per framing on
+/// first use and shared by every watcher's queue.
+#[derive(Debug)]
+pub struct Push {
+    messages: Vec<String>,
+    lines: OnceLock<Box<[u8]>>,
+    frames: OnceLock<Box<[u8]>>,
+}
+
+impl Push {
+    /// A push of `messages`.
+    pub fn new(messages: Vec<String>) -> Arc<Push> {
+        Arc::new(Push {
+            messages,
+            lines: OnceLock::new(),
+            frames: OnceLock::new(),
+        })
+    }
+
+    /// The messages.
+    pub fn messages(&self) -> &[String] {
+        &self.messages
+    }
+
+    /// The bytes for a transport framing `framing`.
+    pub fn encoded(&self, framing: Framing) -> &[u8] {
+        let cell = match framing {
+            Framing::Lines => &self.lines,
+            Framing::WebSocket => &self.frames,
+        };
+        cell.get_or_init(|| encode(framing, &self.messages).into_boxed_slice())
+    }
+}
+
+/// `messages` framed for `framing`, concatenated.
+pub fn encode(framing: Framing, messages: &[String]) -> Vec<u8> {
+    let len = messages
+        .iter()
+        .map(|m| m.len() + framing.overhead(m.len()))
+        .sum();
+    let mut out = Vec::with_capacity(len);
+    for m in messages {
+        framing.encode(m.as_bytes(), &mut out);
+    }
+    out
+}
+
+#[derive(Debug)]
+enum Data {
+    Push(Arc<Push>),
+    Bytes(Vec<u8>),
+}
+
+/// One queued item: bytes to send once log record `lsn` may be shown (0: at once).
+#[derive(Debug)]
+struct Item {
+    data: Data,
+    lsn: u64,
+    /// Bytes already written (after a partial write).
+    sent: usize,
+}
+
+impl Item {
+    fn bytes(&self, framing: Framing) -> &[u8] {
+        match &self.data {
+            Data::Push(p) => p.encoded(framing),
+            Data::Bytes(b) => b,
+        }
+    }
+
+    fn remaining(&self, framing: Framing) -> &[u8] {
+        &self.bytes(framing)[self.sent..]
+    }
+}
+
+/// Queue state, under one mutex.
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Item>,
+    /// Bytes queued and not written yet.
+    bytes: usize,
+    /// Every log record up to this LSN is durable and committed: items up to it may go.
+    released: u64,
+    /// A thread is writing to the socket (items it took are out of the queue meanwhile).
+    writing: bool,
+    /// The socket was full; the transport calls [`Outbox::resume`] when it drains.
+    stalled: bool,
+    /// When the socket last took bytes while something was queued (slow-reader timeout).
+    progress: Option<Instant>,
+    /// Threads waiting for the queue to shrink (replies over the byte budget).
+    waiting: usize,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Items written per socket call.
+const MAX_PARTS: usize = 64;
+/// Bytes written per socket call (more items wait for the next one).
+const MAX_WRITE: usize = 256 * 1024;
+
+/// The outbound queue of one session.
+pub struct Outbox {
+    id: u64,
+    sink: Box<dyn Sink>,
+    framing: Framing,
+    state: Mutex<State>,
+    space: Condvar,
+    max_messages: usize,
+    max_bytes: usize,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("id", &self.id).finish()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Outbox {
+    /// A queue writing to `sink`, holding at most `max_messages` items and about `max_bytes`.
+    pub fn new(sink: Box<dyn Sink>, max_messages: usize, max_bytes: usize) -> Arc<Outbox> {
+        let framing = sink.framing();
+        Arc::new(Outbox {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            sink,
+            framing,
+            state: Mutex::new(State::default()),
+            space: Condvar::new(),
+            max_messages: max_messages.max(1),
+            max_bytes: max_bytes.max(1),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// An outbox that drops what it is given (a session without a client socket).
+    pub fn discard() -> Arc<Outbox> {
+        Outbox::new(Box::new(Discard), 1, 1)
+    }
+
+    /// Unique id of the session owning this queue.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// How this outbox's transport frames messages.
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// True once the session is closing; nothing more is delivered.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Closes the queue and shuts the transport down. Idempotent.
+    pub fn close(&self) {
+        if self.mark_closed() {
+            self.sink.close();
+        }
+    }
+
+    /// Stops queueing without touching the transport: the connection is handed to something
+    /// else (a replication stream). Idempotent.
+    pub fn detach(&self) {
+        self.mark_closed();
+    }
+
+    fn mark_closed(&self) -> bool {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let mut s = lock(&self.state);
+        s.queue.clear();
+        s.bytes = 0;
+        self.space.notify_all();
+        true
+    }
+
+    /// Queues reply bytes (already framed, and acknowledged: they go out as soon as everything
+    /// queued before them has) and writes what it can. While the queue is over its byte budget
+    /// the caller waits for the client to read: back-pressure on the session's own client.
+    /// False when the session is closed.
+    pub fn reply(self: &Arc<Self>, bytes: Vec<u8>) -> bool {
+        if bytes.is_empty() {
+            return !self.is_closed();
+        }
+        {
+            let mut s = lock(&self.state);
+            if self.is_closed() {
+                return false;
+            }
+            s.bytes += bytes.len();
+            s.queue.push_back(Item {
+                data: Data::Bytes(bytes),
+                lsn: 0,
+                sent: 0,
+            });
+        }
+        self.pump();
+        let mut s = lock(&self.state);
+        while s.bytes > self.max_bytes && !self.is_closed() {
+            s.waiting += 1;
+            s = self.space.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiting -= 1;
+        }
+        !self.is_closed()
+    }
+
+    /// Queues a push of the change logged as `lsn` (0: not logged, sendable at once) without
+    /// waiting, and remembers this outbox in the calling thread's [`take_touched`] list. A queue
+    /// over its limits disconnects the session; false when the session is gone, so the caller
+    /// can forget it.
+    pub fn notify(self: &Arc<Self>, push: &Arc<Push>, lsn: u64) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        let size = push.encoded(self.framing).len();
+        {
+            let mut s = lock(&self.state);
+            if self.is_closed() {
+                return false;
+            }
+            let full = s.queue.len() >= self.max_messages
+                || (s.bytes + size > self.max_bytes && s.bytes > 0);
+            if full {
+                drop(s);
+                log::warn!(
+                    "session {}: watcher cannot keep up (outbound queue full), disconnecting it",
+                    self.id
+                );
+                self.close();
+                return false;
+            }
+            s.bytes += size;
+            s.queue.push_back(Item {
+                data: Data::Push(Arc::clone(push)),
+                lsn,
+                sent: 0,
+            });
+        }
+        touch(self, lsn);
+        true
+    }
+
+    /// Everything logged up to `lsn` is durable and committed: sends what that unblocks.
+    pub fn release(self: &Arc<Self>, lsn: u64) {
+        {
+            let mut s = lock(&self.state);
+            if lsn > s.released {
+                s.released = lsn;
+            }
+        }
+        self.pump();
+    }
+
+    /// The transport can take more bytes (after [`Sink::stalled`]): writes what is queued.
+    pub fn resume(self: &Arc<Self>) {
+        lock(&self.state).stalled = false;
+        self.pump();
+    }
+
+    /// True while queued bytes wait for the transport to drain.
+    pub fn is_stalled(&self) -> bool {
+        lock(&self.state).stalled
+    }
+
+    /// How long queued bytes have waited for the client to read anything (zero if nothing waits).
+    pub fn stalled_for(&self) -> Duration {
+        let s = lock(&self.state);
+        match s.progress {
+            Some(t) if s.stalled => t.elapsed(),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Waits up to `timeout` until nothing is queued or being written; true if so.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.state);
+        while (!s.queue.is_empty() || s.writing) && !self.is_closed() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s.waiting += 1;
+            s = self
+                .space
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            s.waiting -= 1;
+        }
+        s.queue.is_empty()
+    }
+
+    /// Closes the session when something queued waits for a log record beyond what has been
+    /// released: that change could not be confirmed, so it must not be shown.
+    fn abandon(&self) {
+        let holding = {
+            let s = lock(&self.state);
+            s.queue.iter().any(|i| i.lsn > s.released)
+        };
+        if holding {
+            log::warn!(
+                "session {}: a change it watches was not committed; disconnecting it",
+                self.id
+            );
+            self.close();
+        }
+    }
+
+    /// Writes the sendable head of the queue until the queue is empty, the head waits for its
+    /// log record, or the socket is full. Only one thread writes at a time; the others return
+    /// at once, since the writer goes on until nothing sendable is left.
+    fn pump(self: &Arc<Self>) {
+        let mut batch: Vec<Item> = Vec::new();
+        loop {
+            {
+                let mut s = lock(&self.state);
+                if s.writing || s.stalled || self.is_closed() {
+                    return;
+                }
+                let released = s.released;
+                let mut size = 0;
+                while let Some(front) = s.queue.front() {
+                    if front.lsn > released || batch.len() >= MAX_PARTS || size >= MAX_WRITE {
+                        break;
+                    }
+                    size += front.remaining(self.framing).len();
+                    if let Some(item) = s.queue.pop_front() {
+                        batch.push(item);
+                    }
+                }
+                if batch.is_empty() {
+                    return;
+                }
+                s.writing = true;
+            }
+            let result = {
+                let parts: Vec<IoSlice<'_>> = batch
+                    .iter()
+                    .map(|i| IoSlice::new(i.remaining(self.framing)))
+                    .collect();
+                self.sink.try_send(&parts)
+            };
+            let mut s = lock(&self.state);
+            s.writing = false;
+            let mut written = match result {
+                Ok(n) => n,
+                Err(e) => {
+                    drop(s);
+                    log::debug!("session {}: write failed: {e}", self.id);
+                    self.close();
+                    return;
+                }
+            };
+            s.bytes = s.bytes.saturating_sub(written);
+            if written > 0 || s.progress.is_none() {
+                s.progress = Some(Instant::now());
+            }
+            let mut unsent: Vec<Item> = Vec::new();
+            for mut item in batch.drain(..) {
+                let len = item.remaining(self.framing).len();
+                if written >= len {
+                    written -= len;
+                } else {
+                    item.sent += written;
+                    written = 0;
+                    unsent.push(item);
+                }
+            }
+            if s.waiting > 0 {
+                self.space.notify_all();
+            }
+            if unsent.is_empty() {
+                continue;
+            }
+            if self.is_closed() {
+                return;
+            }
+            for item in unsent.into_iter().rev() {
+                s.queue.push_front(item);
+            }
+            s.stalled = true;
+            drop(s);
+            self.sink.stalled(self);
+            return;
+        }
+    }
+}
+
+/// Outboxes this thread queued pushes into since it last called [`take_touched`], and the
+/// highest LSN among those pushes. The thread that made the changes must wait until that LSN
+/// is durable and committed, then [`Touched::release`] them (or [`Touched::abandon`] them if
+/// that failed): nobody else knows when they may be shown.
+#[derive(Debug, Default)]
+pub struct Touched {
+    outboxes: Vec<Arc<Outbox>>,
+    lsn: u64,
+}
+
+thread_local! {
+    static TOUCHED: RefCell<Touched> = RefCell::new(Touched::default());
+}
+
+fn touch(outbox: &Arc<Outbox>, lsn: u64) {
+    TOUCHED.with(|t| {
+        let mut t = t.borrow_mut();
+        t.lsn = t.lsn.max(lsn);
+        if !t.outboxes.last().is_some_and(|o| Arc::ptr_eq(o, outbox)) {
+            t.outboxes.push(Arc::clone(outbox));
+        }
+    });
+}
+
+/// Takes this thread's [`Touched`] list, leaving it empty.
+pub fn take_touched() -> Touched {
+    TOUCHED.with(|t| std::mem::take(&mut *t.borrow_mut()))
+}
+
+impl Touched {
+    /// The highest LSN of the pushes (0: none was logged).
+    pub fn lsn(&self) -> u64 {
+        self.lsn
+    }
+
+    /// True when no push was queued.
+    pub fn is_empty(&self) -> bool {
+        self.outboxes.is_empty()
+    }
+
+    fn unique(mut self) -> Vec<Arc<Outbox>> {
+        if self.outboxes.len() > 1 {
+            self.outboxes
+                .sort_unstable_by_key(|o| Arc::as_ptr(o) as usize);
+            self.outboxes.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        }
+        self.outboxes
+    }
+
+    /// Everything up to [`Touched::lsn`] is durable and committed: sends the pushes.
+    pub fn release(self) {
+        let lsn = self.lsn;
+        for outbox in self.unique() {
+            outbox.release(lsn);
+        }
+    }
+
+    /// Sends `first`'s pushes before the others' (the session that made the change gets its
+    /// own pushes, then its reply, before the fan-out to everyone else). Same contract as
+    /// [`Touched::release`].
+    pub fn release_first(&self, first: &Arc<Outbox>) {
+        if self.outboxes.iter().any(|o| Arc::ptr_eq(o, first)) {
+            first.release(self.lsn);
+        }
+    }
+
+    /// The changes could not be confirmed: disconnects every session still waiting for one.
+    pub fn abandon(self) {
+        for outbox in self.unique() {
+            outbox.abandon();
+        }
+    }
+}
+
+/// A sink that keeps what it is sent, for tests.
+#[derive(Debug, Default)]
+pub struct Collect {
+    bytes: Mutex<Vec<u8>>,
+}
+
+impl Collect {
+    /// An outbox writing into a new collector, with the given limits.
+    pub fn outbox(max_messages: usize, max_bytes: usize) -> (Arc<Outbox>, Arc<Collect>) {
+        let collect = Arc::new(Collect::default());
+        let sink = CollectSink(Arc::clone(&collect));
+        (
+            Outbox::new(Box::new(sink), max_messages, max_bytes),
+            collect,
+        )
+    }
+
+    /// The lines received so far (each with its `\n`), clearing them.
+    pub fn take_lines(&self) -> Vec<String> {
+        let bytes = std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|e| e.into_inner()));
+        String::from_utf8_lossy(&bytes)
+            .split_inclusive('\n')
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+struct CollectSink(Arc<Collect>);
+
+impl Sink for CollectSink {
+    fn framing(&self) -> Framing {
+        Framing::Lines
+    }
+
+    fn try_send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut bytes = self.0.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for p in parts {
+            bytes.extend_from_slice(p);
+            n += p.len();
+        }
+        Ok(n)
+    }
+
+    fn stalled(&self, _outbox: &Arc<Outbox>) {}
+
+    fn close(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes `capacity` bytes, then reports itself full.
+    struct Tight {
+        taken: Mutex<Vec<u8>>,
+        capacity: usize,
+        stalls: AtomicU64,
+    }
+
+    impl Sink for Arc<Tight> {
+        fn framing(&self) -> Framing {
+            Framing::Lines
+        }
+        fn try_send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut taken = self.taken.lock().unwrap();
+            let mut n = 0;
+            for p in parts {
+                let room = self.capacity.saturating_sub(taken.len());
+                let k = room.min(p.len());
+                taken.extend_from_slice(&p[..k]);
+                n += k;
+                if k < p.len() {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn stalled(&self, _outbox: &Arc<Outbox>) {
+            self.stalls.fetch_add(1, Ordering::Relaxed);
+        }
+        fn close(&self) {}
+    }
+
+    fn push(text: &str) -> Arc<Push> {
+        Push::new(vec![format!("{text}\n")])
+    }
+
+    #[test]
+    fn slow_watcher_is_disconnected_not_waited_for() {
+        let (outbox, _) = Collect::outbox(2, 1 << 20);
+        let p = push("changed a 1");
+        // Held back (LSN 5 not released), so they stay queued.
+        assert!(outbox.notify(&p, 5));
+        assert!(outbox.notify(&p, 5));
+        assert!(!outbox.notify(&p, 5));
+        assert!(outbox.is_closed());
+        take_touched();
+    }
+
+    #[test]
+    fn byte_budget_disconnects_watcher() {
+        let (outbox, _) = Collect::outbox(100, 10);
+        let p = push("changed a 123456");
+        assert!(outbox.notify(&p, 7));
+        assert!(!outbox.notify(&p, 7));
+        assert!(outbox.is_closed());
+        take_touched();
+    }
+
+    #[test]
+    fn pushes_wait_for_their_release_and_replies_keep_their_place() {
+        let (outbox, got) = Collect::outbox(100, 1 << 20);
+        assert!(outbox.notify(&push("changed a 1"), 3));
+        assert!(outbox.reply(b"ok \n".to_vec()));
+        assert!(
+            got.take_lines().is_empty(),
+            "nothing before LSN 3 is released"
+        );
+        let touched = take_touched();
+        assert_eq!(touched.lsn(), 3);
+        touched.release();
+        assert_eq!(got.take_lines(), vec!["changed a 1\n", "ok \n"]);
+    }
+
+    #[test]
+    fn abandoned_changes_close_only_sessions_waiting_for_them() {
+        let (waiting, _) = Collect::outbox(100, 1 << 20);
+        let (done, got) = Collect::outbox(100, 1 << 20);
+        waiting.notify(&push("changed a 1"), 9);
+        done.notify(&push("changed $connections 1"), 0);
+        take_touched().abandon();
+        assert!(waiting.is_closed());
+        assert!(!done.is_closed());
+        done.release(0);
+        assert_eq!(got.take_lines(), vec!["changed $connections 1\n"]);
+    }
+
+    #[test]
+    fn a_full_socket_keeps_the_rest_in_order_until_resumed() {
+        let tight = Arc::new(Tight {
+            taken: Mutex::new(Vec::new()),
+            capacity: 10,
+            stalls: AtomicU64::new(0),
+        });
+        let outbox = Outbox::new(Box::new(Arc::clone(&tight)), 100, 1 << 20);
+        for i in 0..3 {
+            outbox.notify(&push(&format!("changed k {i}")), 0);
+        }
+        take_touched().release();
+        assert_eq!(tight.stalls.load(Ordering::Relaxed), 1);
+        assert!(outbox.is_stalled());
+        assert_eq!(&*tight.taken.lock().unwrap(), b"changed k ");
+        // More pushes queue behind, nothing is written while stalled.
+        outbox.notify(&push("changed k 3"), 0);
+        take_touched().release();
+        assert_eq!(tight.taken.lock().unwrap().len(), 10);
+        // The client reads what was sent: the next 10 bytes go out, in order.
+        tight.taken.lock().unwrap().clear();
+        outbox.resume();
+        assert_eq!(&*tight.taken.lock().unwrap(), b"0\nchanged ");
+        assert_eq!(tight.stalls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn shared_pushes_are_encoded_once_per_framing() {
+        let p = push("changed a 1");
+        assert_eq!(p.encoded(Framing::Lines), b"changed a 1\n");
+        assert_eq!(p.encoded(Framing::WebSocket), b"\x81\x0cchanged a 1\n");
+        assert!(std::ptr::eq(
+            p.encoded(Framing::Lines),
+            p.encoded(Framing::Lines)
+        ));
+    }
+}

@@ -1,0 +1,204 @@
+//! What TCP and WebSocket sessions share: the socket as an outbox [`Sink`] (non-blocking sends,
+//! the flusher when full) and the input buffer with its idle rule. Input starts small and grows
+//! with what the client sends; a session that sends nothing for [`IDLE_AFTER`] gives back its
+//! buffer and the stack pages its last command touched, then blocks until the client speaks,
+//! so ten thousand idle sessions cost little more than their threads' first pages.
+
+use std::io::{self, IoSlice, Read};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::flusher::Flusher;
+use crate::db::outbox::{Outbox, Sink};
+use crate::os;
+use crate::protocol::Framing;
+
+/// A session that receives nothing for this long is idle: it gives its memory back.
+pub const IDLE_AFTER: Duration = Duration::from_secs(2);
+
+/// The smallest read buffer (allocated when the client first sends something).
+const FIRST_BUFFER: usize = 2048;
+/// Buffers past this size are freed once empty, not kept for the next command.
+const KEEP_BUFFER: usize = 64 * 1024;
+/// A read is attempted only with at least this much room (else the buffer grows).
+const MIN_ROOM: usize = 1024;
+
+/// A client socket as the destination of an outbox.
+pub struct SocketSink {
+    stream: Arc<TcpStream>,
+    framing: Framing,
+    flusher: Arc<Flusher>,
+}
+
+impl SocketSink {
+    /// A sink writing `framing`-framed messages to `stream`.
+    pub fn new(stream: &Arc<TcpStream>, framing: Framing, flusher: &Arc<Flusher>) -> SocketSink {
+        SocketSink {
+            stream: Arc::clone(stream),
+            framing,
+            flusher: Arc::clone(flusher),
+        }
+    }
+}
+
+impl Sink for SocketSink {
+    fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    fn try_send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        os::send_now(self.stream.as_raw_fd(), parts)
+    }
+
+    fn stalled(&self, outbox: &Arc<Outbox>) {
+        self.flusher.add(outbox, self.stream.as_raw_fd());
+    }
+
+    fn close(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// A session's socket and the bytes read from it but not used yet.
+pub struct Conn {
+    /// The socket (shared with the outbox's sink).
+    pub stream: Arc<TcpStream>,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    idle: bool,
+}
+
+impl Conn {
+    /// Wraps an accepted socket: no Nagle delay, and reads that time out into the idle state.
+    pub fn new(stream: TcpStream) -> Conn {
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(IDLE_AFTER));
+        Conn {
+            stream: Arc::new(stream),
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            idle: false,
+        }
+    }
+
+    /// Bytes received and not consumed.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// The same bytes, writable (WebSocket payloads are unmasked in place).
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
+
+    /// Marks the first `n` bytes of [`Conn::data`] as used.
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > KEEP_BUFFER {
+                self.buf = Vec::new();
+            }
+        }
+    }
+
+    /// Takes every unconsumed byte (the connection is handed to something else).
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        let rest = self.data().to_vec();
+        self.consume(rest.len());
+        rest
+    }
+
+    /// Reads more bytes until at least `need` are buffered (or at least one more, if `need` is
+    /// already there). Waiting longer than [`IDLE_AFTER`] makes the session idle first. False
+    /// at end of stream.
+    pub fn fill(&mut self, need: usize) -> io::Result<bool> {
+        let need = need.max(self.end - self.start + 1);
+        loop {
+            self.make_room(need);
+            match (&*self.stream).read(&mut self.buf[self.end..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.end += n;
+                    if self.idle {
+                        self.idle = false;
+                        self.stream.set_read_timeout(Some(IDLE_AFTER))?;
+                    }
+                    if self.end - self.start >= need {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && !self.idle =>
+                {
+                    self.go_idle()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Makes room for `need` buffered bytes and at least [`MIN_ROOM`] free after them.
+    fn make_room(&mut self, need: usize) {
+        if self.start > 0
+            && (self.buf.len() - self.end < MIN_ROOM || self.start + need > self.buf.len())
+        {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let wanted = (self.start + need).max(self.end + MIN_ROOM);
+        if self.buf.len() < wanted {
+            let grown = (self.buf.len() * 2).max(FIRST_BUFFER).max(wanted);
+            self.buf.resize(grown, 0);
+        }
+    }
+
+    /// Gives back the input buffer (if empty) and the idle stack, then blocks without a timeout.
+    fn go_idle(&mut self) -> io::Result<()> {
+        if self.start == self.end {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+        os::release_idle_stack();
+        self.idle = true;
+        self.stream.set_read_timeout(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    #[test]
+    fn buffer_grows_for_large_input_and_is_freed_when_idle() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut conn = Conn::new(server);
+        let big = vec![b'x'; 100_000];
+        client.write_all(&big).unwrap();
+        assert!(conn.fill(big.len()).unwrap());
+        assert_eq!(conn.data().len(), big.len());
+        conn.consume(big.len());
+        assert_eq!(conn.buf.capacity(), 0, "large buffers are not kept");
+        client.write_all(b"ping\n").unwrap();
+        assert!(conn.fill(5).unwrap());
+        assert_eq!(conn.data(), b"ping\n");
+        drop(client);
+        conn.consume(5);
+        assert!(!conn.fill(1).unwrap(), "end of stream");
+    }
+}

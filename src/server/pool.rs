@@ -1,0 +1,202 @@
+//! Worker threads for sessions. Listeners hand each accepted connection (or HTTP request) to an
+//! idle worker over a std channel; when none is idle a new worker starts with the job. A worker
+//! serves one session at a time with blocking reads, then waits for the next; past a few spare
+//! workers it exits instead, so the threads (and their memory) of a burst of sessions go away
+//! with it. A burst of exits asks for free heap pages to be returned to the kernel.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::os;
+
+/// Work for a worker: serve one session or one request.
+pub type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Idle workers kept waiting for new sessions; more than this exit when their session ends.
+const SPARE_WORKERS: usize = 16;
+
+/// How long after the last worker exit the heap is trimmed (exits come in bursts).
+const TRIM_DELAY: Duration = Duration::from_millis(500);
+
+/// A growing and shrinking set of worker threads fed by one channel.
+pub struct Pool {
+    name: &'static str,
+    tx: Mutex<Sender<Job>>,
+    rx: Arc<Mutex<Receiver<Job>>>,
+    /// Workers blocked waiting for a job and not yet promised one.
+    idle: Arc<AtomicUsize>,
+    /// Workers alive.
+    workers: Arc<AtomicUsize>,
+    /// Tells the trimmer thread that workers exited.
+    exited: Mutex<Sender<()>>,
+}
+
+impl Pool {
+    /// A pool whose threads are called `<name>-worker`; starts its heap trimmer thread.
+    pub fn new(name: &'static str) -> std::io::Result<Pool> {
+        let (tx, rx) = channel::<Job>();
+        let (exited, exits) = channel::<()>();
+        os::spawn(format!("{name}-trim"), os::SMALL_STACK, move || {
+            trim_after_exits(&exits)
+        })?;
+        Ok(Pool {
+            name,
+            tx: Mutex::new(tx),
+            rx: Arc::new(Mutex::new(rx)),
+            idle: Arc::new(AtomicUsize::new(0)),
+            workers: Arc::new(AtomicUsize::new(0)),
+            exited: Mutex::new(exited),
+        })
+    }
+
+    /// Worker threads alive.
+    pub fn workers(&self) -> usize {
+        self.workers.load(Ordering::Relaxed)
+    }
+
+    /// Runs `job` on an idle worker, or on a new one. Gives the job back when no thread can be
+    /// started (the system refused: out of threads or memory).
+    pub fn submit(&self, job: Job) -> Result<(), (Job, std::io::Error)> {
+        let claimed = self
+            .idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if claimed {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            return match tx.send(job) {
+                Ok(()) => Ok(()),
+                Err(e) => Err((e.0, std::io::Error::other("the worker pool stopped"))),
+            };
+        }
+        self.spawn_worker(job)
+    }
+
+    fn spawn_worker(&self, job: Job) -> Result<(), (Job, std::io::Error)> {
+        let rx = Arc::clone(&self.rx);
+        let idle = Arc::clone(&self.idle);
+        let workers = Arc::clone(&self.workers);
+        let exited = self
+            .exited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The job travels through a slot so it can be given back if the thread does not start.
+        let slot = Arc::new(Mutex::new(Some(job)));
+        let first = Arc::clone(&slot);
+        workers.fetch_add(1, Ordering::Relaxed);
+        let started = os::spawn(
+            format!("{}-worker", self.name),
+            os::SMALL_STACK,
+            move || {
+                let job = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(job) = job {
+                    job();
+                }
+                work(&rx, &idle);
+                workers.fetch_sub(1, Ordering::Relaxed);
+                let _ = exited.send(());
+            },
+        );
+        match started {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.workers.fetch_sub(1, Ordering::Relaxed);
+                let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                match job {
+                    Some(job) => Err((job, e)),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// A worker's life after its first job: wait for the next while few workers are spare.
+fn work(rx: &Mutex<Receiver<Job>>, idle: &AtomicUsize) {
+    loop {
+        let spare = idle.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < SPARE_WORKERS).then_some(n + 1)
+        });
+        if spare.is_err() {
+            return;
+        }
+        // Whoever submits after this decrement-claim sends exactly one job for us.
+        let job = {
+            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        match job {
+            Ok(job) => {
+                // Memory a previous session left in this thread's stack is not needed now.
+                os::release_idle_stack();
+                job();
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Trims the heap once exits stop for [`TRIM_DELAY`]: the sessions that left freed their
+/// buffers, but the allocator keeps the pages until asked.
+fn trim_after_exits(exits: &Receiver<()>) {
+    while exits.recv().is_ok() {
+        loop {
+            match exits.recv_timeout(TRIM_DELAY) {
+                Ok(()) => continue,
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        os::release_free_heap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::sync_channel;
+
+    #[test]
+    fn idle_workers_are_reused_and_surplus_ones_exit() {
+        let pool = Pool::new("t").unwrap();
+        let (done_tx, done_rx) = sync_channel::<usize>(100);
+        // Forty jobs that all block until released: forty workers.
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        for i in 0..40 {
+            let gate = Arc::clone(&gate);
+            let done = done_tx.clone();
+            pool.submit(Box::new(move || {
+                let (lock, cv) = &*gate;
+                let mut open = lock.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+                done.send(i).unwrap();
+            }))
+            .map_err(|(_, e)| e)
+            .unwrap();
+        }
+        assert_eq!(pool.workers(), 40);
+        {
+            let (lock, cv) = &*gate;
+            *lock.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        for _ in 0..40 {
+            done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while pool.workers() > SPARE_WORKERS && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(pool.workers(), SPARE_WORKERS);
+        // A new job goes to a spare worker: no thread is added.
+        pool.submit(Box::new(move || done_tx.send(99).unwrap()))
+            .map_err(|(_, e)| e)
+            .unwrap();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)).unwrap(), 99);
+        assert_eq!(pool.workers(), SPARE_WORKERS);
+    }
+}
