@@ -31,6 +31,8 @@ lint:
 
 test-rust:
 	cargo test --all-targets
+	# Memory per session is a figure of the build operators run.
+	cargo test --release --test connections
 
 test-sh: build
 	NUN_DB_BIN=$(CURDIR)/target/debug/nun-db bash tests-sh/run-all.sh

@@ -97,7 +97,17 @@ struct BenchArgs {
     /// Watcher counts, comma separated ("none" skips the watch table).
     #[arg(long = "watchers", default_value = "1,100,1000")]
     watchers: String,
-    /// Operations, comma separated: set, get.
+    /// Watcher counts for the connections table (server memory and threads per connection),
+    /// comma separated; "none" skips it.
+    #[arg(long = "connections", default_value = "none")]
+    connections: String,
+    /// Our server's pid, to read its memory and threads from /proc (connections table).
+    #[arg(long = "server-pid")]
+    server_pid: Option<u32>,
+    /// Redis's pid, to read its memory and threads from /proc (connections table).
+    #[arg(long = "redis-pid")]
+    redis_pid: Option<u32>,
+    /// Operations, comma separated: set, get ("none" skips the load table).
     #[arg(long = "ops", default_value = "set,get")]
     ops: String,
     /// Our transports, comma separated: tcp, ws.
@@ -316,11 +326,22 @@ fn bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
                 numbers(&args.watchers, "--watchers")?
             },
             watch_writes: args.watch_writes.max(1),
-            ops: words(&args.ops, "--ops", |w| match w {
-                "set" => Some(KvOp::Set),
-                "get" => Some(KvOp::Get),
-                _ => None,
-            })?,
+            connections: if args.connections == "none" {
+                Vec::new()
+            } else {
+                numbers(&args.connections, "--connections")?
+            },
+            server_pid: args.server_pid,
+            redis_pid: args.redis_pid,
+            ops: if args.ops == "none" {
+                Vec::new()
+            } else {
+                words(&args.ops, "--ops", |w| match w {
+                    "set" => Some(KvOp::Set),
+                    "get" => Some(KvOp::Get),
+                    _ => None,
+                })?
+            },
             transports: words(&args.transports, "--transports", |w| match w {
                 "tcp" => Some(Transport::NunTcp),
                 "ws" => Some(Transport::NunWs),
@@ -385,6 +406,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
             ))
         }
     };
+    nundb::os::tune_allocator();
     // One descriptor per session: the default soft limit (often 1024) would cap the node early.
     match nundb::os::raise_fd_limit() {
         Ok(limit) => log::debug!("open files limit: {limit}"),

@@ -43,6 +43,12 @@ pub struct BenchOptions {
     pub watchers: Vec<usize>,
     /// Writes per watch row.
     pub watch_writes: usize,
+    /// Watcher counts for the connections table (empty: skipped).
+    pub connections: Vec<usize>,
+    /// Our server's pid (memory and threads in the connections table).
+    pub server_pid: Option<u32>,
+    /// Redis's pid (memory and threads in the connections table).
+    pub redis_pid: Option<u32>,
     /// Operations to load (set, get).
     pub ops: Vec<KvOp>,
     /// Our transports to load.
@@ -58,6 +64,7 @@ impl BenchOptions {
         self.pipelines = vec![1, 16];
         self.watchers = vec![1, 10];
         self.watch_writes = 20;
+        self.connections = self.connections.iter().map(|n| (*n).min(50)).collect();
         self
     }
 }
@@ -254,51 +261,53 @@ fn transport_name(t: Transport) -> &'static str {
 pub fn run(opts: &BenchOptions) -> io::Result<String> {
     prepare(opts)?;
     let mut out = String::new();
-    out.push_str(&format!(
-        "Load: {} keys, {}-byte values, {:?} per row. Latency is per operation (a pipelined batch's round trip), in µs.\n\n",
-        opts.keyspace, opts.value_size, opts.duration
-    ));
-    out.push_str("| op | transport | conns | pipeline | nun-db ops/s | p50 | p99 | p99.9 |");
-    if opts.redis.is_some() {
-        out.push_str(" redis ops/s | redis p50 | redis p99 | redis p99.9 | ours/redis |");
-    }
-    out.push('\n');
-    out.push_str("|---|---|---|---|---|---|---|---|");
-    if opts.redis.is_some() {
-        out.push_str("---|---|---|---|---|");
-    }
-    out.push('\n');
-    for &op in &opts.ops {
-        for &conns in &opts.conns {
-            for &pipeline in &opts.pipelines {
-                let redis = match opts.redis {
-                    Some(_) => Some(load_row(opts, Transport::Redis, op, conns, pipeline)?),
-                    None => None,
-                };
-                for &t in &opts.transports {
-                    let row = load_row(opts, t, op, conns, pipeline)?;
-                    out.push_str(&format!(
-                        "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
-                        op_name(op),
-                        transport_name(t),
-                        conns,
-                        pipeline,
-                        row.ops_per_sec,
-                        row.p50,
-                        row.p99,
-                        row.p999
-                    ));
-                    if let Some(r) = &redis {
+    if !opts.ops.is_empty() {
+        out.push_str(&format!(
+            "Load: {} keys, {}-byte values, {:?} per row. Latency is per operation (a pipelined batch's round trip), in µs.\n\n",
+            opts.keyspace, opts.value_size, opts.duration
+        ));
+        out.push_str("| op | transport | conns | pipeline | nun-db ops/s | p50 | p99 | p99.9 |");
+        if opts.redis.is_some() {
+            out.push_str(" redis ops/s | redis p50 | redis p99 | redis p99.9 | ours/redis |");
+        }
+        out.push('\n');
+        out.push_str("|---|---|---|---|---|---|---|---|");
+        if opts.redis.is_some() {
+            out.push_str("---|---|---|---|---|");
+        }
+        out.push('\n');
+        for &op in &opts.ops {
+            for &conns in &opts.conns {
+                for &pipeline in &opts.pipelines {
+                    let redis = match opts.redis {
+                        Some(_) => Some(load_row(opts, Transport::Redis, op, conns, pipeline)?),
+                        None => None,
+                    };
+                    for &t in &opts.transports {
+                        let row = load_row(opts, t, op, conns, pipeline)?;
                         out.push_str(&format!(
-                            " {:.0} | {} | {} | {} | {:.2}× |",
-                            r.ops_per_sec,
-                            r.p50,
-                            r.p99,
-                            r.p999,
-                            row.ops_per_sec / r.ops_per_sec.max(1.0)
+                            "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                            op_name(op),
+                            transport_name(t),
+                            conns,
+                            pipeline,
+                            row.ops_per_sec,
+                            row.p50,
+                            row.p99,
+                            row.p999
                         ));
+                        if let Some(r) = &redis {
+                            out.push_str(&format!(
+                                " {:.0} | {} | {} | {} | {:.2}× |",
+                                r.ops_per_sec,
+                                r.p50,
+                                r.p99,
+                                r.p999,
+                                row.ops_per_sec / r.ops_per_sec.max(1.0)
+                            ));
+                        }
+                        out.push('\n');
                     }
-                    out.push('\n');
                 }
             }
         }
@@ -306,6 +315,10 @@ pub fn run(opts: &BenchOptions) -> io::Result<String> {
     if !opts.watchers.is_empty() {
         out.push('\n');
         out.push_str(&watch::report(opts)?);
+    }
+    if !opts.connections.is_empty() {
+        out.push('\n');
+        out.push_str(&watch::connections_report(opts)?);
     }
     Ok(out)
 }

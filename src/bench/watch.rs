@@ -1,41 +1,74 @@
-//! Watch fan-out latency: M watchers (our WebSocket `watch`, or Redis SUBSCRIBE), one writer; the
-//! time from a write being sent to each watcher's push arriving.
+//! Watch fan-out: M watchers (our WebSocket `watch`, or Redis SUBSCRIBE) and one writer; the
+//! time from a write being sent to each watcher's push arriving. One client thread reads every
+//! watcher socket through epoll, so the client costs the same for both servers and ten thousand
+//! watchers do not need ten thousand client threads. The connections table adds the server's
+//! memory and threads while the watchers are connected and after they leave.
 
-use std::io;
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use tungstenite::Message;
-
-use super::conn::{Conn, KvOp, NunTcp, Redis};
+use super::conn::{resp_command, KvOp, NunTcp, Redis};
 use super::stats::Samples;
 use super::{BenchOptions, DB, TOKEN};
 
 const KEY: &str = "watched";
 
-/// Shared bookkeeping between the writer and the watcher threads.
+/// Which server the watchers watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// Ours, WebSocket watchers and a TCP writer.
+    Nun,
+    /// Redis, SUBSCRIBE / PUBLISH.
+    Redis,
+}
+
+/// Shared bookkeeping between the writer and the reader thread.
 struct Board {
     start: Instant,
     sent_at: Vec<AtomicU64>,
+    first: Vec<AtomicU64>,
+    last: Vec<AtomicU64>,
     delivered: Vec<AtomicUsize>,
+    total: AtomicUsize,
     completed: Mutex<usize>,
     cv: Condvar,
     watchers: usize,
 }
 
 impl Board {
-    fn arrive(&self, seq: usize) -> Option<u64> {
-        let sent = self.sent_at.get(seq)?.load(Ordering::Acquire);
-        let now = self.start.elapsed().as_nanos() as u64;
-        let n = self.delivered[seq].fetch_add(1, Ordering::AcqRel) + 1;
-        if n == self.watchers {
+    fn new(writes: usize, watchers: usize) -> Board {
+        let zeros = |v: u64| (0..writes).map(|_| AtomicU64::new(v)).collect();
+        Board {
+            start: Instant::now(),
+            sent_at: zeros(0),
+            first: zeros(u64::MAX),
+            last: zeros(0),
+            delivered: (0..writes).map(|_| AtomicUsize::new(0)).collect(),
+            total: AtomicUsize::new(0),
+            completed: Mutex::new(0),
+            cv: Condvar::new(),
+            watchers,
+        }
+    }
+
+    fn arrive(&self, seq: usize) {
+        let Some(sent) = self.sent_at.get(seq) else {
+            return;
+        };
+        let lat =
+            (self.start.elapsed().as_nanos() as u64).saturating_sub(sent.load(Ordering::Acquire));
+        self.first[seq].fetch_min(lat, Ordering::AcqRel);
+        self.last[seq].fetch_max(lat, Ordering::AcqRel);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if self.delivered[seq].fetch_add(1, Ordering::AcqRel) + 1 == self.watchers {
             let mut done = self.completed.lock().unwrap_or_else(|e| e.into_inner());
             *done = (*done).max(seq + 1);
             self.cv.notify_all();
         }
-        Some(now.saturating_sub(sent))
     }
 }
 
@@ -46,116 +79,291 @@ struct WatchResult {
     deliveries_per_sec: f64,
 }
 
-type Watcher = (std::thread::JoinHandle<Vec<(usize, u64)>>, TcpStream);
-
-fn nun_watcher(opts: &BenchOptions, board: &Arc<Board>) -> io::Result<Watcher> {
-    let stream = TcpStream::connect(&opts.ws)?;
-    stream.set_nodelay(true)?;
-    let closer = stream.try_clone()?;
-    let (mut ws, _) = tungstenite::client(format!("ws://{}/", opts.ws), stream)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    let mut ok = 0;
-    for cmd in [format!("use-db {DB} {TOKEN}"), format!("watch {KEY}")] {
-        ws.send(Message::Text(cmd))
-            .map_err(|e| io::Error::other(e.to_string()))?;
-    }
-    while ok < 2 {
-        match ws.read().map_err(|e| io::Error::other(e.to_string()))? {
-            Message::Text(t) if t == "ok \n" => ok += 1,
-            Message::Text(t) if t.starts_with("error") => return Err(io::Error::other(t)),
-            _ => {}
+fn read_until(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> bool,
+) -> io::Result<()> {
+    let mut chunk = [0u8; 4096];
+    while !done(buf) {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::other("server closed the connection"));
         }
+        buf.extend_from_slice(&chunk[..n]);
     }
-    let board = Arc::clone(board);
-    let handle = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        while let Ok(msg) = ws.read() {
-            if let Message::Text(t) = msg {
-                // changed-version <key> <version> <seq>
-                let mut parts = t.trim_end().splitn(4, ' ');
-                if parts.next() == Some("changed-version") {
-                    if let Some(seq) = parts.nth(2).and_then(|s| s.parse::<usize>().ok()) {
-                        if let Some(lat) = board.arrive(seq) {
-                            got.push((seq, lat));
-                        }
-                    }
-                }
-            }
-        }
-        got
-    });
-    Ok((handle, closer))
+    Ok(())
 }
 
-fn redis_watcher(addr: &str, board: &Arc<Board>) -> io::Result<Watcher> {
-    let mut r = Redis::connect(addr)?;
-    r.send(&["SUBSCRIBE", KEY])?;
-    r.read_reply()?;
-    let closer = r.stream_clone()?;
-    let board = Arc::clone(board);
-    let handle = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        while let Ok(items) = r.read_reply() {
-            if items.len() == 3 && items[0] == b"message" {
-                if let Some(seq) = std::str::from_utf8(&items[2])
-                    .ok()
-                    .and_then(|s| s.parse::<usize>().ok())
-                {
-                    if let Some(lat) = board.arrive(seq) {
-                        got.push((seq, lat));
-                    }
-                }
-            }
-        }
-        got
-    });
-    Ok((handle, closer))
-}
-
-fn measure(opts: &BenchOptions, watchers: usize, redis: bool) -> io::Result<WatchResult> {
-    let writes = opts.watch_writes;
-    let board = Arc::new(Board {
-        start: Instant::now(),
-        sent_at: (0..writes).map(|_| AtomicU64::new(0)).collect(),
-        delivered: (0..writes).map(|_| AtomicUsize::new(0)).collect(),
-        completed: Mutex::new(0),
-        cv: Condvar::new(),
-        watchers,
-    });
-    let mut ws = Vec::with_capacity(watchers);
-    for _ in 0..watchers {
-        ws.push(match (redis, &opts.redis) {
-            (true, Some(addr)) => redis_watcher(addr, &board)?,
-            _ => nun_watcher(opts, &board)?,
-        });
-    }
-    let mut nun_writer = if redis {
-        None
+/// A masked client text frame (mask 0, so the payload is sent as is).
+fn client_frame(text: &str, out: &mut Vec<u8>) {
+    let len = text.len();
+    out.push(0x81);
+    if len < 126 {
+        out.push(0x80 | len as u8);
     } else {
-        Some(NunTcp::connect(&opts.tcp, DB, TOKEN)?)
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Text payloads of the complete server frames at the start of `buf`, and the bytes they used.
+fn server_frames(buf: &[u8]) -> (Vec<&[u8]>, usize) {
+    let mut at = 0;
+    let mut out = Vec::new();
+    loop {
+        let rest = &buf[at..];
+        if rest.len() < 2 {
+            break;
+        }
+        let (len, header) = match rest[1] & 0x7F {
+            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 if rest.len() >= 10 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rest[2..10]);
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if rest.len() < header + len {
+            break;
+        }
+        out.push(&rest[header..header + len]);
+        at += header + len;
+    }
+    (out, at)
+}
+
+/// Opens one watcher that is subscribed when this returns.
+fn open_watcher(opts: &BenchOptions, server: Server) -> io::Result<TcpStream> {
+    let mut buf = Vec::new();
+    match server {
+        Server::Nun => {
+            let mut s = TcpStream::connect(&opts.ws)?;
+            s.set_nodelay(true)?;
+            s.write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", opts.ws).as_bytes())?;
+            read_until(&mut s, &mut buf, |b| b.windows(4).any(|w| w == b"\r\n\r\n"))?;
+            if !buf.starts_with(b"HTTP/1.1 101") {
+                return Err(io::Error::other(String::from_utf8_lossy(&buf).to_string()));
+            }
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+            buf.drain(..end);
+            let mut out = Vec::new();
+            client_frame(&format!("use-db {DB} {TOKEN}"), &mut out);
+            client_frame(&format!("watch {KEY}"), &mut out);
+            s.write_all(&out)?;
+            read_until(&mut s, &mut buf, |b| {
+                server_frames(b)
+                    .0
+                    .iter()
+                    .filter(|f| f.starts_with(b"ok ") || f.starts_with(b"error"))
+                    .count()
+                    >= 2
+            })?;
+            if let Some(e) = server_frames(&buf)
+                .0
+                .iter()
+                .find(|f| f.starts_with(b"error"))
+            {
+                return Err(io::Error::other(String::from_utf8_lossy(e).to_string()));
+            }
+            Ok(s)
+        }
+        Server::Redis => {
+            let mut s = TcpStream::connect(opts.redis.as_deref().unwrap_or_default())?;
+            s.set_nodelay(true)?;
+            let mut out = Vec::new();
+            resp_command(&mut out, &["SUBSCRIBE", KEY]);
+            s.write_all(&out)?;
+            // *3 $9 subscribe $7 watched :1
+            read_until(&mut s, &mut buf, |b| b.ends_with(b":1\r\n"))?;
+            Ok(s)
+        }
+    }
+}
+
+/// The sequence number a watcher's message reports, if it is a push of the watched key.
+fn nun_seq(frame: &[u8]) -> Option<usize> {
+    // changed-version <key> <version> <seq>\n
+    let text = std::str::from_utf8(frame).ok()?;
+    let mut parts = text.trim_end().splitn(4, ' ');
+    (parts.next() == Some("changed-version")).then_some(())?;
+    parts.nth(2)?.parse().ok()
+}
+
+/// Sequence numbers of the complete Redis `message` pushes at the start of `buf`, and the
+/// bytes they used.
+fn redis_seqs(buf: &[u8], seqs: &mut Vec<usize>) -> usize {
+    // *3\r\n$7\r\nmessage\r\n$7\r\nwatched\r\n$<n>\r\n<seq>\r\n
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let mut lines = 0;
+        let mut end = 0;
+        let mut last_start = 0;
+        while lines < 7 {
+            match rest[end..].windows(2).position(|w| w == b"\r\n") {
+                Some(i) => {
+                    last_start = end;
+                    end += i + 2;
+                    lines += 1;
+                }
+                None => return at,
+            }
+        }
+        if let Some(seq) = std::str::from_utf8(&rest[last_start..end - 2])
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            seqs.push(seq);
+        }
+        at += end;
+    }
+}
+
+/// Open watchers and the thread reading them (which owns their sockets).
+struct Watchers {
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl Watchers {
+    fn open(
+        opts: &BenchOptions,
+        server: Server,
+        n: usize,
+        board: &Arc<Board>,
+    ) -> io::Result<Watchers> {
+        let mut streams = Vec::with_capacity(n);
+        for _ in 0..n {
+            streams.push(open_watcher(opts, server)?);
+        }
+        // SAFETY: epoll_create1 returns a new descriptor we own (closed by the reader).
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for (i, s) in streams.iter().enumerate() {
+            s.set_nonblocking(true)?;
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
+            // SAFETY: registers a live socket with our epoll instance.
+            if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let board = Arc::clone(board);
+        let stopping = Arc::clone(&stop);
+        let reader =
+            std::thread::spawn(move || read_all(epoll, streams, server, &board, &stopping));
+        Ok(Watchers {
+            stop,
+            reader: Some(reader),
+        })
+    }
+
+    fn close(mut self) -> io::Result<()> {
+        self.stop.store(true, Ordering::Release);
+        match self.reader.take() {
+            Some(r) => r.join().map_err(|_| io::Error::other("reader panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+fn read_all(
+    epoll: i32,
+    mut streams: Vec<TcpStream>,
+    server: Server,
+    board: &Board,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); streams.len()];
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut seqs = Vec::new();
+    let result = loop {
+        if stop.load(Ordering::Acquire) {
+            break Ok(());
+        }
+        // SAFETY: the kernel writes at most `events.len()` entries into our buffer.
+        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, 100) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break Err(e);
+        }
+        for ev in &events[..n as usize] {
+            let i = ev.u64 as usize;
+            loop {
+                match streams[i].read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(k) => bufs[i].extend_from_slice(&chunk[..k]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let used = match server {
+                Server::Nun => {
+                    let (frames, used) = server_frames(&bufs[i]);
+                    seqs.extend(frames.into_iter().filter_map(nun_seq));
+                    used
+                }
+                Server::Redis => redis_seqs(&bufs[i], &mut seqs),
+            };
+            bufs[i].drain(..used);
+            for seq in seqs.drain(..) {
+                board.arrive(seq);
+            }
+        }
     };
-    let mut redis_writer = match (redis, &opts.redis) {
-        (true, Some(addr)) => Some(Redis::connect(addr)?),
-        _ => None,
+    streams.clear();
+    // SAFETY: closes the epoll descriptor this thread owns.
+    unsafe { libc::close(epoll) };
+    result
+}
+
+/// One writer sends `board`'s writes one at a time, each once every watcher got the previous.
+fn write_all(opts: &BenchOptions, server: Server, board: &Board) -> io::Result<f64> {
+    let writes = board.sent_at.len();
+    let mut nun = match server {
+        Server::Nun => Some(NunTcp::connect(&opts.tcp, DB, TOKEN)?),
+        Server::Redis => None,
+    };
+    let mut redis = match server {
+        Server::Redis => Some(Redis::connect(opts.redis.as_deref().unwrap_or_default())?),
+        Server::Nun => None,
     };
     let started = Instant::now();
     for seq in 0..writes {
         board.sent_at[seq].store(board.start.elapsed().as_nanos() as u64, Ordering::Release);
         let value = seq.to_string();
-        if let Some(w) = nun_writer.as_mut() {
+        if let Some(w) = nun.as_mut() {
+            use super::conn::Conn;
             w.batch(KvOp::Set, &[KEY.to_string()], &value)?;
         }
-        if let Some(w) = redis_writer.as_mut() {
+        if let Some(w) = redis.as_mut() {
             w.send(&["PUBLISH", KEY, &value])?;
             w.read_reply()?;
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut done = board.completed.lock().unwrap_or_else(|e| e.into_inner());
         while *done <= seq {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::Error::other(format!(
-                    "watch delivery of write {seq} to {watchers} watchers timed out"
+                    "write {seq} reached {} of {} watchers in 30 s",
+                    board.delivered[seq].load(Ordering::Relaxed),
+                    board.watchers
                 )));
             }
             done = board
@@ -165,39 +373,39 @@ fn measure(opts: &BenchOptions, watchers: usize, redis: bool) -> io::Result<Watc
                 .0;
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut first = vec![u64::MAX; writes];
-    let mut last = vec![0u64; writes];
-    let mut deliveries = 0usize;
-    for (handle, closer) in ws {
-        let _ = closer.shutdown(Shutdown::Both);
-        let got = handle
-            .join()
-            .map_err(|_| io::Error::other("watcher thread panicked"))?;
-        deliveries += got.len();
-        for (seq, lat) in got {
-            first[seq] = first[seq].min(lat);
-            last[seq] = last[seq].max(lat);
-        }
-    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn results(board: &Board, elapsed: f64) -> WatchResult {
     let mut r = WatchResult {
         first: Samples::default(),
         last: Samples::default(),
-        deliveries_per_sec: deliveries as f64 / elapsed,
+        deliveries_per_sec: board.total.load(Ordering::Relaxed) as f64 / elapsed,
     };
-    for seq in 0..writes {
-        if first[seq] != u64::MAX {
-            r.first.add(Duration::from_nanos(first[seq]));
-            r.last.add(Duration::from_nanos(last[seq]));
+    for seq in 0..board.sent_at.len() {
+        let first = board.first[seq].load(Ordering::Relaxed);
+        if first != u64::MAX {
+            r.first.add(Duration::from_nanos(first));
+            r.last.add(Duration::from_nanos(
+                board.last[seq].load(Ordering::Relaxed),
+            ));
         }
     }
-    Ok(r)
+    r
+}
+
+fn measure(opts: &BenchOptions, server: Server, watchers: usize) -> io::Result<WatchResult> {
+    let board = Arc::new(Board::new(opts.watch_writes, watchers));
+    let open = Watchers::open(opts, server, watchers, &board)?;
+    let elapsed = write_all(opts, server, &board);
+    open.close()?;
+    Ok(results(&board, elapsed?))
 }
 
 /// The watch table.
 pub fn report(opts: &BenchOptions) -> io::Result<String> {
     let mut out = format!(
-        "Watch fan-out: {} writes per row, one writer (TCP), watchers on WebSocket (Redis: SUBSCRIBE/PUBLISH). Latency from write sent to push received, µs.\n\n",
+        "Watch fan-out: {} writes per row, one writer (TCP), watchers on WebSocket (Redis: SUBSCRIBE/PUBLISH), one epoll client thread reading all watchers. Latency from write sent to push received, µs.\n\n",
         opts.watch_writes
     );
     out.push_str("| watchers | first p50 | first p99 | last p50 | last p99 | deliveries/s |");
@@ -211,7 +419,7 @@ pub fn report(opts: &BenchOptions) -> io::Result<String> {
     }
     out.push('\n');
     for &m in &opts.watchers {
-        let mut ours = measure(opts, m, false)?;
+        let mut ours = measure(opts, Server::Nun, m)?;
         out.push_str(&format!(
             "| {m} | {} | {} | {} | {} | {:.0} |",
             ours.first.percentile(50.0),
@@ -221,7 +429,7 @@ pub fn report(opts: &BenchOptions) -> io::Result<String> {
             ours.deliveries_per_sec
         ));
         if opts.redis.is_some() {
-            let mut r = measure(opts, m, true)?;
+            let mut r = measure(opts, Server::Redis, m)?;
             let ratio = ours.first.percentile(99.0) as f64 / r.first.percentile(99.0).max(1) as f64;
             out.push_str(&format!(
                 " {} | {} | {} | {} | {:.0} | {:.2}× |",
@@ -236,4 +444,121 @@ pub fn report(opts: &BenchOptions) -> io::Result<String> {
         out.push('\n');
     }
     Ok(out)
+}
+
+/// Resident KiB and threads of process `pid`.
+fn proc_status(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((field("VmRSS:")?, field("Threads:")?))
+}
+
+fn rss(pid: Option<u32>) -> u64 {
+    pid.and_then(proc_status).map_or(0, |s| s.0)
+}
+
+/// How long watchers stay connected before the "connected" figures are read: longer than the
+/// time after which our sessions count as idle and give memory back.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// One row of the connections table.
+struct ConnRow {
+    idle_kb: u64,
+    connected_kb: u64,
+    threads: u64,
+    after_kb: Vec<u64>,
+    result: WatchResult,
+}
+
+fn connections_row(
+    opts: &BenchOptions,
+    server: Server,
+    n: usize,
+    pid: Option<u32>,
+) -> io::Result<ConnRow> {
+    let idle_kb = rss(pid);
+    let board = Arc::new(Board::new(opts.watch_writes, n));
+    let open = Watchers::open(opts, server, n, &board)?;
+    std::thread::sleep(SETTLE);
+    let (connected_kb, threads) = pid.and_then(proc_status).unwrap_or((0, 0));
+    let elapsed = write_all(opts, server, &board);
+    open.close()?;
+    let elapsed = elapsed?;
+    let left = Instant::now();
+    let mut after_kb = vec![rss(pid)];
+    for s in 1..=10u64 {
+        let at = left + Duration::from_secs(s);
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        after_kb.push(rss(pid));
+    }
+    Ok(ConnRow {
+        idle_kb,
+        connected_kb,
+        threads,
+        after_kb,
+        result: results(&board, elapsed),
+    })
+}
+
+fn mb(kb: u64) -> String {
+    format!("{:.1}", kb as f64 / 1024.0)
+}
+
+/// The connections table: memory, threads and fan-out with 1,000 and 10,000 watchers.
+pub fn connections_report(opts: &BenchOptions) -> io::Result<String> {
+    if let Err(e) = crate::os::raise_fd_limit() {
+        log::warn!("cannot raise the open files limit: {e}");
+    }
+    let mut servers = vec![("nun-db (WebSocket)", Server::Nun, opts.server_pid)];
+    if opts.redis.is_some() {
+        servers.push(("Redis (SUBSCRIBE)", Server::Redis, opts.redis_pid));
+    }
+    let mut table = String::from(
+        "| server | watchers | RSS idle MB | RSS connected MB | per connection KiB | threads | RSS 10 s after they leave MB | kept | deliveries/s | first p50 | first p99 | last p50 | last p99 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut timeline = String::from("| server | watchers | at leave | 1 s | 2 s | 3 s | 4 s | 5 s | 6 s | 7 s | 8 s | 9 s | 10 s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for &n in &opts.connections {
+        for (name, server, pid) in &servers {
+            let mut row = connections_row(opts, *server, n, *pid)?;
+            let taken = row.connected_kb.saturating_sub(row.idle_kb);
+            let after = row.after_kb.last().copied().unwrap_or(0);
+            let kept = if taken == 0 {
+                "-".to_string()
+            } else {
+                format!(
+                    "{:.0}%",
+                    100.0 * after.saturating_sub(row.idle_kb) as f64 / taken as f64
+                )
+            };
+            table.push_str(&format!(
+                "| {name} | {n} | {} | {} | {:.1} | {} | {} | {kept} | {:.0} | {} | {} | {} | {} |\n",
+                mb(row.idle_kb),
+                mb(row.connected_kb),
+                taken as f64 / n as f64,
+                row.threads,
+                mb(after),
+                row.result.deliveries_per_sec,
+                row.result.first.percentile(50.0),
+                row.result.first.percentile(99.0),
+                row.result.last.percentile(50.0),
+                row.result.last.percentile(99.0),
+            ));
+            timeline.push_str(&format!(
+                "| {name} | {n} | {} |\n",
+                row.after_kb
+                    .iter()
+                    .map(|kb| mb(*kb))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ));
+        }
+    }
+    Ok(format!(
+        "Connections: N WebSocket sessions (Redis: SUBSCRIBE connections), each watching one key, {} writes from one TCP writer, read by one epoll client thread. Memory is the server's VmRSS from /proc: idle before they connect, {} s after the last one subscribed, and each second after they all leave (MB). Latency µs.\n\n{table}\nRSS after the watchers leave (MB):\n\n{timeline}",
+        opts.watch_writes,
+        SETTLE.as_secs()
+    ))
 }

@@ -119,7 +119,8 @@ pub struct Database {
     strategy: RwLock<Strategy>,
     /// Keys in order (sorted `keys` for free, no over-allocated hash table).
     pub(super) data: RwLock<BTreeMap<Box<str>, Entry>>,
-    watchers: Mutex<HashMap<String, Vec<Arc<Outbox>>>>,
+    /// Per key, the sessions watching it by outbox id (O(1) watch and unwatch at any scale).
+    watchers: Mutex<HashMap<String, HashMap<u64, Arc<Outbox>>>>,
     pub(super) arbiters: Mutex<Vec<Arc<Outbox>>>,
     /// When each conflict record was seen resolved here (for the retention sweep).
     pub(super) resolved_at: Mutex<HashMap<String, Instant>>,
@@ -384,7 +385,7 @@ impl Database {
     /// Disconnects every session watching a key of this database.
     pub fn close_watchers(&self) {
         let watchers = std::mem::take(&mut *lock(&self.watchers));
-        for outbox in watchers.values().flatten() {
+        for outbox in watchers.values().flat_map(HashMap::values) {
             outbox.close();
         }
     }
@@ -448,17 +449,17 @@ impl Database {
     /// Registers `outbox` as a watcher of `key` (once per session).
     pub fn watch(&self, key: &str, outbox: &Arc<Outbox>) {
         let mut watchers = lock(&self.watchers);
-        let list = watchers.entry(key.to_string()).or_default();
-        if !list.iter().any(|o| o.id() == outbox.id()) {
-            list.push(Arc::clone(outbox));
-        }
+        watchers
+            .entry(key.to_string())
+            .or_default()
+            .insert(outbox.id(), Arc::clone(outbox));
     }
 
     /// Removes the session's watcher of `key`.
     pub fn unwatch(&self, key: &str, session_id: u64) {
         let mut watchers = lock(&self.watchers);
         if let Some(list) = watchers.get_mut(key) {
-            list.retain(|o| o.id() != session_id);
+            list.remove(&session_id);
             if list.is_empty() {
                 watchers.remove(key);
             }
@@ -467,7 +468,7 @@ impl Database {
 
     /// Number of sessions watching `key`.
     pub fn watcher_count(&self, key: &str) -> usize {
-        lock(&self.watchers).get(key).map_or(0, Vec::len)
+        lock(&self.watchers).get(key).map_or(0, HashMap::len)
     }
 
     /// Queues `messages` to every watcher of `key`, dropping watchers that are gone or too slow.
@@ -477,7 +478,7 @@ impl Database {
             return;
         };
         let push = Push::new(messages);
-        list.retain(|o| o.notify(&push, lsn));
+        list.retain(|_, o| o.notify(&push, lsn));
         if list.is_empty() {
             watchers.remove(key);
         }

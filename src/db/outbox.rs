@@ -159,6 +159,8 @@ pub struct Outbox {
     max_messages: usize,
     max_bytes: usize,
     closed: AtomicBool,
+    /// The [`Touched`] round that last listed this outbox (so a round lists it once).
+    touched_in: AtomicU64,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -184,6 +186,7 @@ impl Outbox {
             max_messages: max_messages.max(1),
             max_bytes: max_bytes.max(1),
             closed: AtomicBool::new(false),
+            touched_in: AtomicU64::new(0),
         })
     }
 
@@ -299,13 +302,15 @@ impl Outbox {
 
     /// Everything logged up to `lsn` is durable and committed: sends what that unblocks.
     pub fn release(self: &Arc<Self>, lsn: u64) {
-        {
-            let mut s = lock(&self.state);
-            if lsn > s.released {
-                s.released = lsn;
-            }
-        }
-        self.pump();
+        let s = lock(&self.state);
+        let s = if lsn > s.released {
+            let mut s = s;
+            s.released = lsn;
+            s
+        } else {
+            s
+        };
+        self.pump_locked(s);
     }
 
     /// The transport can take more bytes (after [`Sink::stalled`]): writes what is queued.
@@ -368,37 +373,40 @@ impl Outbox {
     /// log record, or the socket is full. Only one thread writes at a time; the others return
     /// at once, since the writer goes on until nothing sendable is left.
     fn pump(self: &Arc<Self>) {
-        let mut batch: Vec<Item> = Vec::new();
+        self.pump_locked(lock(&self.state));
+    }
+
+    fn pump_locked<'a>(self: &'a Arc<Self>, mut s: MutexGuard<'a, State>) {
+        // Most pumps send one item: no allocation for them.
+        let mut batch: SmallBatch = SmallBatch::default();
         loop {
-            {
-                let mut s = lock(&self.state);
-                if s.writing || s.stalled || self.is_closed() {
-                    return;
-                }
-                let released = s.released;
-                let mut size = 0;
-                while let Some(front) = s.queue.front() {
-                    if front.lsn > released || batch.len() >= MAX_PARTS || size >= MAX_WRITE {
-                        break;
-                    }
-                    size += front.remaining(self.framing).len();
-                    if let Some(item) = s.queue.pop_front() {
-                        batch.push(item);
-                    }
-                }
-                if batch.is_empty() {
-                    return;
-                }
-                s.writing = true;
+            if s.writing || s.stalled || self.is_closed() {
+                return;
             }
+            let released = s.released;
+            let mut size = 0;
+            while let Some(front) = s.queue.front() {
+                if front.lsn > released || batch.len() >= MAX_PARTS || size >= MAX_WRITE {
+                    break;
+                }
+                size += front.remaining(self.framing).len();
+                if let Some(item) = s.queue.pop_front() {
+                    batch.push(item);
+                }
+            }
+            if batch.is_empty() {
+                return;
+            }
+            s.writing = true;
+            drop(s);
             let result = {
-                let parts: Vec<IoSlice<'_>> = batch
-                    .iter()
-                    .map(|i| IoSlice::new(i.remaining(self.framing)))
-                    .collect();
-                self.sink.try_send(&parts)
+                let mut parts = [IoSlice::new(&[]); MAX_PARTS];
+                for (part, item) in parts.iter_mut().zip(batch.iter()) {
+                    *part = IoSlice::new(item.remaining(self.framing));
+                }
+                self.sink.try_send(&parts[..batch.len()])
             };
-            let mut s = lock(&self.state);
+            s = lock(&self.state);
             s.writing = false;
             let mut written = match result {
                 Ok(n) => n,
@@ -413,8 +421,11 @@ impl Outbox {
             if written > 0 || s.progress.is_none() {
                 s.progress = Some(Instant::now());
             }
-            let mut unsent: Vec<Item> = Vec::new();
-            for mut item in batch.drain(..) {
+            if s.waiting > 0 {
+                self.space.notify_all();
+            }
+            let mut unsent: SmallBatch = SmallBatch::default();
+            batch.take_each(|mut item| {
                 let len = item.remaining(self.framing).len();
                 if written >= len {
                     written -= len;
@@ -423,23 +434,78 @@ impl Outbox {
                     written = 0;
                     unsent.push(item);
                 }
-            }
-            if s.waiting > 0 {
-                self.space.notify_all();
-            }
+            });
             if unsent.is_empty() {
                 continue;
             }
             if self.is_closed() {
                 return;
             }
-            for item in unsent.into_iter().rev() {
-                s.queue.push_front(item);
-            }
+            unsent.take_each_rev(|item| s.queue.push_front(item));
             s.stalled = true;
             drop(s);
             self.sink.stalled(self);
             return;
+        }
+    }
+}
+
+/// Items taken from the queue for one socket write: inline for one, a vector for more.
+#[derive(Default)]
+enum SmallBatch {
+    #[default]
+    Empty,
+    One(Item),
+    Many(Vec<Item>),
+}
+
+impl SmallBatch {
+    fn len(&self) -> usize {
+        match self {
+            SmallBatch::Empty => 0,
+            SmallBatch::One(_) => 1,
+            SmallBatch::Many(v) => v.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, item: Item) {
+        *self = match std::mem::take(self) {
+            SmallBatch::Empty => SmallBatch::One(item),
+            SmallBatch::One(first) => SmallBatch::Many(vec![first, item]),
+            SmallBatch::Many(mut v) => {
+                v.push(item);
+                SmallBatch::Many(v)
+            }
+        };
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Item> {
+        match self {
+            SmallBatch::Empty => [].iter(),
+            SmallBatch::One(item) => std::slice::from_ref(item).iter(),
+            SmallBatch::Many(v) => v.iter(),
+        }
+    }
+
+    /// Takes the items out in order, leaving the batch empty.
+    fn take_each(&mut self, mut f: impl FnMut(Item)) {
+        match std::mem::take(self) {
+            SmallBatch::Empty => {}
+            SmallBatch::One(item) => f(item),
+            SmallBatch::Many(v) => v.into_iter().for_each(f),
+        }
+    }
+
+    /// Takes the items out last first, leaving the batch empty.
+    fn take_each_rev(&mut self, mut f: impl FnMut(Item)) {
+        match std::mem::take(self) {
+            SmallBatch::Empty => {}
+            SmallBatch::One(item) => f(item),
+            SmallBatch::Many(v) => v.into_iter().rev().for_each(f),
         }
     }
 }
@@ -452,25 +518,38 @@ impl Outbox {
 pub struct Touched {
     outboxes: Vec<Arc<Outbox>>,
     lsn: u64,
+    /// Identifies this list; an outbox remembers the last round that listed it.
+    round: u64,
+}
+
+static NEXT_ROUND: AtomicU64 = AtomicU64::new(1);
+
+fn new_round() -> Touched {
+    Touched {
+        round: NEXT_ROUND.fetch_add(1, Ordering::Relaxed),
+        ..Touched::default()
+    }
 }
 
 thread_local! {
-    static TOUCHED: RefCell<Touched> = RefCell::new(Touched::default());
+    static TOUCHED: RefCell<Touched> = RefCell::new(new_round());
 }
 
 fn touch(outbox: &Arc<Outbox>, lsn: u64) {
     TOUCHED.with(|t| {
         let mut t = t.borrow_mut();
         t.lsn = t.lsn.max(lsn);
-        if !t.outboxes.last().is_some_and(|o| Arc::ptr_eq(o, outbox)) {
+        // Listed once per round however many changes it gets (another thread listing it in
+        // between only costs a repeated, harmless release).
+        if outbox.touched_in.swap(t.round, Ordering::Relaxed) != t.round {
             t.outboxes.push(Arc::clone(outbox));
         }
     });
 }
 
-/// Takes this thread's [`Touched`] list, leaving it empty.
+/// Takes this thread's [`Touched`] list, leaving a new empty one.
 pub fn take_touched() -> Touched {
-    TOUCHED.with(|t| std::mem::take(&mut *t.borrow_mut()))
+    TOUCHED.with(|t| std::mem::replace(&mut *t.borrow_mut(), new_round()))
 }
 
 impl Touched {
@@ -484,20 +563,10 @@ impl Touched {
         self.outboxes.is_empty()
     }
 
-    fn unique(mut self) -> Vec<Arc<Outbox>> {
-        if self.outboxes.len() > 1 {
-            self.outboxes
-                .sort_unstable_by_key(|o| Arc::as_ptr(o) as usize);
-            self.outboxes.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        }
-        self.outboxes
-    }
-
     /// Everything up to [`Touched::lsn`] is durable and committed: sends the pushes.
     pub fn release(self) {
-        let lsn = self.lsn;
-        for outbox in self.unique() {
-            outbox.release(lsn);
+        for outbox in &self.outboxes {
+            outbox.release(self.lsn);
         }
     }
 
@@ -512,7 +581,7 @@ impl Touched {
 
     /// The changes could not be confirmed: disconnects every session still waiting for one.
     pub fn abandon(self) {
-        for outbox in self.unique() {
+        for outbox in &self.outboxes {
             outbox.abandon();
         }
     }

@@ -532,14 +532,15 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 "process-info" => {
                     let dbs = node.dbs.all();
                     let entries: usize = dbs.iter().map(|d| d.stored_entries()).sum();
+                    let (rss, threads) = crate::os::resident_kb_and_threads().unwrap_or((0, 0));
                     Ok(Outcome::message(format!(
                         "process-info uptime_secs: {}, sessions: {}, commands: {}, dbs: {}, \
-                         stored_entries: {entries}, rss_kb: {}",
+                         stored_entries: {entries}, rss_kb: {rss}, threads: {threads}, heap_in_use_kb: {}",
                         node.started.elapsed().as_secs(),
                         node.sessions.load(Ordering::Relaxed),
                         node.commands.load(Ordering::Relaxed),
                         dbs.len(),
-                        resident_kb().map_or_else(|| "unknown".into(), |kb| kb.to_string())
+                        crate::os::heap_in_use() / 1024,
                     )))
                 }
                 "pending-ops" => Ok(Outcome::message(format!(
@@ -614,13 +615,6 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             Ok(run_forwarded(&node, &db, &user, &line))
         }
     }
-}
-
-/// The process's resident memory in KiB (Linux `/proc/self/status`), for `debug process-info`.
-fn resident_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::flusher::Flusher;
 use crate::db::outbox::{Outbox, Sink};
-use crate::os;
+use crate::os::{self, Trimmer};
 use crate::protocol::Framing;
 
 /// A session that receives nothing for this long is idle: it gives its memory back.
@@ -68,12 +68,15 @@ pub struct Conn {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    idle: bool,
+    /// A read timeout means the session is idle (false: it is an error, e.g. in a handshake).
+    pub idles: bool,
+    trimmer: Trimmer,
 }
 
 impl Conn {
-    /// Wraps an accepted socket: no Nagle delay, and reads that time out into the idle state.
-    pub fn new(stream: TcpStream) -> Conn {
+    /// Wraps an accepted socket: no Nagle delay, and reads that time out into the idle state
+    /// (which asks `trimmer` to give freed memory back).
+    pub fn new(stream: TcpStream, trimmer: Trimmer) -> Conn {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(IDLE_AFTER));
         Conn {
@@ -81,7 +84,8 @@ impl Conn {
             buf: Vec::new(),
             start: 0,
             end: 0,
-            idle: false,
+            idles: true,
+            trimmer,
         }
     }
 
@@ -115,36 +119,65 @@ impl Conn {
     }
 
     /// Reads more bytes until at least `need` are buffered (or at least one more, if `need` is
-    /// already there). Waiting longer than [`IDLE_AFTER`] makes the session idle first. False
+    /// already there). When nothing comes for [`IDLE_AFTER`] the session goes idle first. False
     /// at end of stream.
     pub fn fill(&mut self, need: usize) -> io::Result<bool> {
         let need = need.max(self.end - self.start + 1);
-        loop {
+        while self.end - self.start < need {
             self.make_room(need);
-            match (&*self.stream).read(&mut self.buf[self.end..]) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    self.end += n;
-                    if self.idle {
-                        self.idle = false;
-                        self.stream.set_read_timeout(Some(IDLE_AFTER))?;
-                    }
-                    if self.end - self.start >= need {
-                        return Ok(true);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            let n = match (&*self.stream).read(&mut self.buf[self.end..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) && !self.idle =>
+                    if self.idles
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
                 {
-                    self.go_idle()?;
+                    match self.idle()? {
+                        Some(first) => first,
+                        None => return Ok(false),
+                    }
                 }
                 Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return Ok(false);
             }
+            self.end += n;
         }
+        Ok(true)
+    }
+
+    /// Nothing came for [`IDLE_AFTER`]: gives back the buffer (when empty), the stack pages the
+    /// last command touched and, soon, freed heap pages; then blocks until the client sends.
+    /// Returns how many bytes arrived (placed at the end of the buffer), `None` at end of stream.
+    #[inline(never)]
+    fn idle(&mut self) -> io::Result<Option<usize>> {
+        let empty = self.start == self.end;
+        if empty {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+        os::release_idle_stack();
+        self.trimmer.request();
+        self.stream.set_read_timeout(None)?;
+        let mut first = [0u8; 64];
+        let n = loop {
+            match (&*self.stream).read(&mut first) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
+        self.stream.set_read_timeout(Some(IDLE_AFTER))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.make_room(n);
+        self.buf[self.end..self.end + n].copy_from_slice(&first[..n]);
+        Ok(Some(n))
     }
 
     /// Makes room for `need` buffered bytes and at least [`MIN_ROOM`] free after them.
@@ -162,18 +195,6 @@ impl Conn {
             self.buf.resize(grown, 0);
         }
     }
-
-    /// Gives back the input buffer (if empty) and the idle stack, then blocks without a timeout.
-    fn go_idle(&mut self) -> io::Result<()> {
-        if self.start == self.end {
-            self.buf = Vec::new();
-            self.start = 0;
-            self.end = 0;
-        }
-        os::release_idle_stack();
-        self.idle = true;
-        self.stream.set_read_timeout(None)
-    }
 }
 
 #[cfg(test)]
@@ -187,7 +208,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        let mut conn = Conn::new(server);
+        let mut conn = Conn::new(server, Trimmer::start().unwrap());
         let big = vec![b'x'; 100_000];
         client.write_all(&big).unwrap();
         assert!(conn.fill(big.len()).unwrap());

@@ -76,6 +76,8 @@ pub struct Server {
     pub node: Arc<Node>,
     flusher: Arc<Flusher>,
     pool: Pool,
+    /// Gives freed memory back after sessions leave or go idle.
+    trimmer: os::Trimmer,
     /// TCP and WebSocket sessions open now.
     open: AtomicUsize,
     /// The connection ceiling (`--max-connections`).
@@ -124,7 +126,7 @@ impl Server {
             let mut admitted = admitted;
             if let Some(stream) = admitted.stream.take() {
                 let server = &admitted.server;
-                let conn = Conn::new(stream);
+                let conn = Conn::new(stream, server.trimmer.clone());
                 match admitted.transport {
                     Transport::Tcp => tcp::serve(server, conn),
                     Transport::Ws => ws::serve(server, conn),
@@ -183,10 +185,12 @@ pub fn start(node: &Arc<Node>) -> io::Result<Bound> {
     os::spawn("refuse".into(), os::SMALL_STACK, move || {
         refuse_loop(&refused)
     })?;
+    let trimmer = os::Trimmer::start()?;
     let server = Arc::new(Server {
         node: Arc::clone(node),
         flusher: Flusher::start(WRITE_TIMEOUT)?,
-        pool: Pool::new("session")?,
+        pool: Pool::new("session", trimmer.clone()),
+        trimmer,
         open: AtomicUsize::new(0),
         max: node.config.max_connections.max(1),
         refusals,

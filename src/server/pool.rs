@@ -2,23 +2,19 @@
 //! idle worker over a std channel; when none is idle a new worker starts with the job. A worker
 //! serves one session at a time with blocking reads, then waits for the next; past a few spare
 //! workers it exits instead, so the threads (and their memory) of a burst of sessions go away
-//! with it. A burst of exits asks for free heap pages to be returned to the kernel.
+//! with it. Exits ask the [`Trimmer`] to return freed heap pages to the kernel.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use crate::os;
+use crate::os::{self, Trimmer};
 
 /// Work for a worker: serve one session or one request.
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// Idle workers kept waiting for new sessions; more than this exit when their session ends.
 const SPARE_WORKERS: usize = 16;
-
-/// How long after the last worker exit the heap is trimmed (exits come in bursts).
-const TRIM_DELAY: Duration = Duration::from_millis(500);
 
 /// A growing and shrinking set of worker threads fed by one channel.
 pub struct Pool {
@@ -29,26 +25,23 @@ pub struct Pool {
     idle: Arc<AtomicUsize>,
     /// Workers alive.
     workers: Arc<AtomicUsize>,
-    /// Tells the trimmer thread that workers exited.
-    exited: Mutex<Sender<()>>,
+    /// Told when workers exit.
+    trimmer: Trimmer,
 }
 
 impl Pool {
-    /// A pool whose threads are called `<name>-worker`; starts its heap trimmer thread.
-    pub fn new(name: &'static str) -> std::io::Result<Pool> {
+    /// A pool whose threads are called `<name>-worker`; exiting workers ask `trimmer` to
+    /// give their memory back.
+    pub fn new(name: &'static str, trimmer: Trimmer) -> Pool {
         let (tx, rx) = channel::<Job>();
-        let (exited, exits) = channel::<()>();
-        os::spawn(format!("{name}-trim"), os::SMALL_STACK, move || {
-            trim_after_exits(&exits)
-        })?;
-        Ok(Pool {
+        Pool {
             name,
             tx: Mutex::new(tx),
             rx: Arc::new(Mutex::new(rx)),
             idle: Arc::new(AtomicUsize::new(0)),
             workers: Arc::new(AtomicUsize::new(0)),
-            exited: Mutex::new(exited),
-        })
+            trimmer,
+        }
     }
 
     /// Worker threads alive.
@@ -77,11 +70,7 @@ impl Pool {
         let rx = Arc::clone(&self.rx);
         let idle = Arc::clone(&self.idle);
         let workers = Arc::clone(&self.workers);
-        let exited = self
-            .exited
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let trimmer = self.trimmer.clone();
         // The job travels through a slot so it can be given back if the thread does not start.
         let slot = Arc::new(Mutex::new(Some(job)));
         let first = Arc::clone(&slot);
@@ -96,7 +85,7 @@ impl Pool {
                 }
                 work(&rx, &idle);
                 workers.fetch_sub(1, Ordering::Relaxed);
-                let _ = exited.send(());
+                trimmer.request();
             },
         );
         match started {
@@ -138,21 +127,6 @@ fn work(rx: &Mutex<Receiver<Job>>, idle: &AtomicUsize) {
     }
 }
 
-/// Trims the heap once exits stop for [`TRIM_DELAY`]: the sessions that left freed their
-/// buffers, but the allocator keeps the pages until asked.
-fn trim_after_exits(exits: &Receiver<()>) {
-    while exits.recv().is_ok() {
-        loop {
-            match exits.recv_timeout(TRIM_DELAY) {
-                Ok(()) => continue,
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-        }
-        os::release_free_heap();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,7 +134,7 @@ mod tests {
 
     #[test]
     fn idle_workers_are_reused_and_surplus_ones_exit() {
-        let pool = Pool::new("t").unwrap();
+        let pool = Pool::new("t", Trimmer::start().unwrap());
         let (done_tx, done_rx) = sync_channel::<usize>(100);
         // Forty jobs that all block until released: forty workers.
         let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
@@ -185,9 +159,11 @@ mod tests {
             cv.notify_all();
         }
         for _ in 0..40 {
-            done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            done_rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap();
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while pool.workers() > SPARE_WORKERS && std::time::Instant::now() < deadline {
             std::thread::yield_now();
         }
@@ -196,7 +172,12 @@ mod tests {
         pool.submit(Box::new(move || done_tx.send(99).unwrap()))
             .map_err(|(_, e)| e)
             .unwrap();
-        assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)).unwrap(), 99);
+        assert_eq!(
+            done_rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap(),
+            99
+        );
         assert_eq!(pool.workers(), SPARE_WORKERS);
     }
 }

@@ -49,7 +49,11 @@ pub fn serve(server: &Server, conn: Conn) {
             }
             match conn.fill(conn.data().len() + 1) {
                 Ok(true) => continue,
-                Ok(false) | Err(_) => break,
+                Ok(false) => break,
+                Err(e) => {
+                    log::debug!("tcp session ended: {e}");
+                    break;
+                }
             }
         };
         let outcome = if discarding || end > max_line {

@@ -30,6 +30,7 @@ const MAX_BATCH: usize = 1024;
 pub fn handshake(conn: &mut Conn) -> std::io::Result<bool> {
     conn.stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     conn.stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    conn.idles = false;
     loop {
         match wire::handshake(conn.data()) {
             Handshake::Partial if conn.data().len() < MAX_HANDSHAKE => {
@@ -50,6 +51,7 @@ pub fn handshake(conn: &mut Conn) -> std::io::Result<bool> {
                 conn.consume(len);
                 conn.stream
                     .set_read_timeout(Some(super::conn::IDLE_AFTER))?;
+                conn.idles = true;
                 return Ok(true);
             }
         }
@@ -95,7 +97,11 @@ pub fn serve(server: &Server, conn: Conn) {
                 }
                 match conn.fill(n) {
                     Ok(true) => continue,
-                    Ok(false) | Err(_) => break,
+                    Ok(false) => break,
+                    Err(e) => {
+                        log::debug!("ws session ended: {e}");
+                        break;
+                    }
                 }
             }
             Err(FrameError::TooBig(_)) => {

@@ -487,10 +487,21 @@ impl OpLog {
         self.flush_to(lsn, self.policy == FsyncPolicy::Always)
     }
 
-    /// Writes and fsyncs everything appended so far.
+    /// Writes and fsyncs everything appended so far. The fsync runs outside the group-write
+    /// turn, so writers waiting only for the write (`everysec`, `no`) are not held up by it.
     pub fn sync_now(&self) -> io::Result<()> {
         let target = self.last_lsn();
-        self.flush_to(target, true)
+        self.flush_to(target, false)?;
+        let file = Arc::clone(&lock(&self.inner).file);
+        if let Err(e) = file.sync_data() {
+            log::error!("fsync of the operation log failed: {e}; refusing further writes");
+            self.failed.store(true, Ordering::Release);
+            return Err(e);
+        }
+        let mut state = lock(&self.flush);
+        state.synced_lsn = state.synced_lsn.max(target);
+        self.flushed.notify_all();
+        Ok(())
     }
 
     /// Writes (without fsync) everything appended so far.
