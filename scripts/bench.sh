@@ -39,13 +39,21 @@ bench() { "$BIN" -u admin -p bench bench --tcp "$NUN_TCP" --ws "$NUN_WS" "$@"; }
 
 REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK" --save '' --appendonly yes \
-  --appendfsync everysec --daemonize no >"$WORK/redis.out" 2>&1 &
-PIDS+=("$!")
+  --appendfsync everysec --maxclients 20000 --daemonize no >"$WORK/redis.out" 2>&1 &
+REDIS_PID=$!; PIDS+=("$REDIS_PID")
 for _ in $(seq 200); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
 
 CMD="nun-db bench --tcp <nun-db tcp> --ws <nun-db ws> --target redis://127.0.0.1:$REDIS_PORT $QUICK"
 start_nun "$WORK/main" NUN_FSYNC=everysec
 MAIN=$(bench --target "redis://127.0.0.1:$REDIS_PORT" $QUICK)
+stop_nun
+
+# Connections: 1,000 and 10,000 WebSocket watchers (Redis: SUBSCRIBE), memory and fan-out.
+# The bench client, the server and Redis each need ~10,100 descriptors (ulimit -Hn >= 20000).
+CONNS_LIST=1000,10000
+start_nun "$WORK/conns" NUN_FSYNC=everysec
+CONNS=$(bench --ops none --watchers none --connections "$CONNS_LIST" --server-pid "$NUN_PID" \
+  --redis-pid "$REDIS_PID" --target "redis://127.0.0.1:$REDIS_PORT" $QUICK)
 stop_nun
 
 # fsync policies: 50 connections doing plain sets.
@@ -164,6 +172,13 @@ RSS_RATIO=$(python3 -c "print(f'{$RSS_KB*1024/($N*116):.2f}')")
   echo
   echo "$MAIN"
   echo
+  echo "## Connections: memory per session and fan-out at 1,000 and 10,000 watchers"
+  echo
+  echo "One node, default settings; every watcher is a WebSocket session (one worker thread each)."
+  echo "Command: \`nun-db bench --ops none --watchers none --connections $CONNS_LIST --server-pid <pid> --redis-pid <pid> --target redis://...\`."
+  echo
+  echo "$CONNS"
+  echo
   echo "## Set throughput by fsync policy (50 TCP connections, no pipelining)"
   echo
   echo "| NUN_FSYNC | ops/s | p50 µs | p99 µs | p99.9 µs |"
@@ -203,6 +218,8 @@ echo "wrote BENCHMARKS.md"
   echo "$MAIN" | grep -E '^\|(---| op | set \| tcp | get \| tcp )' | awk '!/^\|---/ || !seen++'
   echo
   echo "$MAIN" | grep -E '^\| (watchers|[0-9]+ \|)' | sed '2i |---|---|---|---|---|---|---|---|---|---|---|---|'
+  echo
+  echo "$CONNS" | grep -E '^\|' | sed -n '1,/^| server | watchers | at leave/p' | grep -v 'at leave'
   echo
   echo "| 3-node cluster: NUN_WRITE_QUORUM | conns | pipeline | ops/s | p50 µs | p99 µs | p99.9 µs | redis ops/s | redis p50 | redis p99 | redis p99.9 | ours/redis |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|"

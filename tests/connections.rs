@@ -225,3 +225,109 @@ fn past_the_ceiling_a_client_gets_one_clear_refusal_and_open_sessions_go_on() {
     let mut next = admitted(&server);
     assert_eq!(next.cmd("ping"), vec!["pong\n", "ok \n"]);
 }
+
+/// Reads one complete reply (`pong` then `ok`) to a `ping`.
+fn pong(s: &mut TcpStream) -> std::io::Result<()> {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"ok \n") {
+        if std::io::Read::read(s, &mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.push(byte[0]);
+    }
+    assert_eq!(got, b"pong\nok \n");
+    Ok(())
+}
+
+#[test]
+fn a_burst_of_simultaneous_connects_is_served() {
+    let _ = nundb::os::raise_fd_limit();
+    let server = Server::start();
+    let connectors: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = server.tcp.clone();
+            std::thread::spawn(move || {
+                (0..250)
+                    .map(|_| TcpStream::connect(&addr).expect("connect"))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut clients: Vec<TcpStream> = connectors
+        .into_iter()
+        .flat_map(|h| h.join().expect("connector"))
+        .collect();
+    assert_eq!(clients.len(), 2000);
+    for c in &mut clients {
+        c.write_all(b"ping\n").unwrap();
+    }
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        pong(c).expect("every client of the burst is served");
+    }
+}
+
+#[test]
+fn running_out_of_descriptors_is_logged_once_and_waiting_clients_are_served_later() {
+    use std::os::unix::process::CommandExt;
+    let dir = common::temp_dir("fds");
+    let log = dir.join("node.log");
+    let mut cmd = common::server_command(
+        &dir,
+        &[("NUN_MAX_CONNECTIONS", "1000"), ("NUN_LOG_LEVEL", "info")],
+    );
+    // SAFETY: setrlimit is async-signal-safe and touches only the child about to exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let server = Server::spawn_logged(cmd, dir.clone(), log.clone());
+    let lines = |needle: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    // More clients than the node has descriptors: the kernel queues the ones it cannot take.
+    let mut clients: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(&server.tcp).expect("connect"))
+        .collect();
+    for c in &mut clients {
+        c.write_all(b"ping\n").unwrap();
+    }
+    let mut served = 0;
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        if pong(c).is_err() {
+            break;
+        }
+        served += 1;
+    }
+    assert!(
+        served > 0 && served < 100,
+        "{served} served with 64 descriptors"
+    );
+    assert!(eventually(Duration::from_secs(30), || lines(
+        "cannot accept"
+    ) == 1));
+    // The served clients leave: the waiting ones are accepted and answered.
+    clients.drain(..served);
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        pong(c).expect("a waiting client is served once descriptors free up");
+    }
+    assert!(eventually(Duration::from_secs(30), || lines(
+        "accepts again"
+    ) == 1));
+    assert_eq!(lines("cannot accept"), 1, "logged once, not in a flood");
+}

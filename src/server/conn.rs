@@ -20,7 +20,8 @@ pub const IDLE_AFTER: Duration = Duration::from_secs(2);
 
 /// The smallest read buffer (allocated when the client first sends something).
 const FIRST_BUFFER: usize = 2048;
-/// Buffers past this size are freed once empty, not kept for the next command.
+/// Buffers grow (doubling) up to this size while a client streams; past it they are freed once
+/// empty, not kept for the next command.
 const KEEP_BUFFER: usize = 64 * 1024;
 /// A read is attempted only with at least this much room (else the buffer grows).
 const MIN_ROOM: usize = 1024;
@@ -146,6 +147,11 @@ impl Conn {
                 return Ok(false);
             }
             self.end += n;
+            if self.end == self.buf.len() && self.buf.len() < KEEP_BUFFER {
+                // The client sends faster than this buffer takes: read more at a time.
+                let grown = (self.buf.len() * 2).min(KEEP_BUFFER);
+                self.buf.resize(grown, 0);
+            }
         }
         Ok(true)
     }

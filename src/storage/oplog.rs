@@ -47,6 +47,9 @@ struct Inner {
     appended_term: u64,
     /// Encoded records not yet written to `file`.
     buf: Vec<u8>,
+    /// The buffer the last flush wrote, kept to take `buf`'s place at the next one, so appends
+    /// (under the database locks) never wait for a fresh allocation to grow.
+    spare: Vec<u8>,
     /// (first LSN, path) of every live segment, oldest first; the last one is being appended to.
     segments: Vec<(u64, PathBuf)>,
 }
@@ -57,6 +60,9 @@ struct FlushState {
     /// A thread is writing (and maybe syncing) a taken buffer, or rolling the segment.
     busy: bool,
 }
+
+/// Largest write buffer kept between flushes.
+const MAX_SPARE: usize = 4 << 20;
 
 /// The log of one node.
 pub struct OpLog {
@@ -289,6 +295,7 @@ impl OpLog {
                 appended_lsn: last_lsn,
                 appended_term: last_term,
                 buf: Vec::with_capacity(64 * 1024),
+                spare: Vec::with_capacity(64 * 1024),
                 segments,
             }),
             flush: Mutex::new(FlushState {
@@ -555,9 +562,9 @@ impl OpLog {
 
     /// Takes the buffer and writes it (caller holds the busy flag). Returns the LSN covered.
     fn flush_once(&self, sync: bool) -> io::Result<u64> {
-        let (buf, upto, file) = {
+        let (mut buf, upto, file) = {
             let mut inner = lock(&self.inner);
-            let spare = Vec::with_capacity(inner.buf.capacity().min(1 << 20));
+            let spare = std::mem::take(&mut inner.spare);
             (
                 std::mem::replace(&mut inner.buf, spare),
                 inner.appended_lsn,
@@ -569,6 +576,11 @@ impl OpLog {
         }
         if sync {
             file.sync_data()?;
+        }
+        // Kept for the next flush, unless a burst grew it past what is worth keeping.
+        if buf.capacity() <= MAX_SPARE {
+            buf.clear();
+            lock(&self.inner).spare = buf;
         }
         Ok(upto)
     }
