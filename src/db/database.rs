@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::outbox::{Outbox, Push};
 use crate::protocol::Strategy;
 use crate::storage::oplog::OpLog;
-use crate::storage::record::{Op, Record};
+use crate::storage::record::{Op, Record, RecordRef};
 
 /// The key holding the number of sessions using the database.
 pub const CONNECTIONS_KEY: &str = "$connections";
@@ -129,6 +129,9 @@ pub struct Database {
     last_lsn: AtomicU64,
     force_snapshot: AtomicBool,
     snapshot_lsn: AtomicU64,
+    /// Bumped whenever a `$$` key (token, users, permissions) changes: sessions re-read their
+    /// permissions when it moves.
+    security_version: AtomicU64,
 }
 
 /// Reads a lock even if a panicking thread poisoned it (the data itself is always consistent:
@@ -167,6 +170,7 @@ impl Database {
             last_lsn: AtomicU64::new(0),
             force_snapshot: AtomicBool::new(false),
             snapshot_lsn: AtomicU64::new(0),
+            security_version: AtomicU64::new(0),
         }
     }
 
@@ -188,6 +192,15 @@ impl Database {
     /// True after `delete-db`.
     pub fn is_dropped(&self) -> bool {
         self.dropped.load(Ordering::Acquire)
+    }
+
+    /// Changes whenever a `$$` key (token, users, permissions) is written, loaded or replaced.
+    pub fn security_version(&self) -> u64 {
+        self.security_version.load(Ordering::Acquire)
+    }
+
+    fn security_changed(&self) {
+        self.security_version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The live value and version of `key`.
@@ -279,17 +292,14 @@ impl Database {
         };
         let lsn = match self.log.get() {
             Some(log) if key != CONNECTIONS_KEY => {
-                let mut record = Record {
-                    lsn: 0,
-                    term: 0,
-                    op: if entry.deleted { Op::Remove } else { Op::Set },
-                    db: self.name.clone(),
-                    key: key.to_string(),
-                    version: entry.version,
-                    value: entry.value.to_string(),
-                };
                 let lsn = log
-                    .append(&mut record)
+                    .append_new(RecordRef {
+                        op: if entry.deleted { Op::Remove } else { Op::Set },
+                        db: &self.name,
+                        key,
+                        version: entry.version,
+                        value: &entry.value,
+                    })
                     .map_err(|e| WriteError::Storage(e.to_string()))?;
                 self.last_lsn.store(lsn, Ordering::Release);
                 lsn
@@ -330,26 +340,23 @@ impl Database {
     /// Inserts `entry` and queues its notification (sent once log record `lsn` is durable) to
     /// the key's watchers.
     fn store(&self, data: &mut BTreeMap<Box<str>, Entry>, key: &str, entry: Entry, lsn: u64) {
-        let messages = if entry.deleted {
-            vec![format!("removed {key}\n")]
-        } else {
-            vec![
-                format!("changed {key} {}\n", entry.value),
-                format!("changed-version {key} {} {}\n", entry.version, entry.value),
-            ]
-        };
+        if key.starts_with("$$") {
+            self.security_changed();
+        }
         let conflict_record = key.starts_with(super::conflicts::CONFLICTS_PREFIX);
         if conflict_record {
             self.conflict_stored(key, &entry, lsn);
         }
+        self.notify(key, &entry, lsn);
         if conflict_record && entry.deleted {
             // A conflict record key names a fresh opp_id and is never written again, so it
             // needs no tombstone: dropping it is what lets memory return to idle.
             data.remove(key);
+        } else if let Some(slot) = data.get_mut(key) {
+            *slot = entry;
         } else {
             data.insert(Box::from(key), entry);
         }
-        self.notify(key, messages, lsn);
     }
 
     /// Replaces the contents with snapshot entries taken at `lsn`.
@@ -362,6 +369,7 @@ impl Database {
         }
         self.last_lsn.store(lsn, Ordering::Release);
         self.snapshot_lsn.store(lsn, Ordering::Release);
+        self.security_changed();
     }
 
     /// Replaces the contents (a full sync taken at `lsn`) and disconnects the watchers, whose
@@ -378,6 +386,7 @@ impl Database {
             *write(&self.strategy) = strategy;
             self.last_lsn.store(lsn, Ordering::Release);
             self.force_snapshot.store(true, Ordering::Release);
+            self.security_changed();
         }
         self.close_watchers();
     }
@@ -471,11 +480,20 @@ impl Database {
         lock(&self.watchers).get(key).map_or(0, HashMap::len)
     }
 
-    /// Queues `messages` to every watcher of `key`, dropping watchers that are gone or too slow.
-    fn notify(&self, key: &str, messages: Vec<String>, lsn: u64) {
+    /// Queues the push for `entry` to every watcher of `key`, dropping watchers that are gone
+    /// or too slow. The push is only built when someone watches.
+    fn notify(&self, key: &str, entry: &Entry, lsn: u64) {
         let mut watchers = lock(&self.watchers);
         let Some(list) = watchers.get_mut(key) else {
             return;
+        };
+        let messages = if entry.deleted {
+            vec![format!("removed {key}\n")]
+        } else {
+            vec![
+                format!("changed {key} {}\n", entry.value),
+                format!("changed-version {key} {} {}\n", entry.version, entry.value),
+            ]
         };
         let push = Push::new(messages);
         list.retain(|_, o| o.notify(&push, lsn));

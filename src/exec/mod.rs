@@ -139,7 +139,10 @@ fn denied() -> Outcome {
     }
 }
 
-/// Checks `$$` protection and the session user's permission for `access` on `key`.
+/// Checks `$$` protection and the session user's permission for `access` on `key`. The
+/// permission spec is read once per session and again only after the database's `$$` keys
+/// change (a `set-permissions`, `create-user`, new token...), so a command does not touch the
+/// data lock for it.
 fn check_key(session: &Session, db: &Database, access: Access, key: &str) -> Result<(), Outcome> {
     if key.starts_with("$$") && !session.admin {
         return Err(Outcome::error(if access == Access::Read {
@@ -151,12 +154,22 @@ fn check_key(session: &Session, db: &Database, access: Access, key: &str) -> Res
     if session.admin {
         return Ok(());
     }
-    let spec = db.get(&db::permission_key(&session.user)).map(|(v, _)| v);
-    let allowed = match spec {
+    let version = db.security_version();
+    let mut cache = session.permissions.borrow_mut();
+    let cached = match cache.as_ref() {
+        Some(c) if c.version == version => c,
+        _ => {
+            // The version is read before the spec: a change in between is seen next time.
+            let spec = db
+                .get(&db::permission_key(&session.user))
+                .map(|(v, _)| Permissions::parse(&v).map(Arc::new).map_err(|_| ()));
+            cache.insert(session::CachedPermissions { version, spec })
+        }
+    };
+    let allowed = match &cached.spec {
         None => session.user == TOKEN_USER,
-        Some(spec) => Permissions::parse(&spec)
-            .map(|p| p.allows(access, key))
-            .unwrap_or(false),
+        Some(Ok(p)) => p.allows(access, key),
+        Some(Err(())) => false,
     };
     if allowed {
         Ok(())
@@ -178,12 +191,12 @@ fn check_writable(key: &str) -> Result<(), Outcome> {
 }
 
 /// Values of secret keys are stored hashed, whoever writes them.
-fn stored_value(key: &str, value: &str) -> String {
+fn stored_value<'a>(key: &str, value: &'a str) -> std::borrow::Cow<'a, str> {
     let secret = key == TOKEN_KEY || key.starts_with(db::USER_KEY_PREFIX);
     if secret && !security::is_hashed(value) {
-        security::hash_secret(value)
+        std::borrow::Cow::Owned(security::hash_secret(value))
     } else {
-        value.to_string()
+        std::borrow::Cow::Borrowed(value)
     }
 }
 

@@ -2,11 +2,13 @@
 //! acting user, watches, arbiter registrations and the outbound queue its replies and pushes go
 //! through. Dropping a session undoes everything it registered.
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::client::Client;
 use crate::db::outbox::{self, Outbox};
+use crate::db::security::Permissions;
 use crate::db::Database;
 use crate::node::Node;
 
@@ -30,6 +32,17 @@ pub struct Session {
     pub forwarder: Option<(String, Client)>,
     /// True for a session running a write forwarded by a secondary: it never forwards again.
     pub forwarded: bool,
+    /// The acting user's permissions as last read, and the database's security version then.
+    pub(super) permissions: RefCell<Option<CachedPermissions>>,
+}
+
+/// A session's permissions, read once and kept until the database's `$$` keys change.
+#[derive(Debug, Clone)]
+pub(super) struct CachedPermissions {
+    /// [`Database::security_version`] when they were read.
+    pub version: u64,
+    /// The parsed spec (`None`: the user has none; an unparsable spec allows nothing).
+    pub spec: Option<Result<Arc<Permissions>, ()>>,
 }
 
 impl Session {
@@ -46,6 +59,7 @@ impl Session {
             arbiter_of: Vec::new(),
             forwarder: None,
             forwarded: false,
+            permissions: RefCell::new(None),
         }
     }
 
@@ -62,6 +76,7 @@ impl Session {
         db.add_connections(1);
         self.db = Some(db);
         self.user = user;
+        self.permissions.replace(None);
     }
 
     /// Forgets every watch.

@@ -1,5 +1,7 @@
 //! Replies: the messages a command produces and its envelope, rendered per transport.
 
+use super::wire::{ws_frame_parts, OP_TEXT};
+
 /// The success envelope, exactly as NunDB sends it.
 pub const OK: &str = "ok \n";
 /// The start of a failure envelope: `error <message> \n`.
@@ -94,6 +96,49 @@ impl Outcome {
         out
     }
 
+    /// Appends [`Outcome::line_messages`] to `out`, without building them first.
+    pub fn write_lines(&self, out: &mut Vec<u8>) {
+        for m in &self.messages {
+            let start = out.len();
+            out.extend_from_slice(m.as_bytes());
+            for b in &mut out[start..] {
+                if *b == b'\n' {
+                    *b = b' ';
+                }
+            }
+            out.push(b'\n');
+        }
+        match &self.error {
+            None => out.extend_from_slice(OK.as_bytes()),
+            Some(e) => {
+                let start = out.len();
+                out.extend_from_slice(ERROR_PREFIX.as_bytes());
+                out.extend_from_slice(e.trim_end().as_bytes());
+                for b in &mut out[start..] {
+                    if *b == b'\n' {
+                        *b = b' ';
+                    }
+                }
+                out.extend_from_slice(b" \n");
+            }
+        }
+    }
+
+    /// Appends [`Outcome::wire_messages`] to `out` as WebSocket text frames, one per message.
+    pub fn write_frames(&self, out: &mut Vec<u8>) {
+        for m in &self.messages {
+            ws_frame_parts(OP_TEXT, &[m.as_bytes(), b"\n"], out);
+        }
+        match &self.error {
+            None => ws_frame_parts(OP_TEXT, &[OK.as_bytes()], out),
+            Some(e) => ws_frame_parts(
+                OP_TEXT,
+                &[ERROR_PREFIX.as_bytes(), e.as_bytes(), b" \n"],
+                out,
+            ),
+        }
+    }
+
     /// The single HTTP item: first output message, else `empty`; for an error the bare message.
     pub fn http_item(&self) -> String {
         match &self.error {
@@ -137,5 +182,34 @@ mod tests {
             vec!["permission denied\n", "error permission denied \n"]
         );
         assert_eq!(Outcome::ok().http_item(), "empty");
+    }
+
+    #[test]
+    fn written_replies_match_the_messages() {
+        let outcomes = [
+            Outcome::ok(),
+            Outcome::message("value a\nb"),
+            Outcome::error("Invalid token"),
+            Outcome {
+                messages: vec!["permission denied".into()],
+                error: Some("permission denied\n".into()),
+                ..Outcome::default()
+            },
+        ];
+        for o in &outcomes {
+            let mut lines = Vec::new();
+            o.write_lines(&mut lines);
+            assert_eq!(
+                String::from_utf8(lines).unwrap(),
+                o.line_messages().concat()
+            );
+            let mut frames = Vec::new();
+            o.write_frames(&mut frames);
+            let mut expected = Vec::new();
+            for m in o.wire_messages() {
+                crate::protocol::Framing::WebSocket.encode(m.as_bytes(), &mut expected);
+            }
+            assert_eq!(frames, expected);
+        }
     }
 }

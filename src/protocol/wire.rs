@@ -53,8 +53,13 @@ pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
 /// Appends one complete, unmasked server frame with `opcode` and `payload` to `out`.
 pub fn ws_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    ws_frame_parts(opcode, &[payload], out);
+}
+
+/// [`ws_frame`] of a payload given in pieces (no copy to join them first).
+pub fn ws_frame_parts(opcode: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
     out.push(0x80 | opcode);
-    let len = payload.len();
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     if len < 126 {
         out.push(len as u8);
     } else if len <= 0xFFFF {
@@ -64,7 +69,9 @@ pub fn ws_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
         out.push(127);
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
-    out.extend_from_slice(payload);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
 }
 
 /// Appends a close frame with `code` and a `reason` (cut to fit a control frame) to `out`.

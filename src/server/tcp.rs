@@ -112,9 +112,7 @@ fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -
     let ok = exec::acknowledge_and_reply(session, batch, |outcomes| {
         let mut bytes = Vec::with_capacity(*batch_bytes + 16);
         for outcome in outcomes {
-            for m in outcome.line_messages() {
-                bytes.extend_from_slice(m.as_bytes());
-            }
+            outcome.write_lines(&mut bytes);
         }
         session.outbox.reply(bytes)
     });

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::conn::{Conn, SocketSink};
 use super::Server;
-use crate::db::outbox::{self, Outbox};
+use crate::db::outbox::Outbox;
 use crate::exec::{self, Session};
 use crate::protocol::wire::{self, Decoded, FrameError, Handshake};
 use crate::protocol::{split_commands, Framing, Outcome};
@@ -215,10 +215,11 @@ fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -
         return true;
     }
     let ok = exec::acknowledge_and_reply(session, batch, |outcomes| {
-        let messages: Vec<String> = outcomes.iter().flat_map(Outcome::wire_messages).collect();
-        session
-            .outbox
-            .reply(outbox::encode(Framing::WebSocket, &messages))
+        let mut bytes = Vec::with_capacity(*batch_bytes + 16 * outcomes.len());
+        for outcome in outcomes {
+            outcome.write_frames(&mut bytes);
+        }
+        session.outbox.reply(bytes)
     });
     batch.clear();
     *batch_bytes = 0;

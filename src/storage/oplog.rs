@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::record::{decode, Decoded, Record, HEADER};
+use super::record::{decode, Decoded, Record, RecordRef, HEADER};
 
 /// When appended records are forced to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,8 @@ pub struct OpLog {
 struct Backlog {
     records: std::collections::VecDeque<Arc<Record>>,
     bytes: usize,
+    /// Threads waiting in [`OpLog::records_after`] (appends wake them only if there are any).
+    waiters: usize,
 }
 
 /// Approximate memory of a backlog entry beyond its encoded bytes (struct, Arc, strings).
@@ -395,16 +397,44 @@ impl OpLog {
         }
         let before = inner.buf.len();
         record.encode(&mut inner.buf);
+        self.appended(&mut inner, record.lsn, record.term, before, || {
+            record.clone()
+        });
+        Ok(record.lsn)
+    }
+
+    /// Appends a new record (next LSN, current term) encoded straight from borrowed fields:
+    /// a write copies its key and value only into the log buffer.
+    pub fn append_new(&self, record: RecordRef<'_>) -> io::Result<u64> {
+        self.check_failed()?;
+        let mut inner = lock(&self.inner);
+        let (lsn, term) = (inner.next_lsn, self.term());
+        let before = inner.buf.len();
+        record.encode(lsn, term, &mut inner.buf);
+        self.appended(&mut inner, lsn, term, before, || record.to_owned(lsn, term));
+        Ok(lsn)
+    }
+
+    /// Bookkeeping after a record was encoded at `inner.buf[before..]`: positions, counters,
+    /// the replication backlog (an owned copy, only when there is a backlog) and its waiters.
+    fn appended(
+        &self,
+        inner: &mut Inner,
+        lsn: u64,
+        term: u64,
+        before: usize,
+        owned: impl FnOnce() -> Record,
+    ) {
         let encoded = inner.buf.len() - before;
-        inner.next_lsn = record.lsn + 1;
-        inner.appended_lsn = record.lsn;
-        inner.appended_term = record.term;
+        inner.next_lsn = lsn + 1;
+        inner.appended_lsn = lsn;
+        inner.appended_term = term;
         self.size.fetch_add(encoded as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         let limit = self.backlog_limit.load(Ordering::Relaxed);
         if limit > 0 {
             let mut backlog = lock(&self.backlog);
-            backlog.records.push_back(Arc::new(record.clone()));
+            backlog.records.push_back(Arc::new(owned()));
             backlog.bytes += encoded + BACKLOG_OVERHEAD;
             while backlog.bytes > limit && backlog.records.len() > 1 {
                 if let Some(old) = backlog.records.pop_front() {
@@ -413,9 +443,10 @@ impl OpLog {
                         .saturating_sub(old.encoded_len() + BACKLOG_OVERHEAD);
                 }
             }
+            if backlog.waiters > 0 {
+                self.appended.notify_all();
+            }
         }
-        self.appended.notify_all();
-        Ok(record.lsn)
     }
 
     /// Starts keeping about `bytes` of recent records in memory, so secondaries catch up
@@ -452,11 +483,13 @@ impl OpLog {
         let mut backlog = lock(&self.backlog);
         let newest = backlog.records.back().map_or(0, |r| r.lsn);
         if after >= last.max(newest) && self.wakes() == seen_wakes && !wait.is_zero() {
+            backlog.waiters += 1;
             backlog = self
                 .appended
                 .wait_timeout(backlog, wait)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            backlog.waiters -= 1;
         }
         let first = backlog.records.front().map(|r| r.lsn);
         let missing = match first {

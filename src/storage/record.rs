@@ -55,12 +55,50 @@ pub struct Record {
 pub const HEADER: usize = 8;
 
 impl Record {
-    /// Appends the encoded record to `out`.
+    /// Appends the encoded record (header with length and CRC, then the payload) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.as_ref().encode(self.lsn, self.term, out);
+    }
+
+    /// The record's fields, borrowed.
+    pub fn as_ref(&self) -> RecordRef<'_> {
+        RecordRef {
+            op: self.op,
+            db: &self.db,
+            key: &self.key,
+            version: self.version,
+            value: &self.value,
+        }
+    }
+
+    /// Encoded size.
+    pub fn encoded_len(&self) -> usize {
+        HEADER + 8 + 8 + 1 + 2 + self.db.len() + 4 + self.key.len() + 4 + 4 + self.value.len()
+    }
+}
+
+/// A record's fields before it has an LSN, borrowed from the write that makes it.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    /// The operation.
+    pub op: Op,
+    /// Database name.
+    pub db: &'a str,
+    /// Key (empty for database operations).
+    pub key: &'a str,
+    /// Resulting version.
+    pub version: i32,
+    /// Resulting value (strategy name for `CreateDb`).
+    pub value: &'a str,
+}
+
+impl RecordRef<'_> {
+    /// Appends the record with `lsn` and `term` (header with length and CRC, then the payload).
+    pub fn encode(&self, lsn: u64, term: u64, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0u8; HEADER]);
-        out.extend_from_slice(&self.lsn.to_le_bytes());
-        out.extend_from_slice(&self.term.to_le_bytes());
+        out.extend_from_slice(&lsn.to_le_bytes());
+        out.extend_from_slice(&term.to_le_bytes());
         out.push(self.op as u8);
         let db = self.db.as_bytes();
         out.extend_from_slice(&(db.len().min(u16::MAX as usize) as u16).to_le_bytes());
@@ -76,9 +114,17 @@ impl Record {
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
-    /// Encoded size.
-    pub fn encoded_len(&self) -> usize {
-        HEADER + 8 + 8 + 1 + 2 + self.db.len() + 4 + self.key.len() + 4 + 4 + self.value.len()
+    /// An owned record with `lsn` and `term`.
+    pub fn to_owned(&self, lsn: u64, term: u64) -> Record {
+        Record {
+            lsn,
+            term,
+            op: self.op,
+            db: self.db.to_string(),
+            key: self.key.to_string(),
+            version: self.version,
+            value: self.value.to_string(),
+        }
     }
 }
 
