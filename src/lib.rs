@@ -17,3 +17,4 @@ pub mod os;
 pub mod protocol;
 pub mod server;
 pub mod storage;
+pub mod sync;

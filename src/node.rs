@@ -161,6 +161,42 @@ impl Node {
         }
     }
 
+    /// True when a write is acknowledged as soon as it is durable here: a single node, or a
+    /// cluster with `NUN_WRITE_QUORUM=1`. Its replies can then wait in the outbox for the log
+    /// write instead of the session waiting for it.
+    pub fn acks_locally(&self) -> bool {
+        self.storage.is_some()
+            && self.cluster().is_some_and(|c| {
+                c.peers().is_empty() || self.config.write_quorum == WriteQuorum::One
+            })
+    }
+
+    /// Hands replies and pushes held until `touched.lsn()` to the log: they are released by
+    /// whichever thread writes that record (and, here, commits it: [`Node::acks_locally`]), or
+    /// their sessions disconnected if that fails. Never waits.
+    pub fn deliver_when_durable(&self, touched: Touched) {
+        let lsn = touched.lsn();
+        let (Some(log), Some(cluster)) = (self.log().cloned(), self.cluster().cloned()) else {
+            self.deliver(touched);
+            return;
+        };
+        let shipper = Arc::clone(&log);
+        log.on_durable(
+            lsn,
+            Box::new(move |durable| {
+                if durable && cluster.note_durable(lsn) {
+                    shipper.wake();
+                }
+                if durable && cluster.commit() >= lsn {
+                    touched.release();
+                } else {
+                    log::warn!("change {lsn} was not committed; disconnecting its watchers");
+                    touched.abandon();
+                }
+            }),
+        );
+    }
+
     /// What log shipping needs from this node (a cluster node with storage).
     pub fn replica(&self) -> Option<Replica> {
         Some(Replica {

@@ -129,3 +129,46 @@ fn non_admins_never_see_security_keys() {
     assert_eq!(c.keys("$*").unwrap(), vec!["$connections"]);
     assert_eq!(c.keys("*k").unwrap(), vec!["k"]);
 }
+
+/// Sessions keep their permissions between commands; a change must reach open sessions at
+/// their very next command, in both directions, for users and for token sessions.
+#[test]
+fn permission_changes_reach_open_sessions_at_the_next_command() {
+    let s = Server::start();
+    s.create_db("d", "t", None);
+    let mut a = s.admin();
+    a.use_db("d", "t").unwrap();
+    a.call("create-user u ut").unwrap().into_result().unwrap();
+    a.call("set-permissions u rw *")
+        .unwrap()
+        .into_result()
+        .unwrap();
+    let mut u = RawTcp::connect(&s.tcp);
+    assert_eq!(u.cmd("use-db d u ut"), ok());
+    assert_eq!(u.cmd("set k 1"), ok());
+
+    a.call("set-permissions u r *")
+        .unwrap()
+        .into_result()
+        .unwrap();
+    assert_eq!(u.cmd("set k 2"), denied());
+    assert_eq!(u.cmd("get k"), vec!["value 1\n", "ok \n"]);
+
+    a.call("set-permissions u rw k")
+        .unwrap()
+        .into_result()
+        .unwrap();
+    assert_eq!(u.cmd("set k 3"), ok());
+    assert_eq!(u.cmd("get other"), denied());
+
+    // Token sessions act as `all`: everything until `all` gets a spec of its own.
+    let mut t = RawTcp::connect(&s.tcp);
+    assert_eq!(t.cmd("use-db d t"), ok());
+    assert_eq!(t.cmd("set open 1"), ok());
+    a.call("set-permissions all r *")
+        .unwrap()
+        .into_result()
+        .unwrap();
+    assert_eq!(t.cmd("set open 2"), denied());
+    assert_eq!(t.cmd("get open"), vec!["value 1\n", "ok \n"]);
+}

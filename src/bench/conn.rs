@@ -1,10 +1,8 @@
 //! Benchmark connections: our protocol over TCP or WebSocket, and Redis's RESP over TCP.
 //! Each sends a pipelined batch and reads exactly its replies.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-
-use tungstenite::{Message, WebSocket};
 
 /// A key-value operation driven by the load generator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,45 +89,120 @@ impl Conn for NunTcp {
     }
 }
 
-/// Our protocol over WebSocket: one command per frame, as the JS driver sends them.
+/// Our protocol over WebSocket: one command per frame, as the JS driver sends them. Frames are
+/// built and parsed here (masked with a zero key, which the protocol allows), so the client
+/// costs about what the TCP and Redis clients cost and the rows measure the server.
 pub struct NunWs {
-    ws: WebSocket<TcpStream>,
+    stream: TcpStream,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+/// Appends a masked client text frame (mask 0, so the payload is sent as is).
+pub fn client_frame(text: &str, out: &mut Vec<u8>) {
+    let len = text.len();
+    out.push(0x81);
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Payloads of the complete server frames at the start of `buf`, and the bytes they used.
+pub fn server_frames(buf: &[u8]) -> (Vec<&[u8]>, usize) {
+    let mut at = 0;
+    let mut out = Vec::new();
+    loop {
+        let rest = &buf[at..];
+        if rest.len() < 2 {
+            break;
+        }
+        let (len, header) = match rest[1] & 0x7F {
+            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 if rest.len() >= 10 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rest[2..10]);
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if rest.len() < header + len {
+            break;
+        }
+        out.push(&rest[header..header + len]);
+        at += header + len;
+    }
+    (out, at)
 }
 
 impl NunWs {
     /// Connects to `ws://addr` and selects `db`.
     pub fn connect(addr: &str, db: &str, token: &str) -> io::Result<NunWs> {
-        let stream = TcpStream::connect(addr)?;
+        let mut stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream)
-            .map_err(|e| protocol_error(&e.to_string()))?;
-        let mut c = NunWs { ws };
+        stream.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())?;
+        let mut c = NunWs {
+            stream,
+            out: Vec::new(),
+            buf: Vec::new(),
+        };
+        let end = loop {
+            if let Some(i) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            c.fill()?;
+        };
+        if !c.buf.starts_with(b"HTTP/1.1 101") {
+            return Err(protocol_error(&String::from_utf8_lossy(&c.buf[..end])));
+        }
+        c.buf.drain(..end);
         c.send_all(&[format!("use-db {db} {token}")])?;
         c.read_envelopes(1)?;
         Ok(c)
     }
 
-    fn send_all(&mut self, commands: &[String]) -> io::Result<()> {
-        for c in commands {
-            self.ws
-                .write(Message::Text(c.clone()))
-                .map_err(|e| protocol_error(&e.to_string()))?;
+    fn fill(&mut self) -> io::Result<()> {
+        let len = self.buf.len();
+        self.buf.resize(len + 16 * 1024, 0);
+        let n = self.stream.read(&mut self.buf[len..]);
+        self.buf.truncate(len + *n.as_ref().unwrap_or(&0));
+        if n? == 0 {
+            return Err(protocol_error("server closed the connection"));
         }
-        self.ws.flush().map_err(|e| protocol_error(&e.to_string()))
+        Ok(())
+    }
+
+    fn send_all(&mut self, commands: &[String]) -> io::Result<()> {
+        self.out.clear();
+        for c in commands {
+            client_frame(c, &mut self.out);
+        }
+        self.stream.write_all(&self.out)
     }
 
     fn read_envelopes(&mut self, n: usize) -> io::Result<()> {
         let mut seen = 0;
         while seen < n {
-            match self.ws.read().map_err(|e| protocol_error(&e.to_string()))? {
-                Message::Text(t) if is_envelope(t.as_bytes()) => {
-                    if t.starts_with("error") {
-                        return Err(protocol_error(&t));
+            let (frames, used) = server_frames(&self.buf);
+            for f in frames {
+                if is_envelope(f) {
+                    if f.starts_with(b"error") {
+                        return Err(protocol_error(&String::from_utf8_lossy(f)));
                     }
                     seen += 1;
                 }
-                Message::Close(_) => return Err(protocol_error("server closed the connection")),
-                _ => {}
+            }
+            self.buf.drain(..used);
+            if seen < n {
+                self.fill()?;
             }
         }
         Ok(())

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::conn::{resp_command, KvOp, NunTcp, Redis};
+use super::conn::{client_frame, resp_command, server_frames, KvOp, NunTcp, Redis};
 use super::stats::Samples;
 use super::{BenchOptions, DB, TOKEN};
 
@@ -93,48 +93,6 @@ fn read_until(
         buf.extend_from_slice(&chunk[..n]);
     }
     Ok(())
-}
-
-/// A masked client text frame (mask 0, so the payload is sent as is).
-fn client_frame(text: &str, out: &mut Vec<u8>) {
-    let len = text.len();
-    out.push(0x81);
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(text.as_bytes());
-}
-
-/// Text payloads of the complete server frames at the start of `buf`, and the bytes they used.
-fn server_frames(buf: &[u8]) -> (Vec<&[u8]>, usize) {
-    let mut at = 0;
-    let mut out = Vec::new();
-    loop {
-        let rest = &buf[at..];
-        if rest.len() < 2 {
-            break;
-        }
-        let (len, header) = match rest[1] & 0x7F {
-            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
-            127 if rest.len() >= 10 => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&rest[2..10]);
-                (u64::from_be_bytes(b) as usize, 10)
-            }
-            126 | 127 => break,
-            n => (n as usize, 2),
-        };
-        if rest.len() < header + len {
-            break;
-        }
-        out.push(&rest[header..header + len]);
-        at += header + len;
-    }
-    (out, at)
 }
 
 /// Opens one watcher that is subscribed when this returns.

@@ -10,7 +10,9 @@ pub mod replication;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::sync::Condition;
 use std::time::{Duration, Instant};
 
 /// What this node currently is.
@@ -77,7 +79,7 @@ pub struct Cluster {
     pub self_id: String,
     members: Mutex<Vec<String>>,
     state: Mutex<State>,
-    changed: Condvar,
+    changed: Condition,
     /// Admin credentials, also used between nodes.
     pub admin: (String, String),
     /// Election timeout.
@@ -87,7 +89,7 @@ pub struct Cluster {
     /// LSN applied locally (on secondaries: received through replication).
     applied: AtomicU64,
     applied_lock: Mutex<()>,
-    applied_cv: Condvar,
+    applied_cv: Condition,
     /// Writes waiting for the quorum.
     pending: AtomicU64,
     /// Run when this node wins an election, before it takes writes.
@@ -176,14 +178,14 @@ impl Cluster {
             }),
             self_id,
             members: Mutex::new(all),
-            changed: Condvar::new(),
+            changed: Condition::new(),
             admin,
             timeout,
             quorum,
             term_file,
             applied: AtomicU64::new(0),
             applied_lock: Mutex::new(()),
-            applied_cv: Condvar::new(),
+            applied_cv: Condition::new(),
             pending: AtomicU64::new(0),
             on_elected: std::sync::OnceLock::new(),
             replica: Mutex::new(()),
@@ -475,11 +477,7 @@ impl Cluster {
             if left.is_zero() {
                 return Err(s);
             }
-            s = self
-                .changed
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            s = self.changed.wait_timeout(s, left);
         }
     }
 
@@ -559,11 +557,7 @@ impl Cluster {
             if left.is_zero() {
                 return false;
             }
-            g = self
-                .applied_cv
-                .wait_timeout(g, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = self.applied_cv.wait_timeout(g, left);
         }
         true
     }
@@ -673,7 +667,7 @@ impl Cluster {
     /// Waits until the role or primary changes, or `timeout` passes.
     pub fn wait_change(&self, timeout: Duration) {
         let s = lock(&self.state);
-        let _ = self.changed.wait_timeout(s, timeout);
+        drop(self.changed.wait_timeout(s, timeout));
     }
 }
 

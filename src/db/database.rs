@@ -205,10 +205,16 @@ impl Database {
 
     /// The live value and version of `key`.
     pub fn get(&self, key: &str) -> Option<(String, i32)> {
+        self.get_with(key, |value, version| (value.to_string(), version))
+    }
+
+    /// Calls `f` with the live value and version of `key` under the read lock (no copy of the
+    /// value is made unless `f` makes one).
+    pub fn get_with<T>(&self, key: &str, f: impl FnOnce(&str, i32) -> T) -> Option<T> {
         read(&self.data)
             .get(key)
             .filter(|e| !e.deleted)
-            .map(|e| (e.value.to_string(), e.version))
+            .map(|e| f(&e.value, e.version))
     }
 
     /// Sorted live keys matching `filter`.

@@ -239,6 +239,13 @@ impl Outbox {
     /// the caller waits for the client to read: back-pressure on the session's own client.
     /// False when the session is closed.
     pub fn reply(self: &Arc<Self>, bytes: Vec<u8>) -> bool {
+        self.queue(bytes, 0) && self.wait_for_room()
+    }
+
+    /// Queues reply bytes to send once log record `lsn` may be shown (0: at once), remembering
+    /// this outbox in the calling thread's [`take_touched`] list when it must wait. Does not
+    /// wait for room (see [`Outbox::wait_for_room`]). False when the session is closed.
+    pub fn queue(self: &Arc<Self>, bytes: Vec<u8>, lsn: u64) -> bool {
         if bytes.is_empty() {
             return !self.is_closed();
         }
@@ -250,11 +257,20 @@ impl Outbox {
             s.bytes += bytes.len();
             s.queue.push_back(Item {
                 data: Data::Bytes(bytes),
-                lsn: 0,
+                lsn,
                 sent: 0,
             });
         }
+        if lsn > 0 {
+            touch(self, lsn);
+        }
         self.pump();
+        true
+    }
+
+    /// Waits while the queue is over its byte budget (the client is not reading). False when
+    /// the session closed meanwhile.
+    pub fn wait_for_room(&self) -> bool {
         let mut s = lock(&self.state);
         while s.bytes > self.max_bytes && !self.is_closed() {
             s.waiting += 1;

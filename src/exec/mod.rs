@@ -234,22 +234,30 @@ pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
     node.deliver(outbox::take_touched());
 }
 
-/// [`acknowledge`] for a session's batch, with `send` queueing its replies: the session's own
-/// pushes go first, then its replies, then the pushes to every other watcher, so the writer
-/// does not wait for the fan-out and its own order is kept. Returns what `send` returned.
+/// [`acknowledge`] for a session's batch, with `encode` framing its replies for the transport.
+/// Where a write is acknowledged once durable here, the replies wait in the session's outbox
+/// for the log write (done by this thread, or by the one already writing) and the session goes
+/// on reading. Elsewhere (waiting for a majority) the session waits: its own pushes go first,
+/// then its replies, then the pushes to every other watcher. False when the session closed.
 pub fn acknowledge_and_reply(
     session: &Session,
     outcomes: &mut [Outcome],
-    send: impl FnOnce(&[Outcome]) -> bool,
+    encode: impl FnOnce(&[Outcome]) -> Vec<u8>,
 ) -> bool {
     let node = session.node();
+    let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
+    if lsn > 0 && node.acks_locally() {
+        let queued = session.outbox.queue(encode(outcomes), lsn);
+        node.deliver_when_durable(outbox::take_touched());
+        return queued && session.outbox.wait_for_room();
+    }
     make_durable(node, outcomes);
     let touched = outbox::take_touched();
     let committed = node.settle(&touched);
     if committed {
         touched.release_first(&session.outbox);
     }
-    let sent = send(outcomes);
+    let sent = session.outbox.reply(encode(outcomes));
     if committed {
         touched.release();
     } else {
@@ -354,22 +362,21 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let start = metrics::sample_due().then(Instant::now);
             let db = selected_db(session)?;
             check_key(session, &db, Access::Read, &key)?;
-            let value = db.get(&key).map(|(v, _)| v);
+            let message = db
+                .get_with(&key, |value, _| format!("value {value}"))
+                .unwrap_or_else(|| "value <Empty>".to_string());
             if let Some(start) = start {
                 node.get_time.record(start.elapsed());
             }
-            Ok(Outcome::message(format!(
-                "value {}",
-                value.as_deref().unwrap_or("<Empty>")
-            )))
+            Ok(Outcome::message(message))
         }
         Command::GetSafe { key } => {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Read, &key)?;
-            Ok(Outcome::message(match db.get(&key) {
-                Some((v, version)) => format!("value-version {version} {v}"),
-                None => "value-version 1 <Empty>".to_string(),
-            }))
+            Ok(Outcome::message(
+                db.get_with(&key, |v, version| format!("value-version {version} {v}"))
+                    .unwrap_or_else(|| "value-version 1 <Empty>".to_string()),
+            ))
         }
         Command::Set { key, value } => {
             let db = selected_db(session)?;

@@ -114,7 +114,7 @@ fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -
         for outcome in outcomes {
             outcome.write_lines(&mut bytes);
         }
-        session.outbox.reply(bytes)
+        bytes
     });
     batch.clear();
     *batch_bytes = 0;

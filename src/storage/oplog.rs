@@ -8,9 +8,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::record::{decode, Decoded, Record, RecordRef, HEADER};
+use crate::sync::Condition;
 
 /// When appended records are forced to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,18 +65,21 @@ struct FlushState {
 /// Largest write buffer kept between flushes.
 const MAX_SPARE: usize = 4 << 20;
 
+/// Work to run once a log record is durable (`true`), or when the log failed first (`false`).
+pub type Completion = Box<dyn FnOnce(bool) + Send>;
+
 /// The log of one node.
 pub struct OpLog {
     dir: PathBuf,
     policy: FsyncPolicy,
     inner: Mutex<Inner>,
     flush: Mutex<FlushState>,
-    flushed: Condvar,
+    flushed: Condition,
     size: AtomicU64,
     count: AtomicU64,
     term: AtomicU64,
     backlog: Mutex<Backlog>,
-    appended: Condvar,
+    appended: Condition,
     /// Set when a write to the log failed: records may be missing, so nothing more is
     /// acknowledged until the node restarts (and recovery cuts the damaged tail).
     failed: std::sync::atomic::AtomicBool,
@@ -84,6 +88,8 @@ pub struct OpLog {
     backlog_limit: std::sync::atomic::AtomicUsize,
     /// Bumped by [`OpLog::wake`] so tail readers notice news other than new records.
     wakes: AtomicU64,
+    /// Completions waiting for their record to be durable (see [`OpLog::on_durable`]).
+    completions: Mutex<Vec<(u64, Completion)>>,
 }
 
 /// The most recent records in memory, so replication usually streams without reading files.
@@ -91,8 +97,6 @@ pub struct OpLog {
 struct Backlog {
     records: std::collections::VecDeque<Arc<Record>>,
     bytes: usize,
-    /// Threads waiting in [`OpLog::records_after`] (appends wake them only if there are any).
-    waiters: usize,
 }
 
 /// Approximate memory of a backlog entry beyond its encoded bytes (struct, Arc, strings).
@@ -305,15 +309,16 @@ impl OpLog {
                 synced_lsn: last_lsn,
                 busy: false,
             }),
-            flushed: Condvar::new(),
+            flushed: Condition::new(),
             size: AtomicU64::new(size),
             count: AtomicU64::new(count),
             term: AtomicU64::new(last_term.max(1)),
             backlog: Mutex::new(Backlog::default()),
-            appended: Condvar::new(),
+            appended: Condition::new(),
             failed: std::sync::atomic::AtomicBool::new(false),
             backlog_limit: std::sync::atomic::AtomicUsize::new(0),
             wakes: AtomicU64::new(0),
+            completions: Mutex::new(Vec::new()),
         })
     }
 
@@ -367,6 +372,12 @@ impl OpLog {
         let mut backlog = lock(&self.backlog);
         backlog.records.clear();
         backlog.bytes = 0;
+        drop((backlog, inner, state));
+        // Records still awaited were replaced by the primary's: they will never be durable here.
+        let orphans = std::mem::take(&mut *lock(&self.completions));
+        for (_, done) in orphans {
+            done(false);
+        }
         Ok(())
     }
 
@@ -443,9 +454,7 @@ impl OpLog {
                         .saturating_sub(old.encoded_len() + BACKLOG_OVERHEAD);
                 }
             }
-            if backlog.waiters > 0 {
-                self.appended.notify_all();
-            }
+            self.appended.notify_all();
         }
     }
 
@@ -483,13 +492,7 @@ impl OpLog {
         let mut backlog = lock(&self.backlog);
         let newest = backlog.records.back().map_or(0, |r| r.lsn);
         if after >= last.max(newest) && self.wakes() == seen_wakes && !wait.is_zero() {
-            backlog.waiters += 1;
-            backlog = self
-                .appended
-                .wait_timeout(backlog, wait)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-            backlog.waiters -= 1;
+            backlog = self.appended.wait_timeout(backlog, wait);
         }
         let first = backlog.records.front().map(|r| r.lsn);
         let missing = match first {
@@ -565,32 +568,132 @@ impl OpLog {
     fn flush_to(&self, lsn: u64, sync: bool) -> io::Result<()> {
         let mut state = lock(&self.flush);
         loop {
-            self.check_failed()?;
+            if let Err(e) = self.check_failed() {
+                drop(state);
+                self.complete();
+                return Err(e);
+            }
             if state.written_lsn >= lsn && (!sync || state.synced_lsn >= lsn) {
                 return Ok(());
             }
             if !state.busy {
-                state.busy = true;
-                drop(state);
-                let result = self.flush_once(sync);
-                if let Err(e) = &result {
-                    log::error!("writing the operation log failed: {e}; refusing further writes");
-                    self.failed.store(true, Ordering::Release);
-                }
-                state = lock(&self.flush);
-                state.busy = false;
-                if let Ok(upto) = result {
-                    state.written_lsn = state.written_lsn.max(upto);
-                    if sync {
-                        state.synced_lsn = state.synced_lsn.max(upto);
+                // Completions that found this flush under way wait for its thread to run them.
+                match self.flush_turn(state, sync) {
+                    Ok(s) => drop(s),
+                    Err(e) => {
+                        self.complete();
+                        return Err(e);
                     }
                 }
-                self.flushed.notify_all();
-                result?;
+                self.complete();
+                state = lock(&self.flush);
                 continue;
             }
-            state = self.flushed.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self.flushed.wait(state);
         }
+    }
+
+    /// Runs `done` once log record `lsn` is durable per the policy, on whichever thread makes
+    /// it so; never waits itself. A record not yet being written is flushed now by the caller;
+    /// if a flush is under way, its thread runs `done` (flushing again if it must) when it
+    /// finishes. A failed log runs it with `false`. Lets a session hand its reply over instead
+    /// of waiting for someone else's write to finish.
+    pub fn on_durable(&self, lsn: u64, done: Completion) {
+        lock(&self.completions).push((lsn, done));
+        self.complete();
+    }
+
+    /// Flushes and runs completions until none waits for a record already appended, unless
+    /// another thread is flushing: that thread does the same when it finishes (it clears
+    /// `busy` before looking at the completions, and `on_durable` adds one before looking at
+    /// `busy`, so none is left behind).
+    fn complete(&self) {
+        let sync = self.policy == FsyncPolicy::Always;
+        let durable_of = |s: &FlushState| if sync { s.synced_lsn } else { s.written_lsn };
+        loop {
+            let durable = {
+                let state = lock(&self.flush);
+                if self.failed.load(Ordering::Acquire) {
+                    None
+                } else if state.busy {
+                    return;
+                } else {
+                    let now = durable_of(&state);
+                    let behind = lock(&self.completions).iter().any(|(l, _)| *l > now);
+                    if behind && self.last_lsn() > now {
+                        self.flush_turn(state, sync).ok().map(|s| durable_of(&s))
+                    } else {
+                        Some(now)
+                    }
+                }
+            };
+            let ready: Vec<(u64, Completion)> = {
+                let mut waiting = lock(&self.completions);
+                let (ready, rest) = std::mem::take(&mut *waiting)
+                    .into_iter()
+                    .partition(|(l, _)| durable.is_none_or(|d| *l <= d));
+                *waiting = rest;
+                ready
+            };
+            for (_, done) in ready {
+                done(durable.is_some());
+            }
+            let Some(durable) = durable else { return };
+            let last = self.last_lsn();
+            let flushable = lock(&self.completions)
+                .iter()
+                .any(|(l, _)| *l > durable && *l <= last);
+            if !flushable {
+                return;
+            }
+        }
+    }
+
+    /// Writes (and, for `always`, fsyncs) everything appended so far unless another thread is
+    /// doing so; never waits for it. Returns the LSN now durable per the policy, or `None` when
+    /// a flush is under way: its thread looks for more work when it finishes.
+    pub fn try_flush(&self) -> io::Result<Option<u64>> {
+        let sync = self.policy == FsyncPolicy::Always;
+        let mut state = lock(&self.flush);
+        self.check_failed()?;
+        if state.busy {
+            return Ok(None);
+        }
+        let appended = self.last_lsn();
+        if state.written_lsn < appended || (sync && state.synced_lsn < appended) {
+            state = self.flush_turn(state, sync)?;
+        }
+        Ok(Some(if sync {
+            state.synced_lsn
+        } else {
+            state.written_lsn
+        }))
+    }
+
+    /// One group flush by the caller (who found nobody flushing): takes the buffer, writes it
+    /// outside the lock, records how far the log is written and wakes the waiters.
+    fn flush_turn<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, FlushState>,
+        sync: bool,
+    ) -> io::Result<MutexGuard<'a, FlushState>> {
+        state.busy = true;
+        drop(state);
+        let result = self.flush_once(sync);
+        if let Err(e) = &result {
+            log::error!("writing the operation log failed: {e}; refusing further writes");
+            self.failed.store(true, Ordering::Release);
+        }
+        let mut state = lock(&self.flush);
+        state.busy = false;
+        if let Ok(upto) = result {
+            state.written_lsn = state.written_lsn.max(upto);
+            if sync {
+                state.synced_lsn = state.synced_lsn.max(upto);
+            }
+        }
+        self.flushed.notify_all();
+        result.map(|_| state)
     }
 
     /// Takes the buffer and writes it (caller holds the busy flag). Returns the LSN covered.
@@ -622,7 +725,7 @@ impl OpLog {
     fn exclusive(&self) -> MutexGuard<'_, FlushState> {
         let mut state = lock(&self.flush);
         while state.busy {
-            state = self.flushed.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self.flushed.wait(state);
         }
         state
     }
