@@ -19,10 +19,16 @@ run: release
 	@echo "try: telnet localhost 3014   then   auth $(NUN_USER) $(NUN_PWD)"
 	NUN_USER='$(NUN_USER)' NUN_PWD='$(NUN_PWD)' NUN_DBS_DIR='$(NUN_DBS_DIR)' ./target/release/nun-db start
 
-## Install what the tests need (netcat for tests-sh, the npm driver for tests-js).
+## Install what the tests need: netcat (tests-sh), promtool (metrics test), Chromium (console
+## browser test), the npm driver and playwright-core (tests-js; it drives Debian's Chromium and
+## downloads no browser).
 deps:
-	@command -v nc >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq netcat-openbsd; }
-	@command -v node >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; }
+	@missing=""; \
+	command -v nc >/dev/null 2>&1 || missing="$$missing netcat-openbsd"; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 	cd tests-js && npm ci --no-audit --no-fund
 
 lint:

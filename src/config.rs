@@ -47,6 +47,8 @@ pub struct Config {
     pub replication_backlog: usize,
     /// Most TCP + WebSocket sessions at once (NUN_MAX_CONNECTIONS); past it clients are refused.
     pub max_connections: usize,
+    /// When set, `GET /metrics` needs `Authorization: Bearer <token>` (NUN_METRICS_TOKEN).
+    pub metrics_token: Option<String>,
 }
 
 /// Default TCP address.
@@ -78,6 +80,7 @@ impl Default for Config {
             write_quorum: WriteQuorum::Majority,
             replication_backlog: 64 * 1024 * 1024,
             max_connections: 10_000,
+            metrics_token: None,
         }
     }
 }

@@ -209,6 +209,10 @@ struct StartArgs {
     /// this machine's descriptor, thread and memory limits allow (logged at start-up).
     #[arg(long = "max-connections", env = "NUN_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Require `Authorization: Bearer <token>` on GET /metrics (default: open, like other
+    /// exporters).
+    #[arg(long = "metrics-token", env = "NUN_METRICS_TOKEN")]
+    metrics_token: Option<String>,
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -423,6 +427,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
     };
     let config = Config {
         max_connections,
+        metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
         fsync,
         write_quorum,
         snapshot_interval: Duration::from_secs(args.snapshot_interval.max(1)),

@@ -219,6 +219,9 @@ impl Cluster {
                 return false;
             }
         }
+        crate::metrics::STATS
+            .elections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (term, position) = {
             let mut s = lock(&self.state);
             s.term += 1;

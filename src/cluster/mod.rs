@@ -577,6 +577,21 @@ impl Cluster {
             .unwrap_or(0)
     }
 
+    /// On the primary, how many records each other member trails its log (`last_lsn`) by.
+    pub fn member_lags(&self, last_lsn: u64) -> Vec<(String, u64)> {
+        let s = lock(&self.state);
+        if s.role != Role::Primary {
+            return Vec::new();
+        }
+        self.peers()
+            .into_iter()
+            .map(|p| {
+                let lag = last_lsn.saturating_sub(s.acks.get(&p).map_or(0, |a| a.0));
+                (p, lag)
+            })
+            .collect()
+    }
+
     /// A secondary heard the primary's log end (`ping` on the replication stream; 0 when it
     /// starts following another primary).
     pub fn note_primary_lsn(&self, lsn: u64) {

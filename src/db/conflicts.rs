@@ -76,6 +76,11 @@ fn pending(data: &BTreeMap<Box<str>, Entry>, key: Option<&str>) -> Vec<(u64, Str
 }
 
 impl Database {
+    /// Conflict records waiting for an arbiter's answer.
+    pub fn open_conflicts(&self) -> usize {
+        pending(&read(&self.data), None).len()
+    }
+
     /// A value write (`set` or `set-safe`) to a database with the `arbiter` strategy. A stale
     /// `set-safe`, or any value write to a key with pending conflicts, becomes a new conflict
     /// (`WriteError::Unresolved`); with no arbiter `online` it is refused instead.
@@ -187,7 +192,9 @@ impl Database {
             lock(&self.resolved_at).insert(record.to_string(), Instant::now());
         } else if let Some(message) = resolve_message(self.name(), record, &entry.value) {
             let push = Push::new(vec![format!("{message}\n")]);
-            lock(&self.arbiters).retain(|o| o.notify(&push, lsn));
+            let mut arbiters = lock(&self.arbiters);
+            arbiters.retain(|o| o.notify(&push, lsn));
+            crate::metrics::STATS.pushes.add(0, arbiters.len() as u64);
         }
     }
 

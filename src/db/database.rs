@@ -3,7 +3,7 @@
 //! lock is released, so each watcher sees a key's versions in order, without gaps.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound;
+use std::ops::{Bound, Not};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
@@ -132,6 +132,8 @@ pub struct Database {
     /// Bumped whenever a `$$` key (token, users, permissions) changes: sessions re-read their
     /// permissions when it moves.
     security_version: AtomicU64,
+    /// Live keys (kept up to date under the data lock, so counting them costs nothing).
+    live: AtomicU64,
 }
 
 /// Reads a lock even if a panicking thread poisoned it (the data itself is always consistent:
@@ -171,6 +173,7 @@ impl Database {
             force_snapshot: AtomicBool::new(false),
             snapshot_lsn: AtomicU64::new(0),
             security_version: AtomicU64::new(0),
+            live: AtomicU64::new(1),
         }
     }
 
@@ -228,7 +231,13 @@ impl Database {
 
     /// Number of live keys.
     pub fn len(&self) -> usize {
-        read(&self.data).values().filter(|e| !e.deleted).count()
+        self.live.load(Ordering::Relaxed) as usize
+    }
+
+    /// Recounts the live keys after the map was filled wholesale (load, full sync).
+    fn recount(&self, data: &BTreeMap<Box<str>, Entry>) {
+        let live = data.values().filter(|e| !e.deleted).count() as u64;
+        self.live.store(live, Ordering::Relaxed);
     }
 
     /// Number of stored entries, tombstones included (what the map holds in memory).
@@ -354,15 +363,22 @@ impl Database {
             self.conflict_stored(key, &entry, lsn);
         }
         self.notify(key, &entry, lsn);
-        if conflict_record && entry.deleted {
+        let now_live = !entry.deleted;
+        let was_live = if conflict_record && entry.deleted {
             // A conflict record key names a fresh opp_id and is never written again, so it
             // needs no tombstone: dropping it is what lets memory return to idle.
-            data.remove(key);
+            data.remove(key).is_some_and(|e| !e.deleted)
         } else if let Some(slot) = data.get_mut(key) {
-            *slot = entry;
+            std::mem::replace(slot, entry).deleted.not()
         } else {
             data.insert(Box::from(key), entry);
-        }
+            false
+        };
+        match (was_live, now_live) {
+            (false, true) => self.live.fetch_add(1, Ordering::Relaxed),
+            (true, false) => self.live.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
     }
 
     /// Replaces the contents with snapshot entries taken at `lsn`.
@@ -376,6 +392,7 @@ impl Database {
         self.last_lsn.store(lsn, Ordering::Release);
         self.snapshot_lsn.store(lsn, Ordering::Release);
         self.security_changed();
+        self.recount(&data);
     }
 
     /// Replaces the contents (a full sync taken at `lsn`) and disconnects the watchers, whose
@@ -393,6 +410,7 @@ impl Database {
             self.last_lsn.store(lsn, Ordering::Release);
             self.force_snapshot.store(true, Ordering::Release);
             self.security_changed();
+            self.recount(&data);
         }
         self.close_watchers();
     }
@@ -481,6 +499,11 @@ impl Database {
         }
     }
 
+    /// Watch registrations on every key (a session watching three keys counts three times).
+    pub fn watch_count(&self) -> usize {
+        lock(&self.watchers).values().map(HashMap::len).sum()
+    }
+
     /// Number of sessions watching `key`.
     pub fn watcher_count(&self, key: &str) -> usize {
         lock(&self.watchers).get(key).map_or(0, HashMap::len)
@@ -503,6 +526,7 @@ impl Database {
         };
         let push = Push::new(messages);
         list.retain(|_, o| o.notify(&push, lsn));
+        crate::metrics::STATS.pushes.add(0, list.len() as u64);
         if list.is_empty() {
             watchers.remove(key);
         }

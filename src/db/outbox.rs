@@ -302,6 +302,9 @@ impl Outbox {
                     "session {}: watcher cannot keep up (outbound queue full), disconnecting it",
                     self.id
                 );
+                crate::metrics::STATS
+                    .slow_consumers
+                    .fetch_add(1, Ordering::Relaxed);
                 self.close();
                 return false;
             }

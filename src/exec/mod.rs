@@ -72,7 +72,10 @@ pub fn execute_line(session: &mut Session, line: &str) -> Outcome {
             let node = Arc::clone(session.node());
             if cmd.is_write() && !session.forwarded && !node.is_primary() {
                 node.count_command();
-                return forward(session, line);
+                let started = Instant::now();
+                let outcome = forward(session, line);
+                metrics::command_done(cmd.name(), outcome.error.is_none(), started.elapsed());
+                return outcome;
             }
             execute(session, cmd)
         }
@@ -98,16 +101,23 @@ fn forward(session: &mut Session, line: &str) -> Outcome {
     } else {
         session.user.clone()
     };
+    metrics::STATS
+        .forwarded_writes
+        .fetch_add(1, Ordering::Relaxed);
     forward::forward(cluster, &mut session.forwarder, &db, &user, line)
 }
 
 /// Executes one command for `session`.
 pub fn execute(session: &mut Session, cmd: Command) -> Outcome {
     session.node().count_command();
-    match run(session, cmd) {
+    let verb = cmd.name();
+    let started = Instant::now();
+    let outcome = match run(session, cmd) {
         Ok(outcome) => outcome,
         Err(outcome) => outcome,
-    }
+    };
+    metrics::command_done(verb, outcome.error.is_none(), started.elapsed());
+    outcome
 }
 
 type Res = Result<Outcome, Outcome>;

@@ -442,6 +442,43 @@ impl Command {
         Ok(cmd)
     }
 
+    /// The command's canonical verb (aliases give their main name), for metrics labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Auth { .. } => "auth",
+            Command::UseDb { .. } => "use-db",
+            Command::CreateDb { .. } => "create-db",
+            Command::DeleteDb { .. } => "delete-db",
+            Command::Get { .. } => "get",
+            Command::GetSafe { .. } => "get-safe",
+            Command::Set { .. } => "set",
+            Command::SetSafe { .. } => "set-safe",
+            Command::Increment { .. } => "increment",
+            Command::Remove { .. } => "remove",
+            Command::Keys { .. } => "keys",
+            Command::Watch { .. } => "watch",
+            Command::Unwatch { .. } => "unwatch",
+            Command::UnwatchAll => "unwatch-all",
+            Command::Snapshot { .. } => "snapshot",
+            Command::Arbiter => "arbiter",
+            Command::Resolve { .. } => "resolve",
+            Command::CreateUser { .. } => "create-user",
+            Command::SetPermissions { .. } => "set-permissions",
+            Command::ClusterState => "cluster-state",
+            Command::MetricsState => "metrics-state",
+            Command::ListCommands => "list-commands",
+            Command::Debug { .. } => "debug",
+            Command::Ping => "ping",
+            Command::Join { .. } => "join",
+            Command::Leave { .. } => "leave",
+            Command::Election { .. } => "election",
+            Command::PreVote { .. } => "pre-vote",
+            Command::Victory { .. } => "victory",
+            Command::ReplSync { .. } => "repl-sync",
+            Command::Fwd { .. } => "fwd",
+        }
+    }
+
     /// True for commands that change data (forwarded to the primary in a cluster).
     pub fn is_write(&self) -> bool {
         matches!(

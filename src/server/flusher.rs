@@ -65,6 +65,9 @@ fn run(flusher: &Weak<Flusher>) {
                     o.id(),
                     f.write_timeout
                 );
+                crate::metrics::STATS
+                    .slow_consumers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 o.close();
                 return false;
             }

@@ -1,13 +1,17 @@
-//! HTTP transport (tiny_http): any method and path; the body holds `;`-separated commands run in
-//! a fresh session; the response is one item per command joined by `;`.
+//! HTTP transport (tiny_http). `GET /metrics` is the Prometheus exposition, `GET /` with no
+//! body the web console; any other request (any method and path, as NunDB) runs the
+//! `;`-separated commands of its body in a fresh session and answers one item per command
+//! joined by `;`.
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tiny_http::{Header, Request, Response};
+use std::sync::atomic::Ordering;
 
-use super::Server;
+use tiny_http::{Header, Method, Request, Response};
+
+use super::{prometheus, Server};
 use crate::db::outbox::Outbox;
 use crate::exec::{self, Session};
 use crate::node::Node;
@@ -29,8 +33,11 @@ pub fn listen(server: &Arc<Server>) -> io::Result<SocketAddr> {
         .name("http-accept".into())
         .spawn(move || {
             while let Ok(request) = http.recv() {
-                let node = Arc::clone(&server.node);
-                if let Err((_, e)) = server.pool.submit(Box::new(move || handle(&node, request))) {
+                let worker = Arc::clone(&server);
+                if let Err((_, e)) = server
+                    .pool
+                    .submit(Box::new(move || handle(&worker, request)))
+                {
                     log::error!("cannot start a thread for an HTTP request: {e}");
                 }
             }
@@ -75,15 +82,66 @@ pub fn run_body(node: &Arc<Node>, body: &str) -> String {
         .join(";")
 }
 
-fn handle(node: &Arc<Node>, mut request: Request) {
+/// The console page (one file, no external resources); `{{WS_PORT}}` becomes the node's
+/// WebSocket port.
+const CONSOLE: &str = include_str!("console.html");
+
+fn typed_response(status: u16, body: String, content_type: &str) -> Response<io::Cursor<Vec<u8>>> {
+    let mut response = Response::from_string(body).with_status_code(status);
+    if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
+        response = response.with_header(h);
+    }
+    response
+}
+
+/// True when `request` may read the metrics: no token configured, or the right bearer token.
+fn metrics_allowed(server: &Server, request: &Request) -> bool {
+    let Some(token) = &server.node.config.metrics_token else {
+        return true;
+    };
+    request.headers().iter().any(|h| {
+        h.field.equiv("Authorization")
+            && h.value
+                .as_str()
+                .strip_prefix("Bearer ")
+                .is_some_and(|given| {
+                    crate::db::security::ct_eq(given.trim().as_bytes(), token.as_bytes())
+                })
+    })
+}
+
+fn handle(server: &Arc<Server>, mut request: Request) {
+    server.open_http.fetch_add(1, Ordering::Relaxed);
+    let node = &server.node;
     let max = node.config.max_line;
     let mut body = Vec::new();
     let read = request
         .as_reader()
         .take(max as u64 + 1)
         .read_to_end(&mut body);
+    let page = matches!(request.method(), Method::Get | Method::Head) && body.is_empty();
+    let path = request.url().split('?').next().unwrap_or("/").to_string();
     let response = match read {
         Err(e) => text_response(400, format!("error reading body: {e}")),
+        Ok(_) if page && path == "/metrics" => {
+            if metrics_allowed(server, &request) {
+                typed_response(200, prometheus::render(server), prometheus::CONTENT_TYPE)
+            } else {
+                let mut denied = text_response(401, "metrics need a bearer token".to_string());
+                if let Ok(h) = Header::from_bytes(&b"WWW-Authenticate"[..], &b"Bearer"[..]) {
+                    denied = denied.with_header(h);
+                }
+                denied
+            }
+        }
+        Ok(_) if page && (path == "/" || path == "/console") => {
+            let port = server.ws_bound.get().map_or(0, |a| a.port());
+            typed_response(
+                200,
+                CONSOLE.replace("{{WS_PORT}}", &port.to_string()),
+                "text/html; charset=utf-8",
+            )
+        }
         Ok(_) if body.len() > max => text_response(413, "line too long".to_string()),
         Ok(_) => match String::from_utf8(body) {
             Ok(text) => text_response(200, run_body(node, &text)),
@@ -91,4 +149,5 @@ fn handle(node: &Arc<Node>, mut request: Request) {
         },
     };
     let _ = request.respond(response);
+    server.open_http.fetch_sub(1, Ordering::Relaxed);
 }

@@ -8,6 +8,7 @@ mod conn;
 pub mod flusher;
 pub mod http;
 pub mod pool;
+pub mod prometheus;
 pub mod tcp;
 pub mod ws;
 
@@ -80,6 +81,14 @@ pub struct Server {
     trimmer: os::Trimmer,
     /// TCP and WebSocket sessions open now.
     open: AtomicUsize,
+    /// TCP sessions open now.
+    open_tcp: AtomicUsize,
+    /// WebSocket sessions open now.
+    open_ws: AtomicUsize,
+    /// HTTP requests being served now.
+    open_http: AtomicUsize,
+    /// The WebSocket address bound (the console page connects to it).
+    ws_bound: std::sync::OnceLock<SocketAddr>,
     /// The connection ceiling (`--max-connections`).
     max: usize,
     refusals: SyncSender<(TcpStream, Transport)>,
@@ -117,6 +126,7 @@ impl Server {
         if refused > 0 {
             log::info!("accepting clients again; {refused} were refused meanwhile");
         }
+        self.by_transport(transport).fetch_add(1, Ordering::Relaxed);
         let admitted = Admitted {
             server: Arc::clone(self),
             stream: Some(stream),
@@ -151,6 +161,13 @@ impl Server {
         }
     }
 
+    fn by_transport(&self, transport: Transport) -> &AtomicUsize {
+        match transport {
+            Transport::Tcp => &self.open_tcp,
+            Transport::Ws => &self.open_ws,
+        }
+    }
+
     /// Hands a client to the refusal thread (or closes it when that one is behind).
     fn refuse(&self, stream: TcpStream, transport: Transport) {
         match self.refusals.try_send((stream, transport)) {
@@ -173,6 +190,9 @@ struct Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.server.open.fetch_sub(1, Ordering::AcqRel);
+        self.server
+            .by_transport(self.transport)
+            .fetch_sub(1, Ordering::Relaxed);
         if let Some(stream) = self.stream.take() {
             self.server.refuse(stream, self.transport);
         }
@@ -192,6 +212,10 @@ pub fn start(node: &Arc<Node>) -> io::Result<Bound> {
         pool: Pool::new("session", trimmer.clone()),
         trimmer,
         open: AtomicUsize::new(0),
+        open_tcp: AtomicUsize::new(0),
+        open_ws: AtomicUsize::new(0),
+        open_http: AtomicUsize::new(0),
+        ws_bound: std::sync::OnceLock::new(),
         max: node.config.max_connections.max(1),
         refusals,
         refusing: AtomicU64::new(0),
@@ -200,6 +224,7 @@ pub fn start(node: &Arc<Node>) -> io::Result<Bound> {
     let tcp = listen(&server, &node.config.tcp_addr, Transport::Tcp)?;
     let _ = node.tcp_bound.set(tcp);
     let ws = listen(&server, &node.config.ws_addr, Transport::Ws)?;
+    let _ = server.ws_bound.set(ws);
     let http = http::listen(&server)?;
     Ok(Bound { tcp, ws, http })
 }

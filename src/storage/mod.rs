@@ -147,6 +147,9 @@ impl Storage {
             }
         }
         self.log.drop_before(boundary)?;
+        crate::metrics::STATS
+            .snapshot_time
+            .observe(0, started.elapsed());
         if written > 0 {
             log::info!(
                 "snapshot: {written} databases written in {:?}",

@@ -62,6 +62,16 @@ struct FlushState {
     busy: bool,
 }
 
+/// fsync of the log's data, timed for `nundb_fsync_duration_seconds`.
+fn timed_sync(file: &File) -> io::Result<()> {
+    let started = std::time::Instant::now();
+    let result = file.sync_data();
+    crate::metrics::STATS
+        .fsync_time
+        .observe(0, started.elapsed());
+    result
+}
+
 /// Largest write buffer kept between flushes.
 const MAX_SPARE: usize = 4 << 20;
 
@@ -534,9 +544,12 @@ impl OpLog {
     /// turn, so writers waiting only for the write (`everysec`, `no`) are not held up by it.
     pub fn sync_now(&self) -> io::Result<()> {
         let target = self.last_lsn();
+        if lock(&self.flush).synced_lsn >= target {
+            return Ok(());
+        }
         self.flush_to(target, false)?;
         let file = Arc::clone(&lock(&self.inner).file);
-        if let Err(e) = file.sync_data() {
+        if let Err(e) = timed_sync(&file) {
             log::error!("fsync of the operation log failed: {e}; refusing further writes");
             self.failed.store(true, Ordering::Release);
             return Err(e);
@@ -711,7 +724,7 @@ impl OpLog {
             (&*file).write_all(&buf)?;
         }
         if sync {
-            file.sync_data()?;
+            timed_sync(&file)?;
         }
         // Kept for the next flush, unless a burst grew it past what is worth keeping.
         if buf.capacity() <= MAX_SPARE {
@@ -737,7 +750,7 @@ impl OpLog {
         let mut inner = lock(&self.inner);
         let buf = std::mem::take(&mut inner.buf);
         (&*inner.file).write_all(&buf)?;
-        inner.file.sync_data()?;
+        timed_sync(&inner.file)?;
         state.written_lsn = inner.appended_lsn;
         state.synced_lsn = inner.appended_lsn;
         let first = inner.next_lsn;
