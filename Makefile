@@ -20,8 +20,8 @@ run: release
 	NUN_USER='$(NUN_USER)' NUN_PWD='$(NUN_PWD)' NUN_DBS_DIR='$(NUN_DBS_DIR)' ./target/release/nun-db start
 
 ## Install what the tests need: netcat (tests-sh), promtool (metrics test), Chromium (console
-## browser test), the npm driver and playwright-core (tests-js; it drives Debian's Chromium and
-## downloads no browser).
+## browser test), moto's S3 server (S3 tests), the npm driver and playwright-core (tests-js; it
+## drives Debian's Chromium and downloads no browser).
 deps:
 	@missing=""; \
 	command -v nc >/dev/null 2>&1 || missing="$$missing netcat-openbsd"; \
@@ -29,6 +29,7 @@ deps:
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+	python3 -c "import moto.server" 2>/dev/null || python3 -m pip install -q 'moto[server]'
 	cd tests-js && npm ci --no-audit --no-fund
 
 lint:

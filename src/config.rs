@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::cluster::WriteQuorum;
 use crate::storage::oplog::FsyncPolicy;
+use crate::storage::s3::{Place, S3Config};
 
 /// Server configuration.
 #[derive(Debug, Clone)]
@@ -49,6 +50,12 @@ pub struct Config {
     pub max_connections: usize,
     /// When set, `GET /metrics` needs `Authorization: Bearer <token>` (NUN_METRICS_TOKEN).
     pub metrics_token: Option<String>,
+    /// Where snapshots are loaded from (NUN_STORAGE_READ_STRATEGY, else NUN_STORAGE_STRATEGY).
+    pub storage_read: Place,
+    /// Where snapshots are written (NUN_STORAGE_WRITE_STRATEGY, else NUN_STORAGE_STRATEGY).
+    pub storage_write: Place,
+    /// The S3 bucket (NUN_S3_*), used when either place is S3.
+    pub s3: S3Config,
 }
 
 /// Default TCP address.
@@ -81,6 +88,9 @@ impl Default for Config {
             replication_backlog: 64 * 1024 * 1024,
             max_connections: 10_000,
             metrics_token: None,
+            storage_read: Place::Disk,
+            storage_write: Place::Disk,
+            s3: S3Config::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ use nundb::config::{self, Config};
 use nundb::node::Node;
 use nundb::server;
 use nundb::storage::oplog::FsyncPolicy;
+use nundb::storage::s3::{Place, S3Config};
 
 /// A NunDB-compatible realtime database.
 #[derive(Parser, Debug)]
@@ -46,14 +47,14 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Start a server node.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Run `;`-separated commands over HTTP as admin and print the response.
     Exec {
         /// The commands, e.g. "use-db demo demo-pwd; keys".
         command: String,
     },
     /// Benchmark a running server (and optionally Redis) and print markdown tables.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Create a database over HTTP.
     CreateDb {
         /// Database name.
@@ -213,6 +214,66 @@ struct StartArgs {
     /// exporters).
     #[arg(long = "metrics-token", env = "NUN_METRICS_TOKEN")]
     metrics_token: Option<String>,
+    /// Where snapshots live: disk, s3 or s3_patition (NunDB's spelling; s3_partition too).
+    #[arg(
+        long = "storage-strategy",
+        env = "NUN_STORAGE_STRATEGY",
+        default_value = "disk"
+    )]
+    storage_strategy: String,
+    /// Where snapshots are loaded from at start-up (default: the storage strategy).
+    #[arg(long = "storage-read-strategy", env = "NUN_STORAGE_READ_STRATEGY")]
+    storage_read_strategy: Option<String>,
+    /// Where snapshots are written (default: the storage strategy).
+    #[arg(long = "storage-write-strategy", env = "NUN_STORAGE_WRITE_STRATEGY")]
+    storage_write_strategy: Option<String>,
+    /// S3 endpoint, http:// or https:// (path-style requests).
+    #[arg(
+        long = "s3-api-url",
+        env = "NUN_S3_API_URL",
+        default_value = "http://127.0.0.1:9000"
+    )]
+    s3_api_url: String,
+    /// S3 bucket.
+    #[arg(long = "s3-bucket", env = "NUN_S3_BUCKET", default_value = "nun-db")]
+    s3_bucket: String,
+    /// Folder in the bucket snapshots are written under.
+    #[arg(
+        long = "s3-prefix",
+        env = "NUN_S3_PREFIX",
+        default_value = "nun-db-base"
+    )]
+    s3_prefix: String,
+    /// Folder snapshots are read from (default: the prefix).
+    #[arg(long = "s3-read-prefix", env = "NUN_S3_READ_PREFIX")]
+    s3_read_prefix: Option<String>,
+    /// S3 access key (else AWS_ACCESS_KEY_ID, else `nun-db`).
+    #[arg(long = "s3-key-id", env = "NUN_S3_KEY_ID")]
+    s3_key_id: Option<String>,
+    /// S3 secret key (else AWS_SECRET_ACCESS_KEY).
+    #[arg(
+        long = "s3-secret-key",
+        env = "NUN_S3_SECRET_KEY",
+        hide_env_values = true
+    )]
+    s3_secret_key: Option<String>,
+    /// Requests to the bucket in flight at once.
+    #[arg(
+        long = "s3-max-inflight-requests",
+        env = "NUN_S3_MAX_INFLIGHT_REQUESTS",
+        default_value_t = 10
+    )]
+    s3_max_inflight_requests: usize,
+    /// Partitions of the s3_patition layout.
+    #[arg(
+        long = "s3-number-of-partitions",
+        env = "NUN_S3_NUMBER_OF_PARTITIONS",
+        default_value_t = 10
+    )]
+    s3_number_of_partitions: usize,
+    /// Retries of a failed request to the bucket (with backoff).
+    #[arg(long = "s3-retry", env = "NUN_S3_RETRY", default_value_t = 3)]
+    s3_retry: u32,
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -425,7 +486,53 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
             n
         }
     };
+    let place = |name: &str, what: &str| {
+        Place::parse(name)
+            .ok_or_else(|| format!("invalid {what} `{name}`: use disk, s3 or s3_patition"))
+    };
+    let places = place(&args.storage_strategy, "NUN_STORAGE_STRATEGY").and_then(|both| {
+        let read = match &args.storage_read_strategy {
+            Some(r) => place(r, "NUN_STORAGE_READ_STRATEGY")?,
+            None => both,
+        };
+        let write = match &args.storage_write_strategy {
+            Some(w) => place(w, "NUN_STORAGE_WRITE_STRATEGY")?,
+            None => both,
+        };
+        Ok((read, write))
+    });
+    let (storage_read, storage_write) = match places {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let s3 = S3Config {
+        api_url: args.s3_api_url.clone(),
+        bucket: args.s3_bucket.clone(),
+        prefix: args.s3_prefix.clone(),
+        read_prefix: args
+            .s3_read_prefix
+            .clone()
+            .unwrap_or_else(|| args.s3_prefix.clone()),
+        key_id: args
+            .s3_key_id
+            .clone()
+            .or_else(|| env("AWS_ACCESS_KEY_ID"))
+            .unwrap_or_else(|| "nun-db".to_string()),
+        secret_key: args
+            .s3_secret_key
+            .clone()
+            .or_else(|| env("AWS_SECRET_ACCESS_KEY"))
+            .unwrap_or_default(),
+        region: env("AWS_REGION").unwrap_or_else(|| "us-east".to_string()),
+        max_inflight: args.s3_max_inflight_requests.max(1),
+        partitions: args.s3_number_of_partitions.max(1),
+        retry: args.s3_retry,
+    };
     let config = Config {
+        storage_read,
+        storage_write,
+        s3,
         max_connections,
         metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
         fsync,
@@ -486,7 +593,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal} received, flushing and shutting down");
     }
-    match node.flush() {
+    match node.shutdown() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("flushing the operation log failed: {e}")),
     }

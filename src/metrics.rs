@@ -196,6 +196,10 @@ pub struct Stats {
     pub fsync_time: Histograms,
     /// Time snapshots take.
     pub snapshot_time: Histograms,
+    /// Snapshots that could not be stored in the S3 bucket.
+    pub s3_failures: AtomicU64,
+    /// Bytes uploaded to the S3 bucket.
+    pub s3_uploaded_bytes: AtomicU64,
 }
 
 /// The figures of this process.
@@ -208,6 +212,8 @@ pub static STATS: LazyLock<Stats> = LazyLock::new(|| Stats {
     elections: AtomicU64::new(0),
     fsync_time: Histograms::new(1),
     snapshot_time: Histograms::new(1),
+    s3_failures: AtomicU64::new(0),
+    s3_uploaded_bytes: AtomicU64::new(0),
 });
 
 /// Index of `verb` in [`VERBS`] (commands are labelled by it).

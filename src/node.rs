@@ -55,6 +55,9 @@ impl Node {
                 fsync: config.fsync,
                 snapshot_interval: config.snapshot_interval,
                 max_log_size: config.max_log_size,
+                read: config.storage_read,
+                write: config.storage_write,
+                s3: config.s3.clone(),
             },
             &dbs,
         )?;
@@ -347,6 +350,15 @@ impl Node {
     pub fn flush(&self) -> std::io::Result<()> {
         match &self.storage {
             Some(s) => s.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// Before a graceful stop: flushes the log and stores pending changes in the bucket when
+    /// snapshots go to S3.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        match &self.storage {
+            Some(s) => s.shutdown(&self.dbs),
             None => Ok(()),
         }
     }

@@ -172,6 +172,19 @@ pub fn render(server: &Server) -> String {
         &STATS.snapshot_time.view(0),
     );
 
+    e.single(
+        "nundb_s3_snapshot_failures_total",
+        "counter",
+        "Snapshots that could not be stored in the S3 bucket (the log is kept until one is).",
+        STATS.s3_failures.load(Ordering::Relaxed),
+    );
+    e.single(
+        "nundb_s3_uploaded_bytes_total",
+        "counter",
+        "Bytes of snapshots uploaded to the S3 bucket.",
+        STATS.s3_uploaded_bytes.load(Ordering::Relaxed),
+    );
+
     e.family("nundb_keys", "gauge", "Live keys per database.");
     let mut sorted = dbs.clone();
     sorted.sort_by(|a, b| a.name().cmp(b.name()));

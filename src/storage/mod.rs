@@ -6,15 +6,20 @@
 
 pub mod oplog;
 pub mod record;
+pub mod s3;
 pub mod snapshot;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::db::Databases;
+use crate::metrics::STATS;
+use crate::protocol::Strategy;
 use oplog::{FsyncPolicy, OpLog};
+use s3::{Place, Remote, S3Config};
 
 /// Storage settings.
 #[derive(Debug, Clone)]
@@ -27,6 +32,12 @@ pub struct StorageConfig {
     pub snapshot_interval: Duration,
     /// Log size (bytes) that triggers an early snapshot.
     pub max_log_size: u64,
+    /// Where snapshots are loaded from at start-up (NUN_STORAGE_READ_STRATEGY).
+    pub read: Place,
+    /// Where snapshots are written (NUN_STORAGE_WRITE_STRATEGY).
+    pub write: Place,
+    /// The bucket, when either place is S3.
+    pub s3: S3Config,
 }
 
 /// The storage engine of one node.
@@ -35,6 +46,8 @@ pub struct Storage {
     config: StorageConfig,
     log: Arc<OpLog>,
     snapshot_lock: Mutex<()>,
+    /// The bucket, when snapshots are read from or written to S3.
+    remote: Option<Remote>,
 }
 
 /// Entries copied per lock acquisition while snapshotting.
@@ -50,21 +63,15 @@ impl Storage {
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", config.dir.display()))?;
         let started = Instant::now();
-        let mut current: Option<std::sync::Arc<crate::db::Database>> = None;
-        let snapshots = snapshot::load_all(&config.dir, &mut |info, chunk| match &current {
-            Some(db) if db.name() == info.name => db.load(chunk, info.lsn),
-            _ => {
-                dbs.insert_loaded(&info.name, info.strategy, chunk, info.lsn);
-                current = dbs.get(&info.name);
-            }
-        })?;
-        let imported: Vec<String> = snapshots
-            .iter()
-            .filter(|s| s.imported)
-            .map(|s| s.name.clone())
-            .collect();
-        let loaded = snapshots.len();
-        let floor = snapshots.iter().map(|s| s.lsn).max().unwrap_or(0);
+        let remote = if config.read.is_s3() || config.write.is_s3() {
+            Some(Remote::connect(config.s3.clone(), config.write)?)
+        } else {
+            None
+        };
+        let (loaded, floor, imported) = match (&remote, config.read.is_s3()) {
+            (Some(remote), true) => Self::load_from_bucket(remote, &config, dbs)?,
+            _ => Self::load_from_disk(&config, dbs)?,
+        };
         let mut replayed = 0u64;
         let log = OpLog::open(&log_dir(&config.dir), config.fsync, floor, &mut |record| {
             dbs.apply_record(&record);
@@ -83,6 +90,7 @@ impl Storage {
             config,
             log,
             snapshot_lock: Mutex::new(()),
+            remote,
         });
         if !imported.is_empty() {
             for name in &imported {
@@ -95,6 +103,76 @@ impl Storage {
                 .map_err(|e| format!("cannot write imported NunDB databases: {e}"))?;
         }
         Ok(storage)
+    }
+
+    /// Loads the snapshots in the data directory (and imports NunDB files found there).
+    /// Returns (snapshots loaded, highest LSN covered, imported database names).
+    fn load_from_disk(
+        config: &StorageConfig,
+        dbs: &Databases,
+    ) -> Result<(usize, u64, Vec<String>), String> {
+        let mut current: Option<std::sync::Arc<crate::db::Database>> = None;
+        let snapshots = snapshot::load_all(&config.dir, &mut |info, chunk| match &current {
+            Some(db) if db.name() == info.name => db.load(chunk, info.lsn),
+            _ => {
+                dbs.insert_loaded(&info.name, info.strategy, chunk, info.lsn);
+                current = dbs.get(&info.name);
+            }
+        })?;
+        let imported = snapshots
+            .iter()
+            .filter(|s| s.imported)
+            .map(|s| s.name.clone())
+            .collect();
+        let floor = snapshots.iter().map(|s| s.lsn).max().unwrap_or(0);
+        Ok((snapshots.len(), floor, imported))
+    }
+
+    /// Loads every database of the bucket (its newest snapshot, or NunDB's objects) and says
+    /// so in one log line. NunDB's objects do not record a strategy: the data directory's NunDB
+    /// metadata is used when present, else `none`.
+    fn load_from_bucket(
+        remote: &Remote,
+        config: &StorageConfig,
+        dbs: &Databases,
+    ) -> Result<(usize, u64, Vec<String>), String> {
+        let started = Instant::now();
+        let found = remote.load_all()?;
+        let mut imported = Vec::new();
+        let mut keys = 0;
+        let mut sources = Vec::new();
+        for db in &found {
+            let strategy = db.strategy.unwrap_or_else(|| {
+                snapshot::local_strategy(&config.dir, &db.name).unwrap_or_else(|| {
+                    log::warn!(
+                        "database {} from {}: no strategy recorded, using none",
+                        db.name,
+                        db.source
+                    );
+                    Strategy::None
+                })
+            });
+            keys += db.entries.len();
+            sources.push(db.source.clone());
+            dbs.insert_loaded(&db.name, strategy, db.entries.clone(), db.lsn);
+            if db.imported {
+                imported.push(db.name.clone());
+            }
+        }
+        log::info!(
+            "restored {} databases, {keys} keys from s3://{}/{} in {:?}: {}",
+            found.len(),
+            config.s3.bucket,
+            config.s3.read_prefix,
+            started.elapsed(),
+            if sources.is_empty() {
+                "nothing there yet".to_string()
+            } else {
+                sources.join(", ")
+            }
+        );
+        let floor = found.iter().map(|d| d.lsn).max().unwrap_or(0);
+        Ok((found.len(), floor, imported))
     }
 
     /// The operation log.
@@ -136,14 +214,48 @@ impl Storage {
                 after = chunk.last().map(|(k, _)| k.clone());
                 (!chunk.is_empty()).then_some(chunk)
             });
-            snapshot::write_chunks(&self.config.dir, db.name(), db.strategy(), lsn, chunks)?;
+            match &self.remote {
+                Some(remote) if self.config.write.is_s3() => {
+                    let entries: Vec<_> = chunks.flatten().collect();
+                    match remote.write_snapshot(db.name(), db.strategy(), lsn, &entries) {
+                        Ok(bytes) => {
+                            STATS.s3_uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            STATS.s3_failures.fetch_add(1, Ordering::Relaxed);
+                            // The log is kept: nothing past the last snapshot in the bucket
+                            // may be dropped.
+                            return Err(io::Error::other(e.to_string()));
+                        }
+                    }
+                }
+                _ => {
+                    snapshot::write_chunks(&self.config.dir, db.name(), db.strategy(), lsn, chunks)?
+                }
+            }
             db.mark_snapshotted(lsn);
             written += 1;
         }
         let live = dbs.names();
-        for name in snapshot::stored_names(&self.config.dir)? {
-            if !live.contains(&name) {
-                snapshot::remove(&self.config.dir, &name)?;
+        match &self.remote {
+            Some(remote) if self.config.write.is_s3() => {
+                let stored = remote
+                    .stored_dbs()
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                for name in stored {
+                    if !live.contains(&name) {
+                        remote
+                            .remove_db(&name)
+                            .map_err(|e| io::Error::other(e.to_string()))?;
+                    }
+                }
+            }
+            _ => {
+                for name in snapshot::stored_names(&self.config.dir)? {
+                    if !live.contains(&name) {
+                        snapshot::remove(&self.config.dir, &name)?;
+                    }
+                }
             }
         }
         self.log.drop_before(boundary)?;
@@ -168,6 +280,9 @@ impl Storage {
             .spawn(move || {
                 let mut last = Instant::now();
                 let mut last_sync = Instant::now();
+                // After a failed snapshot (the bucket down), the next try waits 1, 2, 4... s.
+                let mut failures = 0u32;
+                let mut retry_at = Instant::now();
                 loop {
                     std::thread::sleep(Duration::from_millis(200));
                     let Some(dbs) = dbs.upgrade() else { return };
@@ -184,9 +299,23 @@ impl Storage {
                     }
                     let due = last.elapsed() >= storage.config.snapshot_interval;
                     let full = storage.log.size() > storage.config.max_log_size;
-                    if due || full {
-                        if let Err(e) = storage.snapshot(&dbs) {
-                            log::error!("snapshot failed: {e}");
+                    if (due || full) && Instant::now() >= retry_at {
+                        match storage.snapshot(&dbs) {
+                            Ok(_) => {
+                                if failures > 0 {
+                                    log::info!("snapshot stored again after {failures} failed tries");
+                                }
+                                failures = 0;
+                            }
+                            Err(e) => {
+                                failures += 1;
+                                let wait = Duration::from_secs(1 << failures.min(6))
+                                    .min(storage.config.snapshot_interval);
+                                log::error!(
+                                    "snapshot failed ({failures} in a row): {e}; the log is kept, retrying in {wait:?}"
+                                );
+                                retry_at = Instant::now() + wait;
+                            }
                         }
                         last = Instant::now();
                     }
@@ -198,5 +327,16 @@ impl Storage {
     /// Flushes the log to disk (used on shutdown).
     pub fn flush(&self) -> io::Result<()> {
         self.log.sync_now()
+    }
+
+    /// Before a graceful stop: flushes the log and, when snapshots go to a bucket, stores the
+    /// changes made since the last one there.
+    pub fn shutdown(&self, dbs: &Databases) -> io::Result<()> {
+        self.flush()?;
+        if self.config.write.is_s3() {
+            let stored = self.snapshot(dbs)?;
+            log::info!("stopping: {stored} changed databases stored in the bucket");
+        }
+        Ok(())
     }
 }

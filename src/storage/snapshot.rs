@@ -510,6 +510,12 @@ fn stream_ours(
     Ok(())
 }
 
+/// The strategy recorded in `db`'s metadata file in `dir` (ours or NunDB's), if any.
+pub fn local_strategy(dir: &Path, db: &str) -> Option<Strategy> {
+    let meta = fs::read(file(dir, db, META)).ok()?;
+    le_i32(&meta, 8).and_then(Strategy::from_code)
+}
+
 /// Reads a NunDB database (no checksums exist); secrets are re-hashed.
 fn import_nundb(dir: &Path, name: &str) -> Result<DbSnapshot, String> {
     let meta_path = file(dir, name, META);
