@@ -82,6 +82,30 @@ COLD_SECS=$STARTUP_SECS
 RECOVERED=$(grep -o 'storage: .*' "$WORK/storage.out" | tail -1)
 RSS_AFTER_KB=$(grep VmRSS "/proc/$NUN_PID/status" | awk '{print $2}')
 stop_nun
+
+# The same keys with snapshots in an S3 bucket (moto's server on loopback): snapshot upload,
+# then a cold start on an empty data dir from the bucket alone.
+python3 -c "import moto.server" 2>/dev/null || python3 -m pip install -q 'moto[server]'
+MOTO_PORT=$(free_port)
+python3 -m moto.server -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.out" 2>&1 &
+PIDS+=("$!")
+for _ in $(seq 400); do curl -s -o /dev/null "http://127.0.0.1:$MOTO_PORT/" && break; sleep 0.05; done
+curl -s -X PUT -o /dev/null "http://127.0.0.1:$MOTO_PORT/nun-db"
+S3ENV=(NUN_STORAGE_STRATEGY=s3 "NUN_S3_API_URL=http://127.0.0.1:$MOTO_PORT" NUN_S3_KEY_ID=bench
+       NUN_S3_SECRET_KEY=bench NUN_SNAPSHOT_INTERVAL=86400 NUN_MAX_OP_LOG_SIZE=100000000000)
+start_nun "$WORK/s3" "${S3ENV[@]}"
+bench --fill "$N" --value-size 100 >/dev/null
+t0=$(date +%s.%N)
+"$BIN" -u admin -p bench -h "http://$NUN_HTTP" exec "snapshot" >/dev/null
+t1=$(date +%s.%N)
+S3_SNAP_SECS=$(python3 -c "print(f'{$t1-$t0:.2f}')")
+S3_MB=$(curl -s "http://$NUN_HTTP/metrics" | awk '/^nundb_s3_uploaded_bytes_total/{printf "%.1f", $2/1e6}')
+kill -9 "$NUN_PID"; wait "$NUN_PID" 2>/dev/null || true
+rm -rf "$WORK/s3"
+start_nun "$WORK/s3" "${S3ENV[@]}"
+S3_COLD_SECS=$STARTUP_SECS
+S3_RESTORED=$(grep -o 'restored .*' "$WORK/s3.out" | head -1 | cut -c1-120)
+stop_nun
 # The Redis peer for cluster rows: a primary with two replicas (same persistence settings).
 RREPL_PORT=$(free_port)
 redis-server --port "$RREPL_PORT" --bind 127.0.0.1 --dir "$WORK" --dbfilename rp.rdb --save '' \
@@ -207,6 +231,10 @@ RSS_RATIO=$(python3 -c "print(f'{$RSS_KB*1024/($N*116):.2f}')")
   echo "| recovery log line | \`${RECOVERED}\` |"
   echo "| peak RSS while loaded and snapshotting | ${RSS_MB} MB (${RSS_RATIO}× raw) |"
   echo "| RSS after cold start | ${RSS_AFTER_MB} MB |"
+  echo "| \`snapshot\` to an S3 bucket (moto on loopback, \`NUN_STORAGE_STRATEGY=s3\`) | ${S3_SNAP_SECS} s, ${S3_MB} MB uploaded |"
+  echo "| cold start on an empty data dir from the bucket | ${S3_COLD_SECS} s (\`${S3_RESTORED}…\`) |"
+  echo
+  cat scripts/profile-notes.md
 } > BENCHMARKS.md
 echo "wrote BENCHMARKS.md"
 
