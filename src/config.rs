@@ -46,7 +46,7 @@ pub struct Config {
     pub write_quorum: WriteQuorum,
     /// Bytes of recent log records kept in memory to feed secondaries (NUN_REPLICATION_BACKLOG).
     pub replication_backlog: usize,
-    /// Most TCP + WebSocket sessions at once (NUN_MAX_CONNECTIONS); past it clients are refused.
+    /// Most TCP, WebSocket and HTTP connections at once (NUN_MAX_CONNECTIONS); past it clients are refused.
     pub max_connections: usize,
     /// When set, `GET /metrics` needs `Authorization: Bearer <token>` (NUN_METRICS_TOKEN).
     pub metrics_token: Option<String>,
@@ -56,6 +56,8 @@ pub struct Config {
     pub storage_write: Place,
     /// The S3 bucket (NUN_S3_*), used when either place is S3.
     pub s3: S3Config,
+    /// How long an HTTP request may take to arrive, head and body (NUN_HTTP_TIMEOUT, seconds).
+    pub http_timeout: Duration,
 }
 
 /// Default TCP address.
@@ -91,6 +93,7 @@ impl Default for Config {
             storage_read: Place::Disk,
             storage_write: Place::Disk,
             s3: S3Config::default(),
+            http_timeout: Duration::from_secs(10),
         }
     }
 }

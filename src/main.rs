@@ -206,7 +206,7 @@ struct StartArgs {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long = "log-level", env = "NUN_LOG_LEVEL", default_value = "info")]
     log_level: String,
-    /// Most TCP + WebSocket sessions at once; past it new clients are refused. Default: what
+    /// Most TCP, WebSocket and HTTP connections at once; past it new clients are refused. Default: what
     /// this machine's descriptor, thread and memory limits allow (logged at start-up).
     #[arg(long = "max-connections", env = "NUN_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -274,6 +274,13 @@ struct StartArgs {
     /// Retries of a failed request to the bucket (with backoff).
     #[arg(long = "s3-retry", env = "NUN_S3_RETRY", default_value_t = 3)]
     s3_retry: u32,
+    /// Seconds an HTTP request may take to arrive (head and body); slower clients get 408.
+    #[arg(
+        long = "http-timeout",
+        env = "NUN_HTTP_TIMEOUT",
+        default_value_t = 10.0
+    )]
+    http_timeout: f64,
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -530,6 +537,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         retry: args.s3_retry,
     };
     let config = Config {
+        http_timeout: Duration::from_secs_f64(args.http_timeout.max(0.05)),
         storage_read,
         storage_write,
         s3,

@@ -60,6 +60,8 @@ pub enum Transport {
     Tcp,
     /// WebSocket.
     Ws,
+    /// HTTP/1.1 (the CLI, scripts, metrics, console).
+    Http,
 }
 
 impl Transport {
@@ -67,6 +69,7 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
+            Transport::Http => "http",
         }
     }
 }
@@ -85,7 +88,7 @@ pub struct Server {
     open_tcp: AtomicUsize,
     /// WebSocket sessions open now.
     open_ws: AtomicUsize,
-    /// HTTP requests being served now.
+    /// HTTP connections open now.
     open_http: AtomicUsize,
     /// The WebSocket address bound (the console page connects to it).
     ws_bound: std::sync::OnceLock<SocketAddr>,
@@ -140,6 +143,7 @@ impl Server {
                 match admitted.transport {
                     Transport::Tcp => tcp::serve(server, conn),
                     Transport::Ws => ws::serve(server, conn),
+                    Transport::Http => http::serve(server, conn),
                 }
             }
         });
@@ -165,6 +169,7 @@ impl Server {
         match transport {
             Transport::Tcp => &self.open_tcp,
             Transport::Ws => &self.open_ws,
+            Transport::Http => &self.open_http,
         }
     }
 
@@ -225,7 +230,7 @@ pub fn start(node: &Arc<Node>) -> io::Result<Bound> {
     let _ = node.tcp_bound.set(tcp);
     let ws = listen(&server, &node.config.ws_addr, Transport::Ws)?;
     let _ = server.ws_bound.set(ws);
-    let http = http::listen(&server)?;
+    let http = listen(&server, &node.config.http_addr, Transport::Http)?;
     Ok(Bound { tcp, ws, http })
 }
 
@@ -285,6 +290,7 @@ fn refuse_loop(refused: &Receiver<(TcpStream, Transport)>) {
         let sent = match transport {
             Transport::Tcp => (&stream).write_all(TOO_MANY.as_bytes()),
             Transport::Ws => refuse_ws(&stream),
+            Transport::Http => (&stream).write_all(&http::too_many()),
         };
         if sent.is_ok() {
             linger(&stream);

@@ -102,7 +102,7 @@ pub fn render(server: &Server) -> String {
     e.family(
         "nundb_connections",
         "gauge",
-        "Client connections open now, by transport (http: requests being served).",
+        "Client connections open now, by transport.",
     );
     for (transport, n) in [
         ("tcp", server.open_tcp.load(Ordering::Relaxed)),
