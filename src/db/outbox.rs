@@ -529,6 +529,21 @@ impl SmallBatch {
     }
 }
 
+/// How many outboxes ahead a fan-out asks the CPU to load.
+const PREFETCH_AHEAD: usize = 4;
+
+/// Hints the CPU to load the cache line at `p` (a no-op elsewhere than x86-64).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and has no effect on memory; any address is allowed.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Outboxes this thread queued pushes into since it last called [`take_touched`], and the
 /// highest LSN among those pushes. The thread that made the changes must wait until that LSN
 /// is durable and committed, then [`Touched::release`] them (or [`Touched::abandon`] them if
@@ -584,7 +599,11 @@ impl Touched {
 
     /// Everything up to [`Touched::lsn`] is durable and committed: sends the pushes.
     pub fn release(self) {
-        for outbox in &self.outboxes {
+        for (i, outbox) in self.outboxes.iter().enumerate() {
+            // A large fan-out walks thousands of outboxes: ask for the next ones' memory early.
+            if let Some(ahead) = self.outboxes.get(i + PREFETCH_AHEAD) {
+                prefetch(Arc::as_ptr(ahead));
+            }
             outbox.release(self.lsn);
         }
     }

@@ -28,6 +28,9 @@ const MIN_ROOM: usize = 1024;
 
 /// A client socket as the destination of an outbox.
 pub struct SocketSink {
+    /// The socket's descriptor, kept here so a send reads no other allocation (a fan-out to
+    /// thousands of watchers is bound by such cache misses).
+    fd: std::os::fd::RawFd,
     stream: Arc<TcpStream>,
     framing: Framing,
     flusher: Arc<Flusher>,
@@ -37,6 +40,7 @@ impl SocketSink {
     /// A sink writing `framing`-framed messages to `stream`.
     pub fn new(stream: &Arc<TcpStream>, framing: Framing, flusher: &Arc<Flusher>) -> SocketSink {
         SocketSink {
+            fd: stream.as_raw_fd(),
             stream: Arc::clone(stream),
             framing,
             flusher: Arc::clone(flusher),
@@ -50,11 +54,11 @@ impl Sink for SocketSink {
     }
 
     fn try_send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
-        os::send_now(self.stream.as_raw_fd(), parts)
+        os::send_now(self.fd, parts)
     }
 
     fn stalled(&self, outbox: &Arc<Outbox>) {
-        self.flusher.add(outbox, self.stream.as_raw_fd());
+        self.flusher.add(outbox, self.fd);
     }
 
     fn close(&self) {
