@@ -124,10 +124,59 @@ impl Item {
     }
 }
 
+/// Items in order. The first lives inline, so the usual queue of one (a push or a reply on its
+/// way out) touches no memory beyond the outbox itself.
+#[derive(Debug, Default)]
+struct Queue {
+    first: Option<Item>,
+    rest: VecDeque<Item>,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    fn front(&self) -> Option<&Item> {
+        self.first.as_ref().or_else(|| self.rest.front())
+    }
+
+    fn push_back(&mut self, item: Item) {
+        if self.is_empty() {
+            self.first = Some(item);
+        } else {
+            self.rest.push_back(item);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Item> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn push_front(&mut self, item: Item) {
+        if let Some(old) = self.first.replace(item) {
+            self.rest.push_front(old);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Item> {
+        self.first.iter().chain(self.rest.iter())
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        self.rest = VecDeque::new();
+    }
+}
+
 /// Queue state, under one mutex.
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Item>,
+    queue: Queue,
     /// Bytes queued and not written yet.
     bytes: usize,
     /// Every log record up to this LSN is durable and committed: items up to it may go.
@@ -377,7 +426,8 @@ impl Outbox {
     fn abandon(&self) {
         let holding = {
             let s = lock(&self.state);
-            s.queue.iter().any(|i| i.lsn > s.released)
+            let holding = s.queue.iter().any(|i| i.lsn > s.released);
+            holding
         };
         if holding {
             log::warn!(
@@ -600,9 +650,13 @@ impl Touched {
     /// Everything up to [`Touched::lsn`] is durable and committed: sends the pushes.
     pub fn release(self) {
         for (i, outbox) in self.outboxes.iter().enumerate() {
-            // A large fan-out walks thousands of outboxes: ask for the next ones' memory early.
+            // A large fan-out walks thousands of outboxes: ask for the next ones' memory early,
+            // and for the sink of a nearer one, whose outbox should have arrived by now.
             if let Some(ahead) = self.outboxes.get(i + PREFETCH_AHEAD) {
                 prefetch(Arc::as_ptr(ahead));
+            }
+            if let Some(near) = self.outboxes.get(i + PREFETCH_AHEAD / 2) {
+                prefetch(std::ptr::addr_of!(*near.sink).cast::<u8>());
             }
             outbox.release(self.lsn);
         }
