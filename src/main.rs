@@ -28,7 +28,8 @@ struct Cli {
     /// Admin password.
     #[arg(short = 'p', long = "pwd", env = "NUN_PWD", global = true)]
     pwd: Option<String>,
-    /// HTTP address of the server, for exec and create-db.
+    /// HTTP address of the server, for exec and create-db; several, comma-separated, for a
+    /// cluster (the first that accepts a connection is used).
     #[arg(
         short = 'h',
         long = "host",
@@ -37,6 +38,15 @@ struct Cli {
         global = true
     )]
     host: String,
+    /// Seconds exec and create-db keep trying the addresses in --host (with exponential
+    /// backoff) while none accepts a connection.
+    #[arg(
+        long = "retry-for",
+        env = "NUN_RETRY_FOR",
+        default_value_t = 5,
+        global = true
+    )]
+    retry_for: u64,
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help, global = true)]
     help: Option<bool>,
@@ -335,7 +345,9 @@ fn exec(cli: &Cli, command: &str) -> ExitCode {
     let Some((user, pwd)) = credentials(cli) else {
         return fail("admin credentials are required: pass -u USER -p PWD or set NUN_USER/NUN_PWD");
     };
-    match client::post(&cli.host, &format!("auth {user} {pwd}; {command}")) {
+    let hosts: Vec<&str> = cli.host.split(',').map(str::trim).collect();
+    let patience = std::time::Duration::from_secs(cli.retry_for);
+    match client::post_to_any(&hosts, &format!("auth {user} {pwd}; {command}"), patience) {
         Ok(body) => {
             println!("Response {body:?}");
             ExitCode::SUCCESS

@@ -514,3 +514,114 @@ fn isolated_secondary_rejoins_without_deposing_the_primary() {
     assert_eq!(c.primary(), Some(p));
     assert_eq!(c.victories(), before, "the healed node forced an election");
 }
+
+/// What one writer saw: keys acknowledged, keys whose outcome is unknown, anything else.
+#[derive(Default, Debug)]
+struct Writes {
+    acked: Vec<String>,
+    unknown: Vec<String>,
+    other: Vec<String>,
+}
+
+#[test]
+fn cluster_clients_keep_writing_through_a_primary_kill() {
+    use nundb::client::{ClientError, ClusterClient};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let mut c = TestCluster::start(3, &[]);
+    let p = c.primary().unwrap();
+    setup(&c, p);
+    let tcp = |i: usize| c.nodes[i].as_ref().unwrap().tcp.clone();
+    let secondary = (p + 1) % 3;
+    // One client starts on the primary (its connection dies with it), one on a secondary (its
+    // writes are forwarded to the primary that dies).
+    let orders: Vec<Vec<String>> = vec![
+        vec![tcp(p), tcp(secondary), tcp((p + 2) % 3)],
+        vec![tcp(secondary), tcp((p + 2) % 3), tcp(p)],
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Vec<AtomicUsize>> = Arc::new((0..2).map(|_| AtomicUsize::new(0)).collect());
+    let writers: Vec<_> = orders
+        .into_iter()
+        .enumerate()
+        .map(|(w, nodes)| {
+            let (stop, acked) = (stop.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+                let mut client = ClusterClient::new(&nodes);
+                client.auth(ADMIN, ADMIN_PWD).unwrap();
+                client.use_db("d", "t").unwrap();
+                let mut seen = Writes::default();
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let key = format!("w{w}-{i}");
+                    match client.set(&key, &i.to_string()) {
+                        Ok(()) => {
+                            seen.acked.push(key);
+                            acked[w].fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(ClientError::Unknown(e)) => seen.unknown.push(format!("{key}: {e}")),
+                        Err(e) => seen.other.push(format!("{key}: {e}")),
+                    }
+                    i += 1;
+                }
+                // Reads follow the cluster too.
+                let last = seen.acked.last().cloned().unwrap_or_default();
+                let read = client.get(&last).unwrap();
+                assert!(read.is_some(), "writer {w} reads back {last}");
+                seen
+            })
+        })
+        .collect();
+    let both_past = |n: usize| acked.iter().all(|a| a.load(Ordering::SeqCst) >= n);
+    assert!(eventually(LONG, || both_past(30)), "writers started");
+    let before: Vec<usize> = acked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+    let primary_http = c.nodes[p].as_ref().unwrap().http_url();
+    c.kill(p);
+    assert!(
+        eventually(Duration::from_secs(60), || acked
+            .iter()
+            .zip(&before)
+            .all(|(a, b)| a.load(Ordering::SeqCst) >= b + 30)),
+        "both writers go on after the kill: {acked:?} (before {before:?})"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let results: Vec<Writes> = writers.into_iter().map(|t| t.join().unwrap()).collect();
+    for (w, r) in results.iter().enumerate() {
+        eprintln!(
+            "writer {w}: {} acknowledged, unknown: {:?}",
+            r.acked.len(),
+            r.unknown
+        );
+        assert!(r.other.is_empty(), "writer {w} saw errors: {:?}", r.other);
+    }
+    // Every acknowledged write is on every live node.
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != p).collect();
+    for i in &survivors {
+        assert!(
+            eventually(LONG, || {
+                let mut cl = use_db(c.client(*i));
+                results
+                    .iter()
+                    .flat_map(|r| &r.acked)
+                    .all(|k| cl.get(k).ok().flatten().is_some())
+            }),
+            "node {i} has every acknowledged write"
+        );
+    }
+    // `nun-db exec` given the dead node first moves on to a live one.
+    let hosts = format!(
+        "{primary_http},{}",
+        c.nodes[survivors[0]].as_ref().unwrap().http_url()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nun-db"))
+        .args(["-u", ADMIN, "-p", ADMIN_PWD, "-h", &hosts, "exec"])
+        .arg(format!("use-db d t; get {}", results[0].acked[0]))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Response \"valid auth;empty;value 0\"\n"
+    );
+}

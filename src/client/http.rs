@@ -30,10 +30,43 @@ fn parse_url(url: &str) -> Result<(String, String), ClientError> {
 
 /// POSTs `body` to `url` and returns the response body; non-200 answers are errors.
 pub fn post(url: &str, body: &str) -> Result<String, ClientError> {
-    let (host, path) = parse_url(url)?;
-    let mut stream = TcpStream::connect(&host)?;
-    stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
-    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    Connected::open(url)?.post(body)
+}
+
+/// An HTTP connection made, before anything is sent on it.
+pub struct Connected {
+    stream: TcpStream,
+    host: String,
+    path: String,
+}
+
+impl Connected {
+    /// Connects to the server at `url`; an error here means nothing was sent.
+    pub fn open(url: &str) -> Result<Connected, ClientError> {
+        let (host, path) = parse_url(url)?;
+        let stream = TcpStream::connect(&host)?;
+        stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
+        stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Connected { stream, host, path })
+    }
+
+    /// Sends `body` as a POST and returns the response body; non-200 answers are errors.
+    pub fn post(self, body: &str) -> Result<String, ClientError> {
+        let Connected {
+            mut stream,
+            host,
+            path,
+        } = self;
+        exchange(&mut stream, &host, &path, body)
+    }
+}
+
+fn exchange(
+    stream: &mut TcpStream,
+    host: &str,
+    path: &str,
+    body: &str,
+) -> Result<String, ClientError> {
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

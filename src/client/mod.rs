@@ -9,9 +9,11 @@
 //! assert_eq!(c.get("name").unwrap().as_deref(), Some("mateus"));
 //! ```
 
+mod cluster;
 mod http;
 mod transport;
 
+pub use cluster::{post_to_any, ClusterClient};
 pub use http::post;
 
 use std::collections::VecDeque;
@@ -33,6 +35,9 @@ pub enum ClientError {
     Protocol(String),
     /// The server answered `error <message>`.
     Server(String),
+    /// A write whose outcome cannot be known (the connection or the primary failed after it
+    /// was sent): it may or may not have been applied. Only [`ClusterClient`] reports this.
+    Unknown(String),
 }
 
 impl fmt::Display for ClientError {
@@ -41,6 +46,7 @@ impl fmt::Display for ClientError {
             ClientError::Io(e) => write!(f, "connection error: {e}"),
             ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
             ClientError::Server(e) => write!(f, "server error: {e}"),
+            ClientError::Unknown(e) => write!(f, "outcome unknown: {e}"),
         }
     }
 }
@@ -187,6 +193,11 @@ impl Client {
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
         self.transport.set_timeout(timeout)?;
         Ok(())
+    }
+
+    /// False when the server has certainly closed this connection (checked without blocking).
+    pub fn is_open(&self) -> bool {
+        self.transport.is_open()
     }
 
     /// Sends one raw command and waits for its reply.

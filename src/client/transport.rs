@@ -16,6 +16,11 @@ pub trait Transport {
     fn recv(&mut self) -> Result<String, ClientError>;
     /// Sets the receive timeout.
     fn set_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// False when the peer has certainly closed the connection (checked without blocking), so
+    /// a command sent now would be lost unseen.
+    fn is_open(&self) -> bool {
+        true
+    }
 }
 
 /// Line-framed TCP.
@@ -84,6 +89,21 @@ impl Transport for TcpTransport {
 
     fn set_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.reader.get_ref().set_read_timeout(timeout)
+    }
+
+    fn is_open(&self) -> bool {
+        if !self.reader.buffer().is_empty() {
+            return true;
+        }
+        let stream = self.reader.get_ref();
+        if stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let open = match stream.peek(&mut [0u8; 1]) {
+            Ok(n) => n > 0,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        };
+        stream.set_nonblocking(false).is_ok() && open
     }
 }
 

@@ -1,8 +1,7 @@
 //! Writes that reach a secondary go to the primary as `fwd <origin> <db> <user> <command>`; the client
 //! gets the primary's answer once the change has come back through replication (so it reads
-//! its own write). The secondary never applies the write itself.
-
-use std::time::Duration;
+//! its own write). The secondary never applies the write itself, and never sends one twice: a
+//! write lost on the way gets an error saying its outcome is unknown, and the client decides.
 
 use super::Cluster;
 use crate::client::Client;
@@ -29,54 +28,54 @@ pub fn forward(
     let Some(primary) = cluster.status().2 else {
         return Outcome::error(NO_PRIMARY);
     };
-    let command = format!("fwd {} {db} {user} {line}", cluster.self_id);
-    for attempt in 0..2 {
-        let reuse = matches!(forwarder, Some((p, _)) if *p == primary);
-        if !reuse {
-            match Client::connect_tcp_timeout(&primary, cluster.timeout * 5)
-                .and_then(|mut c| c.auth(&cluster.admin.0, &cluster.admin.1).map(|_| c))
-            {
-                Ok(c) => *forwarder = Some((primary.clone(), c)),
-                Err(e) => return Outcome::error(format!("Primary {primary} unreachable: {e}")),
-            }
-        }
-        let Some((_, client)) = forwarder.as_mut() else {
-            break;
-        };
-        match client.call(&command) {
-            Ok(reply) => {
-                let mut messages = reply.messages;
-                let lsn = match messages.first().and_then(|m| m.strip_prefix("fwd-lsn ")) {
-                    Some(n) => n.parse::<u64>().unwrap_or(0),
-                    None => 0,
-                };
-                if messages.first().is_some_and(|m| m.starts_with("fwd-lsn ")) {
-                    messages.remove(0);
-                }
-                if lsn > 0 && !cluster.wait_applied(lsn, cluster.timeout * 5) {
-                    log::warn!("forwarded write {lsn} not replicated back in time");
-                }
-                let error = reply.error.map(|e| {
-                    if e == "permission denied" {
-                        "permission denied\n".to_string()
-                    } else {
-                        e
-                    }
-                });
-                return Outcome {
-                    messages,
-                    error,
-                    ..Outcome::default()
-                };
-            }
-            Err(e) => {
-                *forwarder = None;
-                if attempt == 1 {
-                    return Outcome::error(format!("Primary {primary} unreachable: {e}"));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+    let reuse = matches!(forwarder, Some((p, c)) if *p == primary && c.is_open());
+    if !reuse {
+        *forwarder = None;
+        match Client::connect_tcp_timeout(&primary, cluster.timeout * 5)
+            .and_then(|mut c| c.auth(&cluster.admin.0, &cluster.admin.1).map(|_| c))
+        {
+            Ok(c) => *forwarder = Some((primary.clone(), c)),
+            // Nothing was sent: the write certainly did not happen.
+            Err(e) => return Outcome::error(format!("Primary {primary} unreachable: {e}")),
         }
     }
-    Outcome::error("Primary unreachable")
+    let Some((_, client)) = forwarder.as_mut() else {
+        return Outcome::error(format!("Primary {primary} unreachable"));
+    };
+    let command = format!("fwd {} {db} {user} {line}", cluster.self_id);
+    match client.call(&command) {
+        Ok(reply) => {
+            let mut messages = reply.messages;
+            let lsn = match messages.first().and_then(|m| m.strip_prefix("fwd-lsn ")) {
+                Some(n) => n.parse::<u64>().unwrap_or(0),
+                None => 0,
+            };
+            if messages.first().is_some_and(|m| m.starts_with("fwd-lsn ")) {
+                messages.remove(0);
+            }
+            if lsn > 0 && !cluster.wait_applied(lsn, cluster.timeout * 5) {
+                log::warn!("forwarded write {lsn} not replicated back in time");
+            }
+            let error = reply.error.map(|e| {
+                if e == "permission denied" {
+                    "permission denied\n".to_string()
+                } else {
+                    e
+                }
+            });
+            Outcome {
+                messages,
+                error,
+                ..Outcome::default()
+            }
+        }
+        // The command went out and no answer came back: the primary may have applied it.
+        // Sending it again could apply it twice, so the client is told instead.
+        Err(e) => {
+            *forwarder = None;
+            Outcome::error(format!(
+                "Primary {primary} did not answer; the write may not be durable: {e}"
+            ))
+        }
+    }
 }
