@@ -83,6 +83,9 @@ RECOVERED=$(grep -o 'storage: .*' "$WORK/storage.out" | tail -1)
 RSS_AFTER_KB=$(grep VmRSS "/proc/$NUN_PID/status" | awk '{print $2}')
 stop_nun
 
+# Remove-heavy: as many distinct keys set then removed, on a fresh node and a fresh Redis.
+CHURN=$(scripts/bench-churn.sh "$N")
+
 # The same keys with snapshots in an S3 bucket (moto's server on loopback): snapshot upload,
 # then a cold start on an empty data dir from the bucket alone.
 python3 -c "import moto.server" 2>/dev/null || python3 -m pip install -q 'moto[server]'
@@ -233,6 +236,10 @@ RSS_RATIO=$(python3 -c "print(f'{$RSS_KB*1024/($N*116):.2f}')")
   echo "| RSS after cold start | ${RSS_AFTER_MB} MB |"
   echo "| \`snapshot\` to an S3 bucket (moto on loopback, \`NUN_STORAGE_STRATEGY=s3\`) | ${S3_SNAP_SECS} s, ${S3_MB} MB uploaded |"
   echo "| cold start on an empty data dir from the bucket | ${S3_COLD_SECS} s (\`${S3_RESTORED}…\`) |"
+  echo
+  echo "## Removed keys give their memory back"
+  echo
+  echo "$CHURN"
   echo
   cat scripts/profile-notes.md
 } > BENCHMARKS.md

@@ -127,6 +127,10 @@ struct BenchArgs {
     /// Only fill this many keys (pipelined, over TCP), print the time taken, and exit.
     #[arg(long = "fill")]
     fill: Option<usize>,
+    /// Only set then remove this many distinct keys (pipelined, over TCP; on Redis too with
+    /// --target), print the times taken, and exit.
+    #[arg(long = "churn")]
+    churn: Option<usize>,
     /// Writes per watch row.
     #[arg(long = "watch-writes", default_value_t = 300)]
     watch_writes: usize,
@@ -451,6 +455,28 @@ fn bench(cli: &Cli, args: &BenchArgs) -> ExitCode {
             }
             Err(e) => fail(&format!("fill failed: {e}")),
         };
+    }
+    if let Some(n) = args.churn {
+        let ours = match nundb::bench::churn(&opts, nundb::bench::Transport::NunTcp, n) {
+            Ok(took) => took,
+            Err(e) => return fail(&format!("churn failed: {e}")),
+        };
+        println!(
+            "churned {n} keys (set+remove) in {:.2}s ({:.0} ops/s)",
+            ours.as_secs_f64(),
+            2.0 * n as f64 / ours.as_secs_f64()
+        );
+        if opts.redis.is_some() {
+            match nundb::bench::churn(&opts, nundb::bench::Transport::Redis, n) {
+                Ok(took) => println!(
+                    "redis churned {n} keys (SET+DEL) in {:.2}s ({:.0} ops/s)",
+                    took.as_secs_f64(),
+                    2.0 * n as f64 / took.as_secs_f64()
+                ),
+                Err(e) => return fail(&format!("redis churn failed: {e}")),
+            }
+        }
+        return ExitCode::SUCCESS;
     }
     match nundb::bench::run(&opts) {
         Ok(report) => {

@@ -391,3 +391,97 @@ fn nundb_data_dir_is_imported() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `stored_entries` and `rss_kb` from `debug process-info`.
+fn process_info(s: &Server) -> (u64, u64) {
+    let line = s.admin().call("debug process-info").unwrap().messages[0].clone();
+    let field = |name: &str| -> u64 {
+        line.split(", ")
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    (field("stored_entries"), field("rss_kb"))
+}
+
+/// Bytes of database `db`'s snapshot files in `dir`, after a forced snapshot.
+fn snapshot_bytes(s: &Server, db: &str) -> u64 {
+    s.admin()
+        .call(&format!("snapshot {db}"))
+        .unwrap()
+        .into_result()
+        .unwrap();
+    std::fs::read_dir(&s.dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(db))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn removed_keys_leave_no_entry_and_versions_stay_monotonic() {
+    let s = Server::start();
+    s.create_db("rm", "t", None);
+    let mut raw = RawTcp::connect(&s.tcp);
+    assert_eq!(raw.cmd("use-db rm t"), vec!["ok \n"]);
+    assert_eq!(raw.cmd("set base 1"), vec!["ok \n"]);
+    let (idle_entries, idle_rss) = process_info(&s);
+    let idle_bytes = snapshot_bytes(&s, "rm");
+    let mut rss = Vec::new();
+    for round in 0..4 {
+        for batch in 0..20 {
+            let lines: String = (0..500)
+                .map(|i| {
+                    let key = format!("r{round}-{batch}-{i}");
+                    format!("set {key} {}\nremove {key}\n", "v".repeat(100))
+                })
+                .collect();
+            raw.send(lines.as_bytes());
+            for _ in 0..1000 {
+                assert_eq!(raw.until_envelope(), vec!["ok \n"]);
+            }
+        }
+        let (entries, kb) = process_info(&s);
+        // `$connections`, `base` and at most one version floor per bucket (64).
+        assert!(
+            entries <= idle_entries + 64,
+            "round {round}: {entries} entries, idle {idle_entries}"
+        );
+        rss.push(kb);
+        let bytes = snapshot_bytes(&s, "rm");
+        assert!(
+            bytes <= idle_bytes + 64 * 64,
+            "round {round}: snapshot {bytes} bytes, idle {idle_bytes}"
+        );
+    }
+    eprintln!("rss_kb idle {idle_rss}, after each round of 10000 set+remove: {rss:?}");
+    assert!(
+        rss[3] <= rss[1] + 2048,
+        "resident memory grew from {} KiB to {} KiB",
+        rss[1],
+        rss[3]
+    );
+    // A watcher of a removed key sees it come back at a higher version, across a restart too.
+    let mut c = s.tcp_client("rm", "t");
+    c.set("w", "1").unwrap();
+    let first = c.get_safe("w").unwrap().unwrap().0;
+    c.remove("w").unwrap();
+    let dir = s.dir.clone();
+    let mut s = s;
+    s.terminate();
+    let s2 = Server::start_in(dir.clone(), &[]);
+    let mut c = s2.tcp_client("rm", "t");
+    assert_eq!(c.get("w").unwrap(), None);
+    c.set("w", "2").unwrap();
+    let again = c.get_safe("w").unwrap().unwrap().0;
+    assert!(
+        again > first + 1,
+        "removed at {}, back at {again}",
+        first + 1
+    );
+    // A stale set-safe from before the removal is a conflict, not a silent overwrite.
+    let stale = c.call(&format!("set-safe w {first} stale")).unwrap().error;
+    assert_eq!(stale.as_deref(), Some("Invalid version!"));
+    drop(s2);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -11,6 +11,8 @@ pub enum KvOp {
     Set,
     /// `get key`.
     Get,
+    /// `remove key` (Redis: `DEL`).
+    Remove,
 }
 
 /// One benchmark connection.
@@ -31,6 +33,7 @@ fn command(op: KvOp, key: &str, value: &str) -> String {
     match op {
         KvOp::Set => format!("set {key} {value}"),
         KvOp::Get => format!("get {key}"),
+        KvOp::Remove => format!("remove {key}"),
     }
 }
 
@@ -316,6 +319,7 @@ impl Conn for Redis {
             match op {
                 KvOp::Set => resp_command(&mut self.out, &["SET", k, value]),
                 KvOp::Get => resp_command(&mut self.out, &["GET", k]),
+                KvOp::Remove => resp_command(&mut self.out, &["DEL", k]),
             }
             if waiting {
                 resp_command(&mut self.out, &["WAIT", &wait, "0"]);

@@ -123,6 +123,31 @@ fn key(i: usize) -> String {
 /// Fills `n` keys with `value_size`-byte values over 8 pipelined TCP connections; returns the
 /// elapsed time.
 pub fn fill(opts: &BenchOptions, n: usize) -> io::Result<Duration> {
+    drive(opts, Transport::NunTcp, n, key, &[KvOp::Set])
+}
+
+/// Sets then removes `n` distinct keys (`churn:<i>`, never used by other rows) on `target`
+/// over 8 pipelined connections, each batch of 256 sets followed by their removes; returns
+/// the elapsed time. Shows that removed keys give their memory back.
+pub fn churn(opts: &BenchOptions, target: Transport, n: usize) -> io::Result<Duration> {
+    drive(
+        opts,
+        target,
+        n,
+        |i| format!("churn:{i:012}"),
+        &[KvOp::Set, KvOp::Remove],
+    )
+}
+
+/// Runs `ops` in turn on each batch of 256 of the keys `name(0..n)` (split over 8 connections
+/// to `target`), creating the bench database first; returns the elapsed time.
+fn drive(
+    opts: &BenchOptions,
+    target: Transport,
+    n: usize,
+    name: fn(usize) -> String,
+    ops: &'static [KvOp],
+) -> io::Result<Duration> {
     let mut admin = crate::client::Client::connect_tcp(&opts.tcp).map_err(io::Error::other)?;
     admin
         .auth(&opts.user, &opts.pwd)
@@ -130,23 +155,25 @@ pub fn fill(opts: &BenchOptions, n: usize) -> io::Result<Duration> {
     let _ = admin.call(&format!("create-db {DB} {TOKEN}"));
     let started = Instant::now();
     let workers = 8;
-    let handles: Vec<_> = (0..workers)
+    let value = Arc::new("v".repeat(opts.value_size));
+    let handles = (0..workers)
         .map(|w| {
-            let tcp = opts.tcp.clone();
-            let value = "v".repeat(opts.value_size);
-            std::thread::spawn(move || -> io::Result<()> {
-                let mut c = NunTcp::connect(&tcp, DB, TOKEN)?;
-                let mine: Vec<String> = (w..n).step_by(workers).map(key).collect();
+            let mut c = connect(opts, target)?;
+            let value = Arc::clone(&value);
+            Ok(std::thread::spawn(move || -> io::Result<()> {
+                let mine: Vec<String> = (w..n).step_by(workers).map(name).collect();
                 for chunk in mine.chunks(256) {
-                    c.batch(KvOp::Set, chunk, &value)?;
+                    for &op in ops {
+                        c.batch(op, chunk, &value)?;
+                    }
                 }
                 Ok(())
-            })
+            }))
         })
-        .collect();
+        .collect::<io::Result<Vec<_>>>()?;
     for h in handles {
         h.join()
-            .map_err(|_| io::Error::other("fill thread panicked"))??;
+            .map_err(|_| io::Error::other("bench thread panicked"))??;
     }
     Ok(started.elapsed())
 }
@@ -246,6 +273,7 @@ fn op_name(op: KvOp) -> &'static str {
     match op {
         KvOp::Set => "set",
         KvOp::Get => "get",
+        KvOp::Remove => "remove",
     }
 }
 

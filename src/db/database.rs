@@ -18,8 +18,68 @@ pub const CONNECTIONS_KEY: &str = "$connections";
 /// The key holding the database's (hashed) token.
 pub const TOKEN_KEY: &str = "$$token";
 
-/// A stored value. Removed keys stay as tombstones so versions keep increasing (except conflict
-/// records, whose keys are never reused).
+/// Prefix of the version floors that stand in for removed keys: a removed key leaves no entry,
+/// it raises the floor of the bucket its name hashes into, and a key created later in that
+/// bucket starts above it, so versions never go back for watchers and `set-safe`.
+pub const FLOOR_PREFIX: &str = "$$version-floor/";
+/// How many version floors a database has at most.
+const FLOOR_BUCKETS: u64 = 64;
+
+/// The floor entry that `key`'s versions must stay above (FNV-1a of the name, so every node
+/// and every restart picks the same one).
+fn floor_key(key: &str) -> &'static str {
+    static KEYS: OnceLock<Vec<String>> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        (0..FLOOR_BUCKETS)
+            .map(|b| format!("{FLOOR_PREFIX}{b:02}"))
+            .collect()
+    });
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    &keys[(hash % FLOOR_BUCKETS) as usize]
+}
+
+/// True for the reserved version-floor keys (never written by clients, never listed).
+pub fn is_floor_key(key: &str) -> bool {
+    key.starts_with(FLOOR_PREFIX)
+}
+
+/// Stores a removal of `key` at `version`: drops its entry and raises its bucket's floor.
+/// Returns whether the key was live.
+fn fold_removed(data: &mut BTreeMap<Box<str>, Entry>, key: &str, version: i32) -> bool {
+    let was_live = data.remove(key).is_some_and(|e| !e.deleted);
+    raise_floor(data, floor_key(key), version);
+    was_live
+}
+
+/// Raises floor entry `floor` to at least `version`.
+fn raise_floor(data: &mut BTreeMap<Box<str>, Entry>, floor: &str, version: i32) {
+    match data.get_mut(floor) {
+        Some(e) => e.version = e.version.max(version),
+        None => {
+            data.insert(Box::from(floor), Entry::removed(version));
+        }
+    }
+}
+
+/// Puts a snapshot or full-sync entry into `data`: tombstones (older snapshots kept one per
+/// removed key) become floors, like a removal does.
+fn insert_loaded(data: &mut BTreeMap<Box<str>, Entry>, key: String, entry: Entry) {
+    if key == CONNECTIONS_KEY {
+        return;
+    }
+    if is_floor_key(&key) {
+        raise_floor(data, &key, entry.version);
+    } else if entry.deleted {
+        fold_removed(data, &key, entry.version);
+    } else {
+        data.insert(key.into_boxed_str(), entry);
+    }
+}
+
+/// A stored value. A removed key leaves no entry, only a raised version floor (see
+/// [`FLOOR_PREFIX`]); the floors themselves are stored as removed entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The value text (shared, so snapshots copy a pointer, not the bytes).
@@ -94,6 +154,8 @@ pub enum WriteError {
     Storage(String),
     /// The key's version cannot grow any more.
     VersionOverflow,
+    /// The key is one of the database's own (a version floor).
+    Reserved,
 }
 
 impl std::fmt::Display for WriteError {
@@ -108,6 +170,7 @@ impl std::fmt::Display for WriteError {
             WriteError::NoConflict(opp) => write!(f, "No pending conflict {opp}"),
             WriteError::Storage(e) => write!(f, "Storage error: {e}"),
             WriteError::VersionOverflow => f.write_str("Key version overflow"),
+            WriteError::Reserved => f.write_str("Key is reserved"),
         }
     }
 }
@@ -240,7 +303,7 @@ impl Database {
         self.live.store(live, Ordering::Relaxed);
     }
 
-    /// Number of stored entries, tombstones included (what the map holds in memory).
+    /// Number of stored entries, version floors included (what the map holds in memory).
     pub fn stored_entries(&self) -> usize {
         read(&self.data).len()
     }
@@ -265,9 +328,14 @@ impl Database {
         key: &str,
         op: WriteOp<'_>,
     ) -> Result<Written, WriteError> {
+        if is_floor_key(key) {
+            return Err(WriteError::Reserved);
+        }
         let existing = data.get(key);
         let live = existing.filter(|e| !e.deleted);
-        let floor = existing.map(|e| e.version);
+        let floor = existing
+            .or_else(|| data.get(floor_key(key)))
+            .map(|e| e.version);
         let entry = match op {
             WriteOp::Set(value) => Entry::live(value, next_version(floor, -1)?),
             // -1 is plain `set`'s request version: the JS driver's `setValue` sends
@@ -355,7 +423,7 @@ impl Database {
     /// Inserts `entry` and queues its notification (sent once log record `lsn` is durable) to
     /// the key's watchers.
     fn store(&self, data: &mut BTreeMap<Box<str>, Entry>, key: &str, entry: Entry, lsn: u64) {
-        if key.starts_with("$$") {
+        if key.starts_with("$$") && !is_floor_key(key) {
             self.security_changed();
         }
         let conflict_record = key.starts_with(super::conflicts::CONFLICTS_PREFIX);
@@ -366,8 +434,10 @@ impl Database {
         let now_live = !entry.deleted;
         let was_live = if conflict_record && entry.deleted {
             // A conflict record key names a fresh opp_id and is never written again, so it
-            // needs no tombstone: dropping it is what lets memory return to idle.
+            // needs no floor either.
             data.remove(key).is_some_and(|e| !e.deleted)
+        } else if entry.deleted && !is_floor_key(key) {
+            fold_removed(data, key, entry.version)
         } else if let Some(slot) = data.get_mut(key) {
             std::mem::replace(slot, entry).deleted.not()
         } else {
@@ -385,9 +455,7 @@ impl Database {
     pub fn load(&self, entries: Vec<(String, Entry)>, lsn: u64) {
         let mut data = write(&self.data);
         for (key, entry) in entries {
-            if key != CONNECTIONS_KEY {
-                data.insert(key.into_boxed_str(), entry);
-            }
+            insert_loaded(&mut data, key, entry);
         }
         self.last_lsn.store(lsn, Ordering::Release);
         self.snapshot_lsn.store(lsn, Ordering::Release);
@@ -402,9 +470,7 @@ impl Database {
             let mut data = write(&self.data);
             data.retain(|k, _| &**k == CONNECTIONS_KEY);
             for (key, entry) in entries {
-                if key != CONNECTIONS_KEY {
-                    data.insert(key.into_boxed_str(), entry);
-                }
+                insert_loaded(&mut data, key, entry);
             }
             *write(&self.strategy) = strategy;
             self.last_lsn.store(lsn, Ordering::Release);
@@ -442,7 +508,7 @@ impl Database {
             || self.last_lsn() > self.snapshot_lsn.load(Ordering::Acquire)
     }
 
-    /// Copies up to `max` entries (tombstones included, `$connections` excluded) ordered after
+    /// Copies up to `max` entries (version floors included, `$connections` excluded) ordered after
     /// `after`. Snapshots stream a database in such chunks, so writers wait only for one chunk.
     pub fn copy_chunk(&self, after: Option<&str>, max: usize) -> Vec<(String, Entry)> {
         let data = read(&self.data);
@@ -631,5 +697,51 @@ mod tests {
             got,
             vec!["changed a 1\n", "changed-version a 0 1\n", "removed a\n"]
         );
+    }
+
+    #[test]
+    fn removed_keys_leave_only_floors_and_come_back_above_them() {
+        let db = Database::new("t", Strategy::None);
+        let mut removed_at = HashMap::new();
+        for i in 0..1000 {
+            let key = format!("k{i}");
+            let first = version(db.write(&key, WriteOp::Set("v"))).unwrap();
+            assert_eq!(version(db.write(&key, WriteOp::Set("w"))), Ok(first + 1));
+            assert_eq!(version(db.write(&key, WriteOp::Remove)), Ok(first + 2));
+            removed_at.insert(key, first + 2);
+        }
+        assert_eq!(db.len(), 1, "only $connections is live");
+        // `$connections` plus at most one floor per bucket.
+        assert!(db.stored_entries() <= 1 + FLOOR_BUCKETS as usize);
+        assert_eq!(db.keys(|_| true), vec![CONNECTIONS_KEY.to_string()]);
+        // A recreated key starts above its removal, whatever the request version.
+        assert!(version(db.write("k7", WriteOp::Set("again"))).unwrap() > removed_at["k7"]);
+        assert!(version(db.write("k8", WriteOp::SetSafe(0, "again"))).unwrap() > removed_at["k8"]);
+        assert!(version(db.write("k9", WriteOp::Increment(1))).unwrap() > removed_at["k9"]);
+        // Floors grow with the removals in their bucket only, not with all of them.
+        let highest = removed_at.values().max().copied().unwrap_or(0);
+        assert!(highest < 200, "versions stayed small: {highest}");
+        // The floors are the database's own.
+        let floor = floor_key("k7");
+        assert_eq!(
+            db.write(floor, WriteOp::Set("x")),
+            Err(WriteError::Reserved)
+        );
+        assert_eq!(db.get(floor), None);
+    }
+
+    #[test]
+    fn tombstones_from_older_snapshots_become_floors() {
+        let db = Database::new("t", Strategy::None);
+        db.load(
+            vec![
+                ("gone".to_string(), Entry::removed(41)),
+                ("kept".to_string(), Entry::live("x", 3)),
+            ],
+            10,
+        );
+        assert_eq!(db.stored_entries(), 3, "$connections, kept, one floor");
+        assert_eq!(db.len(), 2);
+        assert_eq!(version(db.write("gone", WriteOp::Set("back"))), Ok(42));
     }
 }
