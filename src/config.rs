@@ -42,6 +42,9 @@ pub struct Config {
     pub max_log_size: u64,
     /// How long resolved conflict records are kept (NUN_CONFLICT_RETENTION, seconds).
     pub conflict_retention: Duration,
+    /// How long a removed key's tombstone is kept before it becomes a version floor
+    /// (NUN_TOMBSTONE_RETENTION, seconds).
+    pub tombstone_retention: Duration,
     /// When a write is acknowledged in a cluster (NUN_WRITE_QUORUM).
     pub write_quorum: WriteQuorum,
     /// Bytes of recent log records kept in memory to feed secondaries (NUN_REPLICATION_BACKLOG).
@@ -85,6 +88,7 @@ impl Default for Config {
             fsync: FsyncPolicy::EverySec,
             snapshot_interval: Duration::from_secs(60),
             conflict_retention: Duration::from_secs(3600),
+            tombstone_retention: Duration::from_secs(3600),
             max_log_size: 256 * 1024 * 1024,
             write_quorum: WriteQuorum::Majority,
             replication_backlog: 64 * 1024 * 1024,

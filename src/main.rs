@@ -210,6 +210,14 @@ struct StartArgs {
         default_value_t = 3600
     )]
     conflict_retention: u64,
+    /// Seconds a removed key's tombstone is kept (a key recreated sooner continues its versions
+    /// exactly; later it starts above a per-bucket floor).
+    #[arg(
+        long = "tombstone-retention",
+        env = "NUN_TOMBSTONE_RETENTION",
+        default_value_t = 3600
+    )]
+    tombstone_retention: u64,
     /// Bytes of recent log records a cluster node keeps in memory to feed secondaries.
     #[arg(
         long = "replication-backlog",
@@ -586,6 +594,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         snapshot_interval: Duration::from_secs(args.snapshot_interval.max(1)),
         max_log_size: args.max_op_log_size,
         conflict_retention: Duration::from_secs(args.conflict_retention),
+        tombstone_retention: Duration::from_secs(args.tombstone_retention),
         replication_backlog: args.replication_backlog,
         admin_user: user,
         admin_pwd: pwd,
@@ -621,7 +630,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
     if let Err(e) = node.start_cluster() {
         return fail(&e);
     }
-    if let Err(e) = node.start_conflict_sweeper() {
+    if let Err(e) = node.start_sweeper() {
         return fail(&format!("cannot start the conflict sweeper: {e}"));
     }
     log::info!(

@@ -298,29 +298,40 @@ impl Node {
         Ok(())
     }
 
-    /// Starts the thread that removes resolved conflict records after the retention period
-    /// (on the primary; the removals replicate like any write).
-    pub fn start_conflict_sweeper(self: &Arc<Self>) -> std::io::Result<()> {
+    /// Starts the thread that expires what is kept only for a while: resolved conflict records
+    /// (removed on the primary; the removals replicate like any write) and tombstones (each
+    /// node folds its own into version floors).
+    pub fn start_sweeper(self: &Arc<Self>) -> std::io::Result<()> {
         let node = Arc::downgrade(self);
-        let retention = self.config.conflict_retention;
-        let tick = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let conflicts = self.config.conflict_retention;
+        let tombstones = self.config.tombstone_retention;
+        let tick = (conflicts.min(tombstones) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(60));
         std::thread::Builder::new()
-            .name("conflict-sweeper".into())
+            .name("sweeper".into())
             .spawn(move || loop {
                 std::thread::sleep(tick);
                 let Some(node) = node.upgrade() else { return };
-                if !node.is_primary() {
-                    continue;
-                }
+                let primary = node.is_primary();
+                let mut expired_now = 0;
                 for db in node.dbs.all() {
-                    if db.strategy() == Strategy::Arbiter {
-                        let removed = db.sweep_resolved(retention);
+                    let expired = db.expire_tombstones(tombstones);
+                    if expired > 0 {
+                        log::debug!("{expired} tombstones of {} expired", db.name());
+                    }
+                    expired_now += expired;
+                    if primary && db.strategy() == Strategy::Arbiter {
+                        let removed = db.sweep_resolved(conflicts);
                         if removed > 0 {
                             log::debug!("{removed} resolved conflicts of {} removed", db.name());
                         }
                     }
                 }
                 node.deliver(outbox::take_touched());
+                // After a burst of removals the freed entries' pages go back to the kernel.
+                if expired_now >= 10_000 {
+                    crate::os::release_free_heap();
+                }
             })?;
         Ok(())
     }

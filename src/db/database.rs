@@ -2,11 +2,11 @@
 //! Every change happens under the data write lock and its notifications are queued before the
 //! lock is released, so each watcher sees a key's versions in order, without gaps.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::{Bound, Not};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::outbox::{Outbox, Push};
 use crate::protocol::Strategy;
@@ -18,9 +18,11 @@ pub const CONNECTIONS_KEY: &str = "$connections";
 /// The key holding the database's (hashed) token.
 pub const TOKEN_KEY: &str = "$$token";
 
-/// Prefix of the version floors that stand in for removed keys: a removed key leaves no entry,
-/// it raises the floor of the bucket its name hashes into, and a key created later in that
-/// bucket starts above it, so versions never go back for watchers and `set-safe`.
+/// Prefix of the version floors that stand in for expired tombstones. A removed key keeps a
+/// tombstone (its exact version, so a key recreated soon after continues without a gap) until
+/// the tombstone retention has passed; then the tombstone goes and raises the floor of the
+/// bucket its name hashes into, and a key created later in that bucket starts above it, so
+/// versions never go back for watchers and `set-safe`.
 pub const FLOOR_PREFIX: &str = "$$version-floor/";
 /// How many version floors a database has at most.
 const FLOOR_BUCKETS: u64 = 64;
@@ -45,14 +47,6 @@ pub fn is_floor_key(key: &str) -> bool {
     key.starts_with(FLOOR_PREFIX)
 }
 
-/// Stores a removal of `key` at `version`: drops its entry and raises its bucket's floor.
-/// Returns whether the key was live.
-fn fold_removed(data: &mut BTreeMap<Box<str>, Entry>, key: &str, version: i32) -> bool {
-    let was_live = data.remove(key).is_some_and(|e| !e.deleted);
-    raise_floor(data, floor_key(key), version);
-    was_live
-}
-
 /// Raises floor entry `floor` to at least `version`.
 fn raise_floor(data: &mut BTreeMap<Box<str>, Entry>, floor: &str, version: i32) {
     match data.get_mut(floor) {
@@ -63,23 +57,24 @@ fn raise_floor(data: &mut BTreeMap<Box<str>, Entry>, floor: &str, version: i32) 
     }
 }
 
-/// Puts a snapshot or full-sync entry into `data`: tombstones (older snapshots kept one per
-/// removed key) become floors, like a removal does.
-fn insert_loaded(data: &mut BTreeMap<Box<str>, Entry>, key: String, entry: Entry) {
+/// Puts a snapshot or full-sync entry into `data`; returns true for a tombstone (whose
+/// retention then starts).
+fn insert_loaded(data: &mut BTreeMap<Box<str>, Entry>, key: String, entry: Entry) -> bool {
     if key == CONNECTIONS_KEY {
-        return;
+        return false;
     }
     if is_floor_key(&key) {
         raise_floor(data, &key, entry.version);
-    } else if entry.deleted {
-        fold_removed(data, &key, entry.version);
-    } else {
-        data.insert(key.into_boxed_str(), entry);
+        return false;
     }
+    let tombstone = entry.deleted;
+    data.insert(key.into_boxed_str(), entry);
+    tombstone
 }
 
-/// A stored value. A removed key leaves no entry, only a raised version floor (see
-/// [`FLOOR_PREFIX`]); the floors themselves are stored as removed entries.
+/// A stored value. A removed key stays as a tombstone until the tombstone retention has passed,
+/// then leaves only a raised version floor (see [`FLOOR_PREFIX`]); the floors themselves are
+/// stored as removed entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The value text (shared, so snapshots copy a pointer, not the bytes).
@@ -102,8 +97,10 @@ impl Entry {
 
     /// A tombstone: the key was removed at `version`.
     pub fn removed(version: i32) -> Entry {
+        static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
         Entry {
-            value: Arc::from(""),
+            // Shared: a burst of removals allocates no value.
+            value: Arc::clone(EMPTY.get_or_init(|| Arc::from(""))),
             version,
             deleted: true,
         }
@@ -187,6 +184,8 @@ pub struct Database {
     pub(super) arbiters: Mutex<Vec<Arc<Outbox>>>,
     /// When each conflict record was seen resolved here (for the retention sweep).
     pub(super) resolved_at: Mutex<HashMap<String, Instant>>,
+    /// Tombstones in the order they were made: when, which key, at which version.
+    tombstones: Mutex<VecDeque<(Instant, Box<str>, i32)>>,
     dropped: AtomicBool,
     log: OnceLock<Arc<OpLog>>,
     last_lsn: AtomicU64,
@@ -230,6 +229,7 @@ impl Database {
             watchers: Mutex::new(HashMap::new()),
             arbiters: Mutex::new(Vec::new()),
             resolved_at: Mutex::new(HashMap::new()),
+            tombstones: Mutex::new(VecDeque::new()),
             dropped: AtomicBool::new(false),
             log: log.map(OnceLock::from).unwrap_or_default(),
             last_lsn: AtomicU64::new(0),
@@ -432,12 +432,13 @@ impl Database {
         }
         self.notify(key, &entry, lsn);
         let now_live = !entry.deleted;
+        if entry.deleted && !conflict_record {
+            lock(&self.tombstones).push_back((Instant::now(), Box::from(key), entry.version));
+        }
         let was_live = if conflict_record && entry.deleted {
             // A conflict record key names a fresh opp_id and is never written again, so it
             // needs no floor either.
             data.remove(key).is_some_and(|e| !e.deleted)
-        } else if entry.deleted && !is_floor_key(key) {
-            fold_removed(data, key, entry.version)
         } else if let Some(slot) = data.get_mut(key) {
             std::mem::replace(slot, entry).deleted.not()
         } else {
@@ -454,9 +455,14 @@ impl Database {
     /// Replaces the contents with snapshot entries taken at `lsn`.
     pub fn load(&self, entries: Vec<(String, Entry)>, lsn: u64) {
         let mut data = write(&self.data);
+        let mut tombstones = Vec::new();
         for (key, entry) in entries {
-            insert_loaded(&mut data, key, entry);
+            let version = entry.version;
+            if insert_loaded(&mut data, key.clone(), entry) {
+                tombstones.push((key, version));
+            }
         }
+        self.retain_tombstones(tombstones);
         self.last_lsn.store(lsn, Ordering::Release);
         self.snapshot_lsn.store(lsn, Ordering::Release);
         self.security_changed();
@@ -469,9 +475,14 @@ impl Database {
         {
             let mut data = write(&self.data);
             data.retain(|k, _| &**k == CONNECTIONS_KEY);
+            let mut tombstones = Vec::new();
             for (key, entry) in entries {
-                insert_loaded(&mut data, key, entry);
+                let version = entry.version;
+                if insert_loaded(&mut data, key.clone(), entry) {
+                    tombstones.push((key, version));
+                }
             }
+            self.retain_tombstones(tombstones);
             *write(&self.strategy) = strategy;
             self.last_lsn.store(lsn, Ordering::Release);
             self.force_snapshot.store(true, Ordering::Release);
@@ -479,6 +490,60 @@ impl Database {
             self.recount(&data);
         }
         self.close_watchers();
+    }
+
+    /// Starts the retention of tombstones that came from a snapshot or a full sync (their
+    /// removal time is not kept, so it counts from now).
+    fn retain_tombstones(&self, loaded: Vec<(String, i32)>) {
+        let now = Instant::now();
+        let mut queue = lock(&self.tombstones);
+        queue.extend(
+            loaded
+                .into_iter()
+                .map(|(k, v)| (now, k.into_boxed_str(), v)),
+        );
+    }
+
+    /// Replaces tombstones older than `retention` with their bucket's version floor (each node
+    /// on its own clock: floors only ever raise the versions a primary hands out). Returns how
+    /// many were dropped. Works in slices so writers wait for one slice at most.
+    pub fn expire_tombstones(&self, retention: Duration) -> usize {
+        let mut dropped = 0;
+        loop {
+            let mut data = write(&self.data);
+            let mut queue = lock(&self.tombstones);
+            let mut slice = 0;
+            while slice < 4096 {
+                match queue.front() {
+                    Some((at, _, _)) if at.elapsed() >= retention => {}
+                    _ => {
+                        // A burst of removals must not keep its queue's memory.
+                        if queue.capacity() > 4 * queue.len() + 1024 {
+                            queue.shrink_to_fit();
+                        }
+                        return dropped;
+                    }
+                }
+                let Some((_, key, version)) = queue.pop_front() else {
+                    return dropped;
+                };
+                slice += 1;
+                // Only the tombstone made then: the key may have been written since.
+                if data
+                    .get(&*key)
+                    .is_some_and(|e| e.deleted && e.version == version)
+                {
+                    data.remove(&*key);
+                    raise_floor(&mut data, floor_key(&key), version);
+                    dropped += 1;
+                }
+            }
+        }
+    }
+
+    /// Tombstones waiting for their retention to pass.
+    pub fn tombstone_count(&self) -> usize {
+        lock(&self.tombstones).len()
     }
 
     /// Disconnects every session watching a key of this database.
@@ -700,27 +765,44 @@ mod tests {
     }
 
     #[test]
-    fn removed_keys_leave_only_floors_and_come_back_above_them() {
+    fn tombstones_expire_into_floors_and_keys_come_back_above_them() {
         let db = Database::new("t", Strategy::None);
+        // Within the retention a recreated key continues exactly after its removal.
+        db.write("a", WriteOp::Set("1")).unwrap();
+        assert_eq!(version(db.write("a", WriteOp::Remove)), Ok(1));
+        assert_eq!(version(db.write("a", WriteOp::Set("2"))), Ok(2));
         let mut removed_at = HashMap::new();
         for i in 0..1000 {
             let key = format!("k{i}");
-            let first = version(db.write(&key, WriteOp::Set("v"))).unwrap();
-            assert_eq!(version(db.write(&key, WriteOp::Set("w"))), Ok(first + 1));
-            assert_eq!(version(db.write(&key, WriteOp::Remove)), Ok(first + 2));
-            removed_at.insert(key, first + 2);
+            assert_eq!(version(db.write(&key, WriteOp::Set("v"))), Ok(0));
+            assert_eq!(version(db.write(&key, WriteOp::Remove)), Ok(1));
+            removed_at.insert(key, 1);
         }
-        assert_eq!(db.len(), 1, "only $connections is live");
-        // `$connections` plus at most one floor per bucket.
-        assert!(db.stored_entries() <= 1 + FLOOR_BUCKETS as usize);
-        assert_eq!(db.keys(|_| true), vec![CONNECTIONS_KEY.to_string()]);
-        // A recreated key starts above its removal, whatever the request version.
+        assert_eq!(
+            db.stored_entries(),
+            1002,
+            "$connections, a and 1000 tombstones"
+        );
+        assert_eq!(db.expire_tombstones(Duration::from_secs(3600)), 0);
+        assert_eq!(db.expire_tombstones(Duration::ZERO), 1000);
+        assert_eq!(db.tombstone_count(), 0);
+        assert_eq!(db.len(), 2, "$connections and a are live");
+        // `$connections`, `a` and at most one floor per bucket.
+        assert!(db.stored_entries() <= 2 + FLOOR_BUCKETS as usize);
+        assert_eq!(
+            db.keys(|_| true),
+            vec![CONNECTIONS_KEY.to_string(), "a".to_string()]
+        );
+        // After expiry a recreated key starts above its removal, whatever the request version.
         assert!(version(db.write("k7", WriteOp::Set("again"))).unwrap() > removed_at["k7"]);
         assert!(version(db.write("k8", WriteOp::SetSafe(0, "again"))).unwrap() > removed_at["k8"]);
         assert!(version(db.write("k9", WriteOp::Increment(1))).unwrap() > removed_at["k9"]);
-        // Floors grow with the removals in their bucket only, not with all of them.
-        let highest = removed_at.values().max().copied().unwrap_or(0);
-        assert!(highest < 200, "versions stayed small: {highest}");
+        // A tombstone already overwritten is left alone.
+        let b = version(db.write("b", WriteOp::Set("1"))).unwrap();
+        db.write("b", WriteOp::Remove).unwrap();
+        db.write("b", WriteOp::Set("back")).unwrap();
+        assert_eq!(db.expire_tombstones(Duration::ZERO), 0);
+        assert_eq!(db.get("b"), Some(("back".to_string(), b + 2)));
         // The floors are the database's own.
         let floor = floor_key("k7");
         assert_eq!(
@@ -731,7 +813,7 @@ mod tests {
     }
 
     #[test]
-    fn tombstones_from_older_snapshots_become_floors() {
+    fn loaded_tombstones_start_their_retention() {
         let db = Database::new("t", Strategy::None);
         db.load(
             vec![
@@ -740,8 +822,10 @@ mod tests {
             ],
             10,
         );
-        assert_eq!(db.stored_entries(), 3, "$connections, kept, one floor");
+        assert_eq!(db.stored_entries(), 3, "$connections, kept, the tombstone");
         assert_eq!(db.len(), 2);
+        assert_eq!(db.expire_tombstones(Duration::ZERO), 1);
+        assert_eq!(db.stored_entries(), 3, "$connections, kept, one floor");
         assert_eq!(version(db.write("gone", WriteOp::Set("back"))), Ok(42));
     }
 }
