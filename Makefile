@@ -28,6 +28,7 @@ deps:
 	command -v node >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 	python3 -c "import moto.server" 2>/dev/null || python3 -m pip install -q 'moto[server]'
 	cd tests-js && npm ci --no-audit --no-fund

@@ -1,9 +1,9 @@
 //! The operating-system calls std does not offer, in one place: the descriptor limit, a deep
-//! accept backlog, sends that never block, `poll`, an eventfd wake-up, and giving the memory of
+//! accept backlog, sends that never block, a TCP user timeout, `poll`, an eventfd wake-up, and giving the memory of
 //! idle threads and departed sessions back to the kernel. Linux only, like the rest of the server.
 
 use std::io::{self, IoSlice};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Raises the soft limit on open descriptors to the hard limit; returns the limit now in force.
@@ -96,6 +96,28 @@ pub fn default_max_connections() -> (usize, String) {
         usize::try_from(max).unwrap_or(usize::MAX),
         format!("{name} less {RESERVED} reserved ({why})"),
     )
+}
+
+/// Makes the kernel abort `stream` when data it sent stays unacknowledged for `timeout`
+/// (`TCP_USER_TIMEOUT`): a link that lost one direction then fails the stream instead of
+/// looking alive because the other direction still delivers.
+pub fn set_user_timeout(stream: &TcpStream, timeout: std::time::Duration) -> io::Result<()> {
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: a valid socket, and a pointer to a c_uint of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Binds a TCP listener whose accept queue holds `backlog` pending connections (the kernel caps

@@ -33,6 +33,7 @@ fn fate(error: &str) -> Fate {
     {
         Fate::Unknown
     } else if error.starts_with("No primary is elected right now")
+        || error.starts_with("This node holds changes a majority has not confirmed")
         || error == "Not the primary"
         || (error.starts_with("Primary ") && error.contains(" unreachable"))
     {
@@ -40,6 +41,11 @@ fn fate(error: &str) -> Fate {
     } else {
         Fate::Final
     }
+}
+
+/// True when a node's `error` answer to a write leaves its outcome unknown.
+pub(super) fn outcome_unknown(error: &str) -> bool {
+    fate(error) == Fate::Unknown
 }
 
 /// True for commands that change data (the ones whose outcome can be unknown).

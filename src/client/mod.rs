@@ -53,6 +53,18 @@ impl fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
+impl ClientError {
+    /// True when a write that got this error may still have been applied: the connection
+    /// failed after it was sent, or the node said its fate is unknown. Any other error means
+    /// the write certainly did not happen.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            ClientError::Io(_) | ClientError::Protocol(_) | ClientError::Unknown(_) => true,
+            ClientError::Server(text) => cluster::outcome_unknown(text),
+        }
+    }
+}
+
 impl From<io::Error> for ClientError {
     fn from(e: io::Error) -> Self {
         ClientError::Io(e)

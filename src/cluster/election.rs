@@ -409,11 +409,13 @@ impl Cluster {
                     // secondary still receives, would otherwise keep postponing it.
                     let due = forced || silent > self.timeout + self.rank_delay();
                     if due && !self.run_election(log) {
-                        // Retry after half a timeout, randomised so candidates drift apart.
+                        // Retry after a quarter timeout, randomised so candidates drift apart
+                        // (a peer that still hears the old primary refuses the pre-vote until
+                        // its own link fails too, which is usually a moment later).
                         let jitter =
-                            rand::random::<u64>() % (self.timeout.as_millis() as u64 / 4 + 1);
+                            rand::random::<u64>() % (self.timeout.as_millis() as u64 / 8 + 1);
                         lock(&self.state).last_heard =
-                            ago(self.timeout / 2 + Duration::from_millis(jitter));
+                            ago(self.timeout * 3 / 4 - Duration::from_millis(jitter));
                     }
                 }
             }

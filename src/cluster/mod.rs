@@ -72,6 +72,10 @@ impl std::fmt::Debug for ElectedHook {
     }
 }
 
+/// The answer to a read of data this node cannot show yet: changes not committed by a majority.
+pub const NOT_COMMITTED: &str =
+    "This node holds changes a majority has not confirmed (it may be cut off); retry shortly";
+
 /// Membership and role of this node.
 #[derive(Debug)]
 pub struct Cluster {
@@ -92,6 +96,8 @@ pub struct Cluster {
     applied_cv: Condition,
     /// Writes waiting for the quorum.
     pending: AtomicU64,
+    /// A copy of the commit point that readers check without the state lock.
+    committed: AtomicU64,
     /// Run when this node wins an election, before it takes writes.
     on_elected: std::sync::OnceLock<ElectedHook>,
     /// Serializes appending and applying replicated records with taking over as primary.
@@ -187,6 +193,7 @@ impl Cluster {
             applied_lock: Mutex::new(()),
             applied_cv: Condition::new(),
             pending: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
             on_elected: std::sync::OnceLock::new(),
             replica: Mutex::new(()),
             arbiter_gen: AtomicU64::new(0),
@@ -353,6 +360,19 @@ impl Cluster {
         true
     }
 
+    /// This node cannot follow `primary` (the stream failed or went silent): it counts as not
+    /// heard from for a whole timeout, so the election timer need not wait for another one.
+    /// Pre-votes keep this from deposing a primary the other members still hear.
+    pub fn primary_lost(&self, primary: &str) {
+        let mut s = lock(&self.state);
+        if s.role == Role::Secondary && s.primary.as_deref() == Some(primary) {
+            let lost = Instant::now()
+                .checked_sub(self.timeout)
+                .unwrap_or_else(Instant::now);
+            s.last_heard = s.last_heard.min(lost);
+        }
+    }
+
     /// A heartbeat or record from `primary` in `term` arrived. False if the term is stale.
     pub fn heard_from_primary(&self, term: u64, primary: &str) -> bool {
         let mut s = lock(&self.state);
@@ -426,10 +446,23 @@ impl Cluster {
         };
         if candidate > s.commit && candidate >= s.term_start {
             s.commit = candidate;
+            self.committed.store(candidate, Ordering::Release);
             self.changed.notify_all();
             return true;
         }
         false
+    }
+
+    /// Waits (up to one election timeout) until the change logged as `lsn` is committed, so
+    /// a reader is never shown a change a later primary could roll back: a primary's own
+    /// writes are in memory before a majority has them, and a node that lost its primary may
+    /// hold changes that never committed.
+    pub fn wait_visible(&self, lsn: u64) -> Result<(), String> {
+        if lsn == 0 || self.committed.load(Ordering::Acquire) >= lsn {
+            return Ok(());
+        }
+        self.wait_state(self.timeout, |s| (s.commit >= lsn).then_some(()))
+            .map_err(|_| NOT_COMMITTED.to_string())
     }
 
     /// The highest LSN known committed.
@@ -442,6 +475,7 @@ impl Cluster {
         let mut s = lock(&self.state);
         if lsn > s.commit {
             s.commit = lsn;
+            self.committed.store(lsn, Ordering::Release);
             self.changed.notify_all();
         }
     }
@@ -534,6 +568,28 @@ impl Cluster {
             });
         self.pending.fetch_sub(1, Ordering::Relaxed);
         result.map(|()| true)
+    }
+
+    /// For a write that changed nothing (a remove of a missing key), so there is no record
+    /// for a majority to acknowledge: succeeds while this node is primary and a majority
+    /// acknowledged something within the election timeout, so a primary cut off from the
+    /// others stops confirming even these within one timeout.
+    pub fn confirm_leadership(&self) -> Result<(), String> {
+        let needed = match self.quorum {
+            WriteQuorum::One => return Ok(()),
+            WriteQuorum::Majority => self.majority(),
+        };
+        let s = lock(&self.state);
+        if s.role != Role::Primary {
+            return Err("Not the primary any more; the write may not be durable".to_string());
+        }
+        let have = self.reachable(&s) + 1;
+        if have < needed {
+            return Err(format!(
+                "Write not confirmed by a majority ({have} of {needed} members)"
+            ));
+        }
+        Ok(())
     }
 
     /// Writes waiting for the quorum.

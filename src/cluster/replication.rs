@@ -309,6 +309,8 @@ pub fn start_receiver(replica: &Replica) -> io::Result<()> {
                 Some(p) if role != super::Role::Primary && p != cluster.self_id => {
                     if let Err(e) = follow(&replica, &p) {
                         log::debug!("replication from {p} stopped: {e}");
+                        // A primary this node cannot follow is as good as silent.
+                        cluster.primary_lost(&p);
                     }
                     cluster.wait_change(Duration::from_millis(100));
                 }
@@ -385,9 +387,23 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| io::Error::other("cannot resolve primary"))?;
-    let stream = TcpStream::connect_timeout(&addr, cluster.timeout)?;
+    let following = || cluster.status().2.as_deref() == Some(primary);
+    // Short attempts, so a primary that changes meanwhile is followed at once.
+    let tries = Instant::now();
+    let stream = loop {
+        match TcpStream::connect_timeout(&addr, cluster.timeout / 4) {
+            Ok(s) => break s,
+            Err(_) if tries.elapsed() < cluster.timeout && following() => {}
+            Err(_) if !following() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    };
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(cluster.timeout))?;
+    // Wakes up to notice a change of primary; the primary itself pings every quarter timeout.
+    stream.set_read_timeout(Some(cluster.timeout / 4))?;
+    // Acks that the primary stops acknowledging (the link lost this direction) end the stream
+    // within half a timeout, and with it this node's trust in the primary.
+    crate::os::set_user_timeout(&stream, cluster.timeout / 2)?;
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(1 << 20, stream);
     let (last_term, last_lsn) = log.last_position();
@@ -398,8 +414,8 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
         )
         .as_bytes(),
     )?;
-    let following = || cluster.status().2.as_deref() == Some(primary);
     let mut line = String::new();
+    let mut last_data = Instant::now();
     let mut full: Option<(u64, Staged)> = None;
     let mut received = last_lsn;
     let mut applied = replica.dbs.unapplied_from().map_or(last_lsn, |f| f - 1);
@@ -410,9 +426,25 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
     cluster.note_primary_lsn(0);
     loop {
         line.clear();
-        if reader.read_line(&mut line)? == 0 {
+        // A timed-out read keeps what it got of a line in `line`; the next read completes it.
+        let read = loop {
+            match reader.read_line(&mut line) {
+                // The read timeout (EAGAIN); an aborted stream fails with ETIMEDOUT instead.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !following() {
+                        return Ok(());
+                    }
+                    if last_data.elapsed() > cluster.timeout {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "primary is silent"));
+                    }
+                }
+                other => break other?,
+            }
+        };
+        if read == 0 {
             return Err(io::Error::other("primary closed the stream"));
         }
+        last_data = Instant::now();
         let text = line.trim_end_matches('\n');
         let (verb, rest) = text.split_once(' ').unwrap_or((text, ""));
         match verb {

@@ -196,6 +196,9 @@ pub struct Database {
     security_version: AtomicU64,
     /// Live keys (kept up to date under the data lock, so counting them costs nothing).
     live: AtomicU64,
+    /// Bumped when a full sync replaces the contents: LSNs read before it belong to a history
+    /// this node dropped.
+    generation: AtomicU64,
 }
 
 /// Reads a lock even if a panicking thread poisoned it (the data itself is always consistent:
@@ -237,6 +240,7 @@ impl Database {
             snapshot_lsn: AtomicU64::new(0),
             security_version: AtomicU64::new(0),
             live: AtomicU64::new(1),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -484,6 +488,7 @@ impl Database {
             }
             self.retain_tombstones(tombstones);
             *write(&self.strategy) = strategy;
+            self.generation.fetch_add(1, Ordering::AcqRel);
             self.last_lsn.store(lsn, Ordering::Release);
             self.force_snapshot.store(true, Ordering::Release);
             self.security_changed();
@@ -552,6 +557,11 @@ impl Database {
         for outbox in watchers.values().flat_map(HashMap::values) {
             outbox.close();
         }
+    }
+
+    /// How many times a full sync replaced the contents.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// LSN of the last logged change.

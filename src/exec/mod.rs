@@ -226,6 +226,29 @@ fn write_result(r: Result<Written, WriteError>) -> Res {
     })
 }
 
+/// Runs `read` on `db` and holds its answer back until what it read is committed (in a
+/// cluster whose writes wait for a majority): the value may be a primary's write that a
+/// majority does not have yet, or a change a cut-off node made that will be rolled back. The
+/// database's last LSN, taken after the read, covers the change that wrote the value; if a
+/// full sync replaced the contents meanwhile, that LSN belonged to the dropped history, so
+/// the read is done again.
+fn committed_read<T>(node: &Node, db: &Database, read: impl Fn() -> T) -> Result<T, Outcome> {
+    let cluster = match node.cluster() {
+        Some(c) if !node.acks_locally() => c,
+        _ => return Ok(read()),
+    };
+    loop {
+        let generation = db.generation();
+        let answer = read();
+        cluster
+            .wait_visible(db.last_lsn())
+            .map_err(Outcome::error)?;
+        if db.generation() == generation {
+            return Ok(answer);
+        }
+    }
+}
+
 /// A value write (`set`, `set-safe`): databases with the `arbiter` strategy turn conflicts into
 /// conflict records for their arbiters, registered on this node or on any other.
 fn write_value(node: &Node, db: &Database, key: &str, op: WriteOp<'_>) -> Res {
@@ -372,9 +395,10 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let start = metrics::sample_due().then(Instant::now);
             let db = selected_db(session)?;
             check_key(session, &db, Access::Read, &key)?;
-            let message = db
-                .get_with(&key, |value, _| format!("value {value}"))
-                .unwrap_or_else(|| "value <Empty>".to_string());
+            let message = committed_read(&node, &db, || {
+                db.get_with(&key, |value, _| format!("value {value}"))
+                    .unwrap_or_else(|| "value <Empty>".to_string())
+            })?;
             if let Some(start) = start {
                 node.get_time.record(start.elapsed());
             }
@@ -383,10 +407,11 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::GetSafe { key } => {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Read, &key)?;
-            Ok(Outcome::message(
+            let message = committed_read(&node, &db, || {
                 db.get_with(&key, |v, version| format!("value-version {version} {v}"))
-                    .unwrap_or_else(|| "value-version 1 <Empty>".to_string()),
-            ))
+                    .unwrap_or_else(|| "value-version 1 <Empty>".to_string())
+            })?;
+            Ok(Outcome::message(message))
         }
         Command::Set { key, value } => {
             let db = selected_db(session)?;
@@ -422,7 +447,13 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             }
             check_key(session, &db, Access::Remove, &key)?;
             check_writable(&key)?;
-            write_result(db.write(&key, WriteOp::Remove))
+            let written = db.write(&key, WriteOp::Remove);
+            if let (Ok(w), Some(c)) = (&written, node.cluster()) {
+                if w.lsn == 0 {
+                    c.confirm_leadership().map_err(Outcome::error)?;
+                }
+            }
+            write_result(written)
         }
         Command::Keys { pattern } => {
             let db = selected_db(session)?;

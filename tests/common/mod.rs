@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod netns;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -374,6 +375,8 @@ pub struct TestCluster {
     pub tcp_addrs: Vec<String>,
     pub dirs: Vec<PathBuf>,
     env: Vec<(String, String)>,
+    /// The private network the nodes run in, if any.
+    lab: Option<Arc<netns::Lab>>,
 }
 
 impl TestCluster {
@@ -399,7 +402,23 @@ impl TestCluster {
         TestCluster::launch(names, tcp, env)
     }
 
+    /// Starts `n` nodes, each in its own namespace of `lab` (the calling thread must already be
+    /// in the lab's client namespace), and waits for a primary.
+    pub fn start_in_lab(n: usize, lab: &Arc<netns::Lab>, env: &[(&str, &str)]) -> TestCluster {
+        let addrs: Vec<String> = (0..n).map(|i| format!("{}:3014", lab.ip(i))).collect();
+        TestCluster::launch_with(addrs.clone(), addrs, env, Some(Arc::clone(lab)))
+    }
+
     fn launch(addrs: Vec<String>, tcp_addrs: Vec<String>, env: &[(&str, &str)]) -> TestCluster {
+        TestCluster::launch_with(addrs, tcp_addrs, env, None)
+    }
+
+    fn launch_with(
+        addrs: Vec<String>,
+        tcp_addrs: Vec<String>,
+        env: &[(&str, &str)],
+        lab: Option<Arc<netns::Lab>>,
+    ) -> TestCluster {
         let n = addrs.len();
         let dirs: Vec<PathBuf> = (0..n).map(|_| temp_dir("cluster")).collect();
         let mut c = TestCluster {
@@ -411,6 +430,7 @@ impl TestCluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            lab,
         };
         for i in 0..n {
             c.start_node(i);
@@ -460,7 +480,10 @@ impl TestCluster {
         for (k, v) in &self.env {
             env.push((k, v));
         }
-        let cmd = server_command_at(&self.dirs[i], &self.tcp_addrs[i], &env);
+        let mut cmd = server_command_at(&self.dirs[i], &self.tcp_addrs[i], &env);
+        if let Some(lab) = &self.lab {
+            lab.place(i, &mut cmd);
+        }
         self.nodes[i] = Some(Server::spawn_logged(
             cmd,
             self.dirs[i].clone(),
