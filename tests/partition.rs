@@ -773,3 +773,52 @@ fn five_nodes_survive_splits_with_the_primary_on_either_side() {
         run.finish();
     });
 }
+
+#[test]
+fn a_cut_off_primary_never_shows_its_uncommitted_writes() {
+    in_lab(3, |lab| {
+        let c = TestCluster::start_in_lab(3, &lab, &[]);
+        let p = c.wait_primary(LONG).expect("a primary");
+        let mut admin = c.client(p);
+        admin.auth(ADMIN, ADMIN_PWD).unwrap();
+        admin.call("create-db part t").unwrap().into_result().unwrap();
+        let addr = c.tcp_addrs[p].clone();
+        let mut reader = connect(&addr, LONG).expect("reader");
+        reader.set("x", "committed").unwrap();
+        lab.isolate(p);
+        // The write reaches the primary's memory and log, but no majority.
+        let writer = std::thread::spawn(move || {
+            let mut w = connect(&addr, LONG).expect("writer");
+            w.set("x", "dirty")
+        });
+        // Until the write lands, reads see the committed value; after, they are refused.
+        let refused = eventually(LONG, || match reader.get("x") {
+            Ok(Some(v)) => {
+                assert_eq!(v, "committed", "a read showed an uncommitted write");
+                false
+            }
+            Err(ClientError::Server(e)) => {
+                assert!(
+                    e.starts_with("This node holds changes a majority has not confirmed"),
+                    "unexpected refusal {e}"
+                );
+                true
+            }
+            other => panic!("a read on the cut-off primary answered {other:?}"),
+        });
+        assert!(refused, "reads were never held back");
+        let w = writer.join().unwrap();
+        assert!(
+            matches!(&w, Err(e) if e.outcome_unknown()),
+            "the cut-off write answered {w:?}"
+        );
+        let q = others(3, &[p]);
+        let mut majority = connect(&c.tcp_addrs[q[0]], LONG).expect("majority");
+        assert!(eventually(LONG, || majority.set("x", "after").is_ok()));
+        lab.heal();
+        assert!(
+            eventually(LONG, || reader.get("x").ok().flatten().as_deref() == Some("after")),
+            "the old primary never caught up"
+        );
+    });
+}

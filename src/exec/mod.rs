@@ -459,8 +459,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             let admin = session.admin;
             let pattern = pattern.unwrap_or_default();
-            let keys =
-                db.keys(|k| (admin || !k.starts_with("$$")) && pattern::matches(&pattern, k));
+            let keys = committed_read(&node, &db, || {
+                db.keys(|k| (admin || !k.starts_with("$$")) && pattern::matches(&pattern, k))
+            })?;
             let mut line = String::from("keys ");
             for k in keys {
                 line.push(',');
