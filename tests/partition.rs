@@ -349,8 +349,8 @@ struct Run {
 impl Run {
     /// Starts `n` nodes in a lab and the clients. Must run on a thread that entered the lab's
     /// client namespace (see [`in_lab`]).
-    fn start(lab: Arc<Lab>) -> Run {
-        let cluster = TestCluster::start_in_lab(lab.nodes(), &lab, &[]);
+    fn start(lab: Arc<Lab>, nodes: usize) -> Run {
+        let cluster = TestCluster::start_in_lab(nodes, &lab, &[]);
         let p = cluster.wait_primary(LONG).expect("a primary");
         let mut admin = cluster.client(p);
         admin.auth(ADMIN, ADMIN_PWD).unwrap();
@@ -426,9 +426,13 @@ impl Run {
             t.join().unwrap();
         }
         let c = &mut self.cluster;
+        // Every running node (the test stops those it removed from the cluster).
+        let running: Vec<usize> = (0..c.nodes.len())
+            .filter(|i| c.nodes[*i].is_some())
+            .collect();
         let mut last = Vec::new();
         let converged = eventually(LONG, || {
-            last = (0..c.nodes.len()).map(|i| dump(c, i)).collect();
+            last = running.iter().map(|i| dump(c, *i)).collect();
             last.iter().all(|d| d.is_some() && *d == last[0])
         });
         let victories = c.victories();
@@ -443,7 +447,7 @@ impl Run {
         if !converged {
             v.push(format!("nodes did not converge: {last:?}"));
         }
-        let data = last[0].clone().unwrap_or_default();
+        let data = last.first().cloned().flatten().unwrap_or_default();
         check_terms(&victories, &mut v);
         check_writes(&ops, &data, &mut v);
         let observed = check_watchers(&segments, &data, &mut v);
@@ -719,7 +723,7 @@ fn others(n: usize, of: &[usize]) -> Vec<usize> {
 #[test]
 fn three_nodes_survive_cuts_one_way_cuts_and_flapping_links() {
     in_lab(3, |lab| {
-        let run = Run::start(lab);
+        let run = Run::start(lab, 3);
         let p = run.primary();
         run.fault("primary isolated", &[p], true, |l| l.isolate(p));
         let p = run.primary();
@@ -758,7 +762,7 @@ fn three_nodes_survive_cuts_one_way_cuts_and_flapping_links() {
 #[test]
 fn five_nodes_survive_splits_with_the_primary_on_either_side() {
     in_lab(5, |lab| {
-        let run = Run::start(lab);
+        let run = Run::start(lab, 5);
         let p = run.primary();
         let minority = [p, others(5, &[p])[0]];
         run.fault("2/3 split, primary in the minority", &minority, true, |l| {
@@ -781,7 +785,11 @@ fn a_cut_off_primary_never_shows_its_uncommitted_writes() {
         let p = c.wait_primary(LONG).expect("a primary");
         let mut admin = c.client(p);
         admin.auth(ADMIN, ADMIN_PWD).unwrap();
-        admin.call("create-db part t").unwrap().into_result().unwrap();
+        admin
+            .call("create-db part t")
+            .unwrap()
+            .into_result()
+            .unwrap();
         let addr = c.tcp_addrs[p].clone();
         let mut reader = connect(&addr, LONG).expect("reader");
         reader.set("x", "committed").unwrap();
@@ -817,8 +825,91 @@ fn a_cut_off_primary_never_shows_its_uncommitted_writes() {
         assert!(eventually(LONG, || majority.set("x", "after").is_ok()));
         lab.heal();
         assert!(
-            eventually(LONG, || reader.get("x").ok().flatten().as_deref() == Some("after")),
+            eventually(LONG, || reader.get("x").ok().flatten().as_deref()
+                == Some("after")),
             "the old primary never caught up"
         );
+    });
+}
+
+/// The members node `i` lists in its `cluster-state`, sorted.
+fn listed_members(c: &TestCluster, i: usize) -> Vec<String> {
+    let mut list: Vec<String> = c
+        .state_line(i)
+        .trim_start_matches("cluster-state ")
+        .split(',')
+        .filter_map(|part| part.trim().split('(').next())
+        .filter(|m| !m.is_empty())
+        .map(str::to_string)
+        .collect();
+    list.sort();
+    list
+}
+
+#[test]
+fn members_join_and_leave_while_a_member_is_cut_off() {
+    in_lab(4, |lab| {
+        let mut run = Run::start(lab, 3);
+        let p = run.primary();
+        let s = others(3, &[p])[0];
+        run.lab.isolate(s);
+        let cut = run.history.now();
+        // A new node asks to join; a majority of the old list (the primary and the other
+        // secondary) commits the change without the cut-off member.
+        let d = run.cluster.add_node();
+        let c = &run.cluster;
+        let mut four = c.addrs.clone();
+        four.sort();
+        let reachable: Vec<usize> = (0..4).filter(|i| *i != s).collect();
+        assert!(
+            eventually(LONG, || reachable
+                .iter()
+                .all(|i| listed_members(c, *i) == four)),
+            "the join was not applied: {:?}",
+            (0..4).map(|i| c.state_line(i)).collect::<Vec<_>>()
+        );
+        run.history.progress(100);
+        // Now the cut-off member leaves: three of the four (counting the newcomer) commit it.
+        let mut admin = c.client(p);
+        admin.auth(ADMIN, ADMIN_PWD).unwrap();
+        let removed = c.addrs[s].clone();
+        let reply = admin.call(&format!("leave {removed}")).unwrap();
+        assert_eq!(reply.error, None, "{reply:?}");
+        let mut three = four.clone();
+        three.retain(|m| *m != removed);
+        assert!(
+            eventually(LONG, || reachable
+                .iter()
+                .all(|i| listed_members(c, *i) == three)),
+            "the leave was not applied: {:?}",
+            (0..4).map(|i| c.state_line(i)).collect::<Vec<_>>()
+        );
+        run.history.progress(100);
+        std::thread::sleep(HOLD);
+        run.heal("a member cut off while the list changes", cut, &[s], true);
+        // The removed node never learned either change; it can no longer disturb the others.
+        let term = run.cluster.victories().iter().map(|v| v.1).max();
+        run.history.progress(200);
+        assert_eq!(
+            run.cluster.victories().iter().map(|v| v.1).max(),
+            term,
+            "the removed node caused an election"
+        );
+        // A member restarted with the old configured list keeps the list it applied.
+        let o = reachable
+            .iter()
+            .copied()
+            .find(|i| *i != p && *i != d)
+            .unwrap();
+        run.cluster.kill(o);
+        run.cluster.start_node(o);
+        assert!(
+            eventually(LONG, || listed_members(&run.cluster, o) == three),
+            "after a restart node {o} lists {:?}",
+            listed_members(&run.cluster, o)
+        );
+        run.history.progress(100);
+        run.cluster.kill(s);
+        run.finish();
     });
 }

@@ -1,7 +1,8 @@
-//! Who is in the cluster. The primary's member list is the cluster's and is streamed to every
-//! secondary (`members` lines in replication); the `join`/`leave` commands live in
-//! `exec::membership`. A node started with itself in NUN_REPLICATE_ADDR asks to join whenever
-//! no primary lists it.
+//! Who is in the cluster. The member list lives in the replicated log (`members` records for
+//! each `join`/`leave`, and every term-start record restates it; see `exec::membership`), and
+//! each node keeps the list it last applied in `cluster.members`. A node started with itself
+//! in NUN_REPLICATE_ADDR asks to join until a list it applied names it (and stops for good if
+//! a later one drops it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +10,8 @@ use std::time::Duration;
 use super::Cluster;
 use crate::client::Client;
 
-/// For the node's lifetime, whenever no primary lists this node (it was just started, or a new
-/// primary's list lacks it), asks the peers to let it join: a node added to a running cluster
-/// only has to be started with the member list.
+/// Until a member list this node applied names it (it was just started), asks the peers to
+/// let it join: a node added to a running cluster only has to be started with the member list.
 pub fn announce_self(cluster: &Arc<Cluster>) {
     let cluster = Arc::clone(cluster);
     let started = std::thread::Builder::new()
@@ -20,7 +20,7 @@ pub fn announce_self(cluster: &Arc<Cluster>) {
             let cmd = format!("join {}", cluster.self_id);
             let mut backoff = cluster.timeout;
             loop {
-                if cluster.is_listed() {
+                if cluster.is_listed() || cluster.was_removed() {
                     backoff = cluster.timeout;
                     std::thread::sleep(cluster.timeout * 2);
                     continue;

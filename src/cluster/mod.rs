@@ -104,10 +104,13 @@ pub struct Cluster {
     replica: Mutex<()>,
     /// Bumped whenever this node's arbiter sessions change (secondaries report them).
     arbiter_gen: AtomicU64,
-    /// Bumped whenever the member list changes (a primary then streams it to its secondaries).
-    members_gen: AtomicU64,
-    /// A primary's member list included this node.
+    /// Held by the one member change (`join`/`leave`) in progress.
+    changing: Mutex<()>,
+    /// The member list this node applied from the log included it.
     listed: AtomicBool,
+    /// A member list applied since start-up dropped this node (`leave`): it stops asking to
+    /// join, or `leave` would be undone by the node it removed.
+    removed: AtomicBool,
     /// The primary's log end as last heard (secondaries, for `replication_lag`).
     primary_lsn: AtomicU64,
 }
@@ -141,15 +144,18 @@ impl Cluster {
         quorum: WriteQuorum,
         term_file: Option<PathBuf>,
     ) -> Cluster {
-        let mut all: Vec<String> = members.to_vec();
-        all.push(self_id.clone());
-        // Members that joined while this node ran are kept next to its term.
-        if let Some(saved) = term_file
+        // The member list this node last applied from the log wins over the configured one
+        // (which only seeds a new cluster, and names the peers a new node asks to join).
+        let saved: Option<Vec<String>> = term_file
             .as_ref()
             .and_then(|p| std::fs::read_to_string(members_file(p)).ok())
-        {
-            all.extend(saved.split_whitespace().map(str::to_string));
-        }
+            .map(|text| text.split_whitespace().map(str::to_string).collect())
+            .filter(|list: &Vec<String>| !list.is_empty());
+        let listed = saved.as_ref().is_some_and(|l| l.contains(&self_id));
+        let mut all: Vec<String> = match saved {
+            Some(list) => list,
+            None => members.iter().cloned().chain([self_id.clone()]).collect(),
+        };
         all.sort();
         all.dedup();
         let (term, voted_for) = term_file
@@ -197,8 +203,9 @@ impl Cluster {
             on_elected: std::sync::OnceLock::new(),
             replica: Mutex::new(()),
             arbiter_gen: AtomicU64::new(0),
-            members_gen: AtomicU64::new(0),
-            listed: AtomicBool::new(false),
+            changing: Mutex::new(()),
+            listed: AtomicBool::new(listed),
+            removed: AtomicBool::new(false),
             primary_lsn: AtomicU64::new(0),
         }
     }
@@ -232,55 +239,63 @@ impl Cluster {
         lock(&self.members).len() / 2 + 1
     }
 
-    /// Adds a member (`join`). True when it was not one already.
-    pub fn join(&self, node: &str) -> bool {
-        let mut m = lock(&self.members);
-        if m.iter().any(|x| x == node) {
-            return false;
-        }
-        m.push(node.to_string());
-        m.sort();
-        self.members_gen.fetch_add(1, Ordering::AcqRel);
-        self.save_members(&m);
-        drop(m);
-        // A primary gives the newcomer a full timeout to start acknowledging before it
-        // counts it as unreachable (a single node that grows would step down at once).
-        let mut s = lock(&self.state);
-        if s.role == Role::Primary {
-            s.last_heard = Instant::now();
-        }
-        true
-    }
-
-    /// Removes a member (`leave`). True when it was one.
-    pub fn leave(&self, node: &str) -> bool {
-        let mut m = lock(&self.members);
+    /// The member list after adding (`join`) or removing `node`; `None` when that changes
+    /// nothing.
+    pub fn proposed(&self, node: &str, join: bool) -> Option<Vec<String>> {
+        let mut m = self.members();
         let before = m.len();
-        m.retain(|x| x != node);
-        if before == m.len() {
-            return false;
+        if join {
+            m.push(node.to_string());
+            m.sort();
+            m.dedup();
+        } else {
+            m.retain(|x| x != node);
         }
-        self.members_gen.fetch_add(1, Ordering::AcqRel);
-        self.save_members(&m);
-        drop(m);
-        self.forget_acks_of_non_members();
-        true
+        (m.len() != before).then_some(m)
     }
 
-    /// Adopts the primary's member list (secondaries, from the replication stream).
+    /// Starts a member change; `None` while another is in progress (one change at a time, so
+    /// the old and the new list always share a majority).
+    pub fn begin_change(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.changing.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Applies a member list: from a committed `members` or term-start record of the log, a
+    /// full sync, or a repair by hand when no primary is elected. Persisted, so a restart
+    /// keeps it.
     pub fn set_members(&self, mut members: Vec<String>) {
         members.sort();
         members.dedup();
-        self.listed
-            .store(members.contains(&self.self_id), Ordering::Release);
-        let mut m = lock(&self.members);
-        if *m != members {
-            self.save_members(&members);
-            *m = members;
-            self.members_gen.fetch_add(1, Ordering::AcqRel);
-            drop(m);
-            self.forget_acks_of_non_members();
+        if members.is_empty() {
+            return;
         }
+        let listed = members.contains(&self.self_id);
+        if self.listed.swap(listed, Ordering::AcqRel) && !listed {
+            log::warn!("{} was removed from the cluster", self.self_id);
+            self.removed.store(true, Ordering::Release);
+        }
+        let mut m = lock(&self.members);
+        if *m == members {
+            return;
+        }
+        let added = members.iter().any(|x| !m.contains(x));
+        self.save_members(&members);
+        *m = members;
+        drop(m);
+        self.forget_acks_of_non_members();
+        if added {
+            // A primary gives a newcomer a full timeout to start acknowledging before it
+            // counts it as unreachable (a single node that grows would step down at once).
+            let mut s = lock(&self.state);
+            if s.role == Role::Primary {
+                s.last_heard = Instant::now();
+            }
+        }
+        self.changed.notify_all();
     }
 
     /// Drops what removed members acknowledged: a node that still follows after `leave` must
@@ -290,14 +305,14 @@ impl Cluster {
         lock(&self.state).acks.retain(|m, _| members.contains(m));
     }
 
-    /// How many times the member list changed; a primary's senders compare it to stream changes.
-    pub fn members_gen(&self) -> u64 {
-        self.members_gen.load(Ordering::Acquire)
-    }
-
-    /// True once this node leads, or a primary's member list included it.
+    /// True once this node leads, or a member list it applied from the log included it.
     pub fn is_listed(&self) -> bool {
         self.is_primary() || self.listed.load(Ordering::Acquire)
+    }
+
+    /// True once a member list applied since start-up dropped this node.
+    pub fn was_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     /// True while this node is in its own member list (a removed node stops calling elections).
@@ -789,7 +804,7 @@ mod tests {
     }
 
     #[test]
-    fn members_that_joined_survive_a_restart_with_the_old_member_list() {
+    fn the_applied_member_list_survives_a_restart_with_the_old_configured_list() {
         let dir = std::env::temp_dir().join(format!("nun-members-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let term_file = dir.join("cluster.term");
@@ -805,14 +820,43 @@ mod tests {
             )
         };
         let c = start();
-        assert!(c.join("d:1"));
+        assert_eq!(c.members(), ["a:1", "b:1"]);
+        assert!(!c.is_listed(), "a configured list is not an applied one");
+        assert_eq!(c.proposed("b:1", true), None);
+        let grown = c.proposed("d:1", true).unwrap();
+        assert_eq!(grown, ["a:1", "b:1", "d:1"]);
+        c.set_members(grown);
         c.set_members(["a:1", "b:1", "d:1", "e:1"].map(String::from).to_vec());
-        assert!(c.leave("b:1"));
+        let shrunk = c.proposed("b:1", false).unwrap();
+        c.set_members(shrunk);
+        assert_eq!(c.proposed("b:1", false), None);
+        assert!(c.is_listed() && !c.was_removed());
         drop(c);
-        // The list on disk plus the configured one (an operator updates the flags after `leave`).
+        // The list applied last wins over the configured one.
         let c = start();
-        assert_eq!(c.members(), ["a:1", "b:1", "d:1", "e:1"]);
-        assert_eq!(c.majority(), 3);
+        assert_eq!(c.members(), ["a:1", "d:1", "e:1"]);
+        assert_eq!(c.majority(), 2);
+        assert!(c.is_listed());
+        // A list without this node means it was removed: it stops asking to join.
+        c.set_members(["d:1", "e:1"].map(String::from).to_vec());
+        assert!(c.was_removed() && !c.is_listed() && !c.is_member());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_member_change_at_a_time() {
+        let c = Cluster::new(
+            "a:1".into(),
+            &["a:1".to_string(), "b:1".to_string()],
+            ("u".into(), "p".into()),
+            Duration::from_millis(100),
+            WriteQuorum::Majority,
+            None,
+        );
+        let first = c.begin_change();
+        assert!(first.is_some());
+        assert!(c.begin_change().is_none());
+        drop(first);
+        assert!(c.begin_change().is_some());
     }
 }

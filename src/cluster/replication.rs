@@ -178,17 +178,11 @@ pub fn serve_secondary(
         .unwrap_or_else(Instant::now);
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut sent_commit = 0;
-    let mut sent_members = None;
     while !closed.load(Ordering::Acquire) && cluster.is_primary() {
         buf.clear();
         // Read the wake count before the commit point, so a move after it is not missed.
         let wakes = log.wakes();
         let commit = cluster.commit();
-        let members_gen = cluster.members_gen();
-        if sent_members != Some(members_gen) {
-            sent_members = Some(members_gen);
-            buf.extend_from_slice(format!("members {}\n", cluster.members().join(",")).as_bytes());
-        }
         if let Some(generation) = cluster.take_arbiter_confirm(&peer) {
             buf.extend_from_slice(format!("arbiters-ok {generation}\n").as_bytes());
         }
@@ -256,6 +250,17 @@ fn full_sync(replica: &Replica, out: &mut impl Write, after: &mut u64) -> io::Re
     log::info!("full sync at LSN {base}");
     out.write_all(format!("full {base}\n").as_bytes())?;
     let mut buf = Vec::with_capacity(1 << 20);
+    // The member list in force: the log that said so may be gone from this node's files.
+    let members = Record {
+        lsn: 0,
+        term: 0,
+        op: Op::Members,
+        db: String::new(),
+        key: String::new(),
+        version: 0,
+        value: replica.cluster.members().join(","),
+    };
+    record_line(&members, &mut buf);
     for db in replica.dbs.all() {
         let create = Record {
             lsn: 0,
@@ -336,6 +341,7 @@ fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
     }
     let apply = |r: &Record| {
         if r.lsn <= upto {
+            apply_members(&replica.cluster, r);
             replica.dbs.apply_record(r);
         }
     };
@@ -356,6 +362,22 @@ fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Applies the member list a committed `members` or term-start record carries.
+fn apply_members(cluster: &Cluster, r: &Record) {
+    if matches!(r.op, Op::Members | Op::TermStart) && !r.value.is_empty() {
+        cluster.set_members(member_list(&r.value));
+    }
+}
+
+/// The members named in a record's comma-separated value.
+pub fn member_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .filter(|m| !m.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Prepares this node to lead `term` (the cluster's elected hook): applies every record it
 /// received as a secondary, then logs the term-start record and returns its LSN. The pushes of
 /// what it applied are left in this thread's [`outbox::take_touched`] list: they may be shown
@@ -364,6 +386,8 @@ pub fn take_over(replica: &Replica, term: u64) -> Result<u64, String> {
     let (cluster, log) = (&replica.cluster, replica.log());
     let _guard = cluster.replica_guard();
     apply_received(replica, log.last_lsn()).map_err(|e| e.to_string())?;
+    // The term starts by stating its member list (with any change it inherited applied), so
+    // every follower holds the list this primary counts majorities in.
     let mut start = Record {
         lsn: 0,
         term,
@@ -371,7 +395,7 @@ pub fn take_over(replica: &Replica, term: u64) -> Result<u64, String> {
         db: String::new(),
         key: String::new(),
         version: 0,
-        value: String::new(),
+        value: cluster.members().join(","),
     };
     let lsn = log.append(&mut start).map_err(|e| e.to_string())?;
     log.wait_durable(lsn).map_err(|e| e.to_string())?;
@@ -417,6 +441,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
     let mut line = String::new();
     let mut last_data = Instant::now();
     let mut full: Option<(u64, Staged)> = None;
+    let mut full_members: Option<Vec<String>> = None;
     let mut received = last_lsn;
     let mut applied = replica.dbs.unapplied_from().map_or(last_lsn, |f| f - 1);
     // `None` forces an ack (answering a heartbeat keeps the primary's majority view fresh).
@@ -465,6 +490,9 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                 log.reset(base)?;
                 replica.dbs.set_unapplied_from(None);
                 replica.dbs.replace_all(staged, base);
+                if let Some(members) = full_members.take() {
+                    cluster.set_members(members);
+                }
                 replica.storage.snapshot(&replica.dbs)?;
                 received = base;
                 applied = base;
@@ -473,7 +501,11 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
             "rec" => {
                 let r = parse_record(rest).ok_or_else(|| io::Error::other("bad record"))?;
                 if let Some((_, staged)) = full.as_mut() {
-                    stage(staged, r);
+                    if r.op == Op::Members {
+                        full_members = Some(member_list(&r.value));
+                    } else {
+                        stage(staged, r);
+                    }
                 } else if r.lsn > received {
                     let _guard = cluster.replica_guard();
                     if !following() {
@@ -489,17 +521,6 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
             "commit" => {
                 let lsn = rest.parse().map_err(|_| io::Error::other("bad commit"))?;
                 cluster.set_commit(lsn);
-            }
-            "members" => {
-                if !following() {
-                    return Ok(());
-                }
-                cluster.set_members(
-                    rest.split(',')
-                        .filter(|m| !m.is_empty())
-                        .map(str::to_string)
-                        .collect(),
-                );
             }
             "arbiters-ok" => {
                 if let Ok(generation) = rest.parse() {
@@ -585,7 +606,7 @@ fn stage(staged: &mut Staged, r: Record) {
                 entries.push((r.key, entry));
             }
         }
-        Op::DeleteDb | Op::TermStart => {}
+        Op::DeleteDb | Op::TermStart | Op::Members => {}
     }
 }
 

@@ -414,7 +414,7 @@ impl Database {
         let entry = match record.op {
             Op::Set => Entry::live(&record.value, record.version),
             Op::Remove => Entry::removed(record.version),
-            Op::CreateDb | Op::DeleteDb | Op::TermStart => return Ok(()),
+            Op::CreateDb | Op::DeleteDb | Op::TermStart | Op::Members => return Ok(()),
         };
         if let Some(log) = log {
             log.append(&mut record.clone())?;

@@ -239,7 +239,8 @@ impl Databases {
                     }
                 }
             }
-            Op::TermStart => {}
+            // The cluster applies member lists (`cluster::replication`).
+            Op::TermStart | Op::Members => {}
             Op::Set | Op::Remove => match self.get(&record.db) {
                 Some(db) => db.apply_logged(record, log)?,
                 None => log::warn!(

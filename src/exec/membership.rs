@@ -1,7 +1,10 @@
-//! `join` / `leave`: change the cluster's member list. Only a primary that reaches a majority
-//! changes it; a secondary forwards the command to the primary. With no primary elected, a change
-//! applies to the node it is sent to (and says so), so a cluster that lost its majority for good
-//! can be repaired by hand.
+//! `join` / `leave`: change the cluster's member list through the replicated log. The primary
+//! logs a `members` record with the new list, one change at a time, and applies it once a
+//! majority of the old list has it (Raft's single-server changes: the old and the new list
+//! always share a majority, so two primaries can never be elected side by side); secondaries
+//! apply it when they learn it committed. A secondary forwards the command to the primary.
+//! With no primary elected, a change applies to the node it is sent to (and says so), so a
+//! cluster that lost its majority for good can be repaired by hand.
 
 use std::sync::Arc;
 
@@ -9,6 +12,7 @@ use super::Session;
 use crate::cluster::membership;
 use crate::node::Node;
 use crate::protocol::Outcome;
+use crate::storage::record::{Op, Record};
 
 /// Runs `join <member>` (`join` true) or `leave <member>` for `session`.
 pub fn change(node: &Arc<Node>, session: &mut Session, member: &str, join: bool) -> Outcome {
@@ -47,23 +51,40 @@ pub fn change(node: &Arc<Node>, session: &mut Session, member: &str, join: bool)
             "{member} does not answer as {member}; start it first, with --external-address {member} (a node started with the member list joins by itself)"
         ));
     }
-    let changed = if join {
-        cluster.join(member)
-    } else {
-        cluster.leave(member)
+    let Some(_change) = cluster.begin_change() else {
+        return Outcome::error("Another member change is in progress; retry shortly");
     };
-    if !changed {
+    let Some(members) = cluster.proposed(member, join) else {
         return if join {
             Outcome::ok()
         } else {
             Outcome::error(format!("Not a member: {member}"))
         };
+    };
+    match (local_only, node.log()) {
+        (false, Some(log)) => {
+            let mut record = Record {
+                lsn: 0,
+                term: 0,
+                op: Op::Members,
+                db: String::new(),
+                key: String::new(),
+                version: 0,
+                value: members.join(","),
+            };
+            let lsn = match log.append(&mut record) {
+                Ok(lsn) => lsn,
+                Err(e) => return Outcome::error(format!("Storage error: {e}")),
+            };
+            // Committed by a majority of the list in force until now.
+            if let Err(e) = node.wait_durable(lsn) {
+                return Outcome::error(e);
+            }
+            cluster.set_members(members);
+        }
+        _ => cluster.set_members(members),
     }
     log::info!("members are now {:?}", cluster.members());
-    if let Some(log) = node.log() {
-        // Wakes the replication senders, which stream the new list.
-        log.wake();
-    }
     if join {
         if let Err(e) = node.start_cluster_threads() {
             return Outcome::error(e);

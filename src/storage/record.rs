@@ -14,9 +14,13 @@ pub enum Op {
     CreateDb = 3,
     /// Database deleted.
     DeleteDb = 4,
-    /// No change: a new primary's first record of its term, so it can commit the records
+    /// No data change: a new primary's first record of its term, so it can commit the records
     /// it inherited from earlier terms (a term's majority-acked own record commits its prefix).
+    /// `value` holds the primary's member list (comma-separated; empty in older logs).
     TermStart = 5,
+    /// The cluster's member list becomes `value` (comma-separated) once this record commits:
+    /// one `join` or `leave`, committed by a majority of the list before it.
+    Members = 6,
 }
 
 impl Op {
@@ -27,6 +31,7 @@ impl Op {
             3 => Some(Op::CreateDb),
             4 => Some(Op::DeleteDb),
             5 => Some(Op::TermStart),
+            6 => Some(Op::Members),
             _ => None,
         }
     }
@@ -47,7 +52,7 @@ pub struct Record {
     pub key: String,
     /// Resulting version.
     pub version: i32,
-    /// Resulting value (strategy name for `CreateDb`).
+    /// Resulting value (strategy name for `CreateDb`, member list for `Members`).
     pub value: String,
 }
 

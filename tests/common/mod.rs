@@ -443,7 +443,10 @@ impl TestCluster {
     /// Starts one more node whose member list names every node so far and itself; returns its
     /// index. The running nodes keep their own configuration.
     pub fn add_node(&mut self) -> usize {
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = match &self.lab {
+            Some(lab) => format!("{}:3014", lab.ip(self.addrs.len())),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
         self.addrs.push(addr.clone());
         self.tcp_addrs.push(addr);
         self.dirs.push(temp_dir("cluster"));
