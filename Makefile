@@ -5,7 +5,7 @@ NUN_PWD ?= admin
 NUN_DBS_DIR ?= ./data
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 
-.PHONY: run build release test deps lint test-rust test-sh test-js test-bench bench clean
+.PHONY: run build release test deps lint test-rust test-sh test-js test-bench bench soak clean
 
 build:
 	cargo build
@@ -20,8 +20,9 @@ run: release
 	NUN_USER='$(NUN_USER)' NUN_PWD='$(NUN_PWD)' NUN_DBS_DIR='$(NUN_DBS_DIR)' ./target/release/nun-db start
 
 ## Install what the tests need: netcat (tests-sh), promtool (metrics test), Chromium (console
-## browser test), moto's S3 server (S3 tests), the npm driver and playwright-core (tests-js; it
-## drives Debian's Chromium and downloads no browser).
+## browser test), moto's S3 server (S3 tests), iproute2 (network-namespace partition tests, run
+## as root), the npm driver and playwright-core (tests-js; it drives Debian's Chromium and
+## downloads no browser).
 deps:
 	@missing=""; \
 	command -v nc >/dev/null 2>&1 || missing="$$missing netcat-openbsd"; \
@@ -47,6 +48,12 @@ test-sh: build
 
 test-js: build
 	cd tests-js && NUN_DB_BIN=$(CURDIR)/target/debug/nun-db npm test
+
+## The fault tests (namespace partitions and chaos) over and over; stops at the first failure.
+SOAK_RUNS ?= 10
+soak: deps
+	for i in $$(seq 1 $(SOAK_RUNS)); do echo "soak run $$i of $(SOAK_RUNS)"; \
+		cargo test --test partition --test chaos || exit 1; done
 
 ## Everything CI runs.
 test: deps lint test-rust test-sh test-js
