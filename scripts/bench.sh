@@ -48,6 +48,18 @@ start_nun "$WORK/main" NUN_FSYNC=everysec
 MAIN=$(bench --target "redis://127.0.0.1:$REDIS_PORT" $QUICK)
 stop_nun
 
+# The same set/get rows against Redis with persistence off (its defaults minus RDB); nun-db
+# keeps its default durability (logged before the reply).
+NOPERSIST_PORT=$(free_port)
+redis-server --port "$NOPERSIST_PORT" --bind 127.0.0.1 --dir "$WORK" --save '' --appendonly no \
+  --maxclients 20000 --daemonize no >"$WORK/redis-nopersist.out" 2>&1 &
+NOPERSIST_PID=$!; PIDS+=("$NOPERSIST_PID")
+for _ in $(seq 200); do redis-cli -p "$NOPERSIST_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+start_nun "$WORK/nopersist" NUN_FSYNC=everysec
+NOPERSIST=$(bench --target "redis://127.0.0.1:$NOPERSIST_PORT" --ops set,get --watchers none $QUICK)
+stop_nun
+kill "$NOPERSIST_PID" 2>/dev/null || true
+
 # Connections: 1,000 and 10,000 WebSocket watchers (Redis: SUBSCRIBE), memory and fan-out.
 # The bench client, the server and Redis each need ~10,100 descriptors (ulimit -Hn >= 20000).
 CONNS_LIST=1000,10000
@@ -198,6 +210,14 @@ RSS_RATIO=$(python3 -c "print(f'{$RSS_KB*1024/($N*116):.2f}')")
   echo "## Key-value load and watch fan-out"
   echo
   echo "$MAIN"
+  echo
+  echo "## Key-value load against Redis with persistence off"
+  echo
+  echo "The same set/get rows, a fresh nun-db with its defaults (every write logged before the reply,"
+  echo "fsync once a second) against a second Redis started with \`--save '' --appendonly no\` (nothing"
+  echo "written to disk). Command: \`nun-db bench --ops set,get --watchers none --target redis://...\`."
+  echo
+  echo "$NOPERSIST"
   echo
   echo "## Connections: memory per session and fan-out at 1,000 and 10,000 watchers"
   echo

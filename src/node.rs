@@ -169,9 +169,9 @@ impl Node {
     /// write instead of the session waiting for it.
     pub fn acks_locally(&self) -> bool {
         self.storage.is_some()
-            && self.cluster().is_some_and(|c| {
-                c.peers().is_empty() || self.config.write_quorum == WriteQuorum::One
-            })
+            && self
+                .cluster()
+                .is_some_and(|c| c.is_alone() || self.config.write_quorum == WriteQuorum::One)
     }
 
     /// Hands replies and pushes held until `touched.lsn()` to the log: they are released by

@@ -106,6 +106,8 @@ pub struct Cluster {
     arbiter_gen: AtomicU64,
     /// Held by the one member change (`join`/`leave`) in progress.
     changing: Mutex<()>,
+    /// No member but this node (kept with the list, for hot paths that must not lock it).
+    alone: AtomicBool,
     /// The member list this node applied from the log included it.
     listed: AtomicBool,
     /// A member list applied since start-up dropped this node (`leave`): it stops asking to
@@ -204,6 +206,7 @@ impl Cluster {
             replica: Mutex::new(()),
             arbiter_gen: AtomicU64::new(0),
             changing: Mutex::new(()),
+            alone: AtomicBool::new(single),
             listed: AtomicBool::new(listed),
             removed: AtomicBool::new(false),
             primary_lsn: AtomicU64::new(0),
@@ -232,6 +235,11 @@ impl Cluster {
             .into_iter()
             .filter(|m| *m != self.self_id)
             .collect()
+    }
+
+    /// True when this node is the only member (same as `peers().is_empty()`, without a copy).
+    pub fn is_alone(&self) -> bool {
+        self.alone.load(Ordering::Acquire)
     }
 
     /// Votes needed for a majority of the configured members.
@@ -284,6 +292,10 @@ impl Cluster {
         }
         let added = members.iter().any(|x| !m.contains(x));
         self.save_members(&members);
+        self.alone.store(
+            members.iter().all(|x| *x == self.self_id),
+            Ordering::Release,
+        );
         *m = members;
         drop(m);
         self.forget_acks_of_non_members();
@@ -473,11 +485,16 @@ impl Cluster {
     /// writes are in memory before a majority has them, and a node that lost its primary may
     /// hold changes that never committed.
     pub fn wait_visible(&self, lsn: u64) -> Result<(), String> {
-        if lsn == 0 || self.committed.load(Ordering::Acquire) >= lsn {
+        if self.is_visible(lsn) {
             return Ok(());
         }
         self.wait_state(self.timeout, |s| (s.commit >= lsn).then_some(()))
             .map_err(|_| NOT_COMMITTED.to_string())
+    }
+
+    /// True when the change logged as `lsn` is committed (a lock-free check).
+    pub fn is_visible(&self, lsn: u64) -> bool {
+        lsn == 0 || self.committed.load(Ordering::Acquire) >= lsn
     }
 
     /// The highest LSN known committed.

@@ -233,16 +233,19 @@ fn write_result(r: Result<Written, WriteError>) -> Res {
 /// full sync replaced the contents meanwhile, that LSN belonged to the dropped history, so
 /// the read is done again.
 fn committed_read<T>(node: &Node, db: &Database, read: impl Fn() -> T) -> Result<T, Outcome> {
-    let cluster = match node.cluster() {
-        Some(c) if !node.acks_locally() => c,
-        _ => return Ok(read()),
+    let Some(cluster) = node.cluster() else {
+        return Ok(read());
     };
     loop {
         let generation = db.generation();
         let answer = read();
-        cluster
-            .wait_visible(db.last_lsn())
-            .map_err(Outcome::error)?;
+        let lsn = db.last_lsn();
+        if !cluster.is_visible(lsn) {
+            if node.acks_locally() {
+                return Ok(answer);
+            }
+            cluster.wait_visible(lsn).map_err(Outcome::error)?;
+        }
         if db.generation() == generation {
             return Ok(answer);
         }
