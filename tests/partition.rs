@@ -416,6 +416,19 @@ impl Run {
             majority_whole,
         });
         self.history.progress(50);
+        // The next fault starts from a whole cluster: every member follows the primary again
+        // (a node back from the minority may need a full sync first).
+        let c = &self.cluster;
+        assert!(
+            eventually(LONG, || c.primary().is_some_and(|p| {
+                let line = c.state_line(p);
+                !line.is_empty() && !line.contains("Disconnected")
+            })),
+            "after {what} the cluster never became whole again: {:?}",
+            (0..c.nodes.len())
+                .map(|i| c.state_line(i))
+                .collect::<Vec<_>>()
+        );
     }
 
     /// Stops the clients, waits for the nodes to converge and checks every guarantee.

@@ -218,6 +218,36 @@ impl Client {
         self.read_reply()
     }
 
+    /// Sends one raw command and waits for its reply in slices of `slice`, for as long as
+    /// `keep_waiting` says after each slice; then gives up with the timeout error (the
+    /// command may still be carried out).
+    pub fn call_while(
+        &mut self,
+        command: &str,
+        slice: Duration,
+        mut keep_waiting: impl FnMut() -> bool,
+    ) -> Result<Reply, ClientError> {
+        self.transport.set_timeout(Some(slice))?;
+        self.transport.send(&[command])?;
+        let mut messages = Vec::new();
+        loop {
+            match self.transport.recv() {
+                Ok(msg) => match classify(&msg) {
+                    Incoming::Envelope(error) => return Ok(Reply { messages, error }),
+                    Incoming::Event(e) => self.events.push_back(e),
+                    Incoming::Output(m) => messages.push(m),
+                    Incoming::Skip => {}
+                },
+                Err(ClientError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && keep_waiting() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Sends several commands at once (pipelining), then reads all their replies in order.
     pub fn pipeline(&mut self, commands: &[&str]) -> Result<Vec<Reply>, ClientError> {
         self.transport.send(commands)?;

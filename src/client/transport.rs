@@ -75,9 +75,11 @@ impl Transport for TcpTransport {
     }
 
     fn recv(&mut self) -> Result<String, ClientError> {
-        self.buf.clear();
+        // A read that timed out keeps what it got of the line in `buf`; the next call goes on
+        // from there (a complete line is taken out of it below).
         let n = self.reader.read_until(b'\n', &mut self.buf)?;
         if n == 0 {
+            self.buf.clear();
             return Err(ClientError::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "server closed the connection",

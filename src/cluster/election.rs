@@ -145,7 +145,9 @@ impl Cluster {
         }
     }
 
-    /// Asks every peer `cmd` in parallel (for up to one timeout) and counts this node plus the
+    /// Asks every peer `cmd` in parallel (for up to half a timeout: a reachable peer answers in
+    /// a round trip, and waiting longer for one that cannot be reached only delays the next
+    /// try) and counts this node plus the
     /// peers whose vote `counts`, stopping at a majority. Also returns the most informative
     /// refusal (newest term, then one naming a primary), if any.
     fn canvass(
@@ -167,7 +169,7 @@ impl Cluster {
         }
         drop(tx);
         let mut votes = 1;
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.timeout / 2;
         let mut newer: Option<Vote> = None;
         for _ in &peers {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -212,10 +214,9 @@ impl Cluster {
             );
             let (votes, newer) = self.canvass(&cmd, |v| v.granted);
             if votes < self.majority() {
-                if let Some(v) = newer {
-                    let mut s = lock(&self.state);
-                    self.observe_term(&mut s, v.term);
-                }
+                // Refused because a primary is alive: follow it (a node back from a partition
+                // catches up at once instead of waiting for the primary's next announcement).
+                self.learn_from_refusal(newer);
                 return false;
             }
         }
@@ -250,20 +251,31 @@ impl Cluster {
             self.announce(term);
             return true;
         }
-        let mut s = lock(&self.state);
-        if s.role == Role::Candidate {
-            s.role = Role::Secondary;
-        }
-        if let Some(v) = newer {
-            drop(s);
-            if let Some(p) = v.primary {
-                self.heard_from_primary(v.term, &p);
-            } else {
-                let mut s = lock(&self.state);
-                self.observe_term(&mut s, v.term);
+        {
+            let mut s = lock(&self.state);
+            if s.role == Role::Candidate {
+                s.role = Role::Secondary;
             }
         }
+        self.learn_from_refusal(newer);
         false
+    }
+
+    /// Takes in a refusal's news: its newer term, and the primary it names if that is not the
+    /// one this node already believes in (whose silence is why it asked: hearing its name from
+    /// a peer proves nothing).
+    fn learn_from_refusal(&self, refusal: Option<Vote>) {
+        let Some(v) = refusal else { return };
+        let known = self.status().2;
+        if let Some(p) = v
+            .primary
+            .filter(|p| *p != self.self_id && known.as_deref() != Some(p.as_str()))
+        {
+            self.heard_from_primary(v.term, &p);
+        } else {
+            let mut s = lock(&self.state);
+            self.observe_term(&mut s, v.term);
+        }
     }
 
     /// Tells every peer that this node won `term`.
@@ -350,7 +362,7 @@ impl Cluster {
     }
 
     fn election_loop(self: &Arc<Self>, log: &OpLog) {
-        let tick = (self.timeout / 5).max(Duration::from_millis(20));
+        let tick = (self.timeout / 10).max(Duration::from_millis(10));
         let mut last_announce = Instant::now();
         loop {
             std::thread::sleep(tick);

@@ -31,7 +31,7 @@ pub fn forward(
     let reuse = matches!(forwarder, Some((p, c)) if *p == primary && c.is_open());
     if !reuse {
         *forwarder = None;
-        match Client::connect_tcp_timeout(&primary, cluster.timeout * 5)
+        match Client::connect_tcp_timeout(&primary, cluster.timeout)
             .and_then(|mut c| c.auth(&cluster.admin.0, &cluster.admin.1).map(|_| c))
         {
             Ok(c) => *forwarder = Some((primary.clone(), c)),
@@ -43,7 +43,14 @@ pub fn forward(
         return Outcome::error(format!("Primary {primary} unreachable"));
     };
     let command = format!("fwd {} {db} {user} {line}", cluster.self_id);
-    match client.call(&command) {
+    // Waits while this node still follows `primary`, for up to five timeouts: once it follows
+    // another (or none), the answer may never come, and the client hears at once that the
+    // write's outcome is unknown.
+    let started = std::time::Instant::now();
+    let still_leads = || {
+        started.elapsed() < cluster.timeout * 5 && cluster.status().2.as_deref() == Some(&primary)
+    };
+    match client.call_while(&command, cluster.timeout / 4, still_leads) {
         Ok(reply) => {
             let mut messages = reply.messages;
             let lsn = match messages.first().and_then(|m| m.strip_prefix("fwd-lsn ")) {

@@ -636,18 +636,27 @@ impl Cluster {
         self.applied_cv.notify_all();
     }
 
-    /// Waits (up to `timeout`) until `lsn` is applied locally: read-your-writes after forwarding.
+    /// Waits (up to `timeout`, while this node hears its primary) until `lsn` is applied
+    /// locally: read-your-writes after forwarding.
     pub fn wait_applied(&self, lsn: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
+        let slice = (self.timeout / 4).max(Duration::from_millis(10));
         let mut g = lock(&self.applied_lock);
         while self.applied.load(Ordering::Acquire) < lsn {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            // A node that stopped hearing its primary will not get the change soon.
+            if left.is_zero() || !self.hears_primary(self.timeout / 2) {
                 return false;
             }
-            g = self.applied_cv.wait_timeout(g, left);
+            g = self.applied_cv.wait_timeout(g, left.min(slice));
         }
         true
+    }
+
+    /// True when this node follows a primary it heard from within `within`.
+    fn hears_primary(&self, within: Duration) -> bool {
+        let s = lock(&self.state);
+        s.role == Role::Secondary && s.primary.is_some() && s.last_heard.elapsed() < within
     }
 
     /// Replication lag in LSNs: on the primary, of its slowest member; on a secondary, how far
