@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 
 use nundb::bench::conn::KvOp;
 use nundb::bench::{BenchOptions, Transport};
@@ -615,7 +614,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         outbox_messages: args.outbox_messages,
         outbox_bytes: args.outbox_bytes,
     };
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    let mut signals = match ShutdownSignals::install() {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
     };
@@ -645,11 +644,43 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
         "ready tcp={} ws={} http={}",
         bound.tcp, bound.ws, bound.http
     );
-    if let Some(signal) = signals.forever().next() {
-        log::info!("signal {signal} received, flushing and shutting down");
-    }
+    signals.wait();
+    log::info!("SIGINT or SIGTERM received, flushing and shutting down");
     match node.shutdown() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("flushing the operation log failed: {e}")),
+    }
+}
+
+/// The read end of a socket pair that SIGINT and SIGTERM write a byte to (signal-hook's
+/// self-pipe), so the main thread can sleep until one arrives.
+struct ShutdownSignals(std::os::unix::net::UnixStream);
+
+impl ShutdownSignals {
+    /// Registers SIGINT and SIGTERM.
+    fn install() -> std::io::Result<ShutdownSignals> {
+        let (read, write) = std::os::unix::net::UnixStream::pair()?;
+        for signal in [SIGINT, SIGTERM] {
+            signal_hook::low_level::pipe::register(signal, write.try_clone()?)?;
+        }
+        Ok(ShutdownSignals(read))
+    }
+
+    /// Blocks until a signal arrives. An unexpected read error (a debugger attaching can cause
+    /// one) is logged and waited out: the node keeps serving rather than dying without its
+    /// final flush.
+    fn wait(&mut self) {
+        use std::io::Read;
+        let mut byte = [0u8; 1];
+        loop {
+            match self.0.read(&mut byte) {
+                Ok(n) if n > 0 => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => {
+                    log::warn!("waiting for a shutdown signal: {other:?}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
     }
 }
