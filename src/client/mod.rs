@@ -409,4 +409,56 @@ mod tests {
             Incoming::Event(Event::Changed { version: 3, .. })
         ));
     }
+
+    /// A server on loopback that reads one line, then writes `parts` with `pause` between them.
+    fn slow_server(parts: &'static [&'static str], pause: Duration) -> String {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            let _ = io::BufReader::new(stream.try_clone().unwrap()).read_line(&mut line);
+            let mut out = stream;
+            for part in parts {
+                std::thread::sleep(pause);
+                let _ = out.write_all(part.as_bytes());
+            }
+            // Keeps the connection open while the client gives up.
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        addr
+    }
+
+    #[test]
+    fn call_while_resumes_a_reply_split_across_slices() {
+        let addr = slow_server(&["value 1", "2\nok", " \n"], Duration::from_millis(60));
+        let mut c = Client::connect_tcp(&addr).unwrap();
+        let mut slices = 0;
+        let reply = c
+            .call_while("get a", Duration::from_millis(20), || {
+                slices += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(reply.messages, vec!["value 12"]);
+        assert_eq!(reply.error, None);
+        assert!(slices >= 3, "the reply came in one slice ({slices})");
+    }
+
+    #[test]
+    fn call_while_gives_up_when_told_to() {
+        let addr = slow_server(&[], Duration::ZERO);
+        let mut c = Client::connect_tcp(&addr).unwrap();
+        let mut slices = 0;
+        let r = c.call_while("set a 1", Duration::from_millis(20), || {
+            slices += 1;
+            slices < 3
+        });
+        assert!(
+            matches!(&r, Err(ClientError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock),
+            "{r:?}"
+        );
+        assert_eq!(slices, 3);
+    }
 }
