@@ -226,6 +226,19 @@ fn write_result(r: Result<Written, WriteError>) -> Res {
     })
 }
 
+/// `<prefix>[<version> ]<value>` in one allocation of the right size (`format!` guesses too
+/// small for a long value and grows the string, a cost on every read).
+fn reply_line(prefix: &str, version: Option<i32>, value: &str) -> String {
+    let mut line = String::with_capacity(prefix.len() + 12 + value.len());
+    line.push_str(prefix);
+    if let Some(version) = version {
+        use std::fmt::Write as _;
+        let _ = write!(line, "{version} ");
+    }
+    line.push_str(value);
+    line
+}
+
 /// Runs `read` on `db` and holds its answer back until what it read is committed (in a
 /// cluster whose writes wait for a majority): the value may be a primary's write that a
 /// majority does not have yet, or a change a cut-off node made that will be rolled back. The
@@ -399,7 +412,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Read, &key)?;
             let message = committed_read(&node, &db, || {
-                db.get_with(&key, |value, _| format!("value {value}"))
+                db.get_with(&key, |value, _| reply_line("value ", None, value))
                     .unwrap_or_else(|| "value <Empty>".to_string())
             })?;
             if let Some(start) = start {
@@ -411,8 +424,10 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             check_key(session, &db, Access::Read, &key)?;
             let message = committed_read(&node, &db, || {
-                db.get_with(&key, |v, version| format!("value-version {version} {v}"))
-                    .unwrap_or_else(|| "value-version 1 <Empty>".to_string())
+                db.get_with(&key, |v, version| {
+                    reply_line("value-version ", Some(version), v)
+                })
+                .unwrap_or_else(|| "value-version 1 <Empty>".to_string())
             })?;
             Ok(Outcome::message(message))
         }
