@@ -659,9 +659,13 @@ struct ShutdownSignals(std::os::unix::net::UnixStream);
 impl ShutdownSignals {
     /// Registers SIGINT and SIGTERM.
     fn install() -> std::io::Result<ShutdownSignals> {
+        use std::os::fd::IntoRawFd;
         let (read, write) = std::os::unix::net::UnixStream::pair()?;
+        // One descriptor for both signals: the registrations are never removed, so it stays
+        // open for the life of the process.
+        let write = write.into_raw_fd();
         for signal in [SIGINT, SIGTERM] {
-            signal_hook::low_level::pipe::register(signal, write.try_clone()?)?;
+            signal_hook::low_level::pipe::register_raw(signal, write)?;
         }
         Ok(ShutdownSignals(read))
     }
