@@ -111,17 +111,16 @@ fn work(rx: &Mutex<Receiver<Job>>, idle: &AtomicUsize) {
         if spare.is_err() {
             return;
         }
+        // Memory the previous session left in this thread's stack is not needed while it
+        // waits, perhaps for long, as a spare.
+        os::release_idle_stack();
         // Whoever submits after this decrement-claim sends exactly one job for us.
         let job = {
             let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
             rx.recv()
         };
         match job {
-            Ok(job) => {
-                // Memory a previous session left in this thread's stack is not needed now.
-                os::release_idle_stack();
-                job();
-            }
+            Ok(job) => job(),
             Err(_) => return,
         }
     }
