@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::faults::{check_terms, check_watchers, dump, watch_until, Segment};
 use common::proxy::Net;
 use common::{eventually, TestCluster, ADMIN, ADMIN_PWD};
-use nundb::client::{Client, ClientError, Event};
+use nundb::client::{Client, ClientError};
 
 /// Keys every writer fights over.
 const SHARED: [&str; 4] = ["k0", "k1", "k2", "k3"];
@@ -134,81 +135,6 @@ fn writer(addr: String, id: usize, w: Arc<Workload>) {
     }
 }
 
-/// One watch connection's events, in arrival order.
-type Segment = Vec<Event>;
-
-fn watcher(addr: String, w: Arc<Workload>) -> Vec<Segment> {
-    let mut segments = Vec::new();
-    while !w.stop.load(Ordering::Relaxed) {
-        let Some(mut c) = connect(&addr) else {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        };
-        if SHARED.iter().any(|k| c.watch(k).is_err()) {
-            continue;
-        }
-        let mut seg = Vec::new();
-        // Ends when the node dies or drops the watcher; the test closes it at the end.
-        while let Ok(e) = c.next_event() {
-            seg.push(e);
-        }
-        segments.push(seg);
-    }
-    segments
-}
-
-/// Every watch connection saw each key's versions in order without gaps (a removal consumes
-/// one version). Returns how many events were checked.
-fn check_watchers(node: usize, segments: &[Segment]) -> usize {
-    let mut checked = 0;
-    for seg in segments {
-        let mut last: HashMap<&str, i32> = HashMap::new();
-        for e in seg {
-            checked += 1;
-            match e {
-                Event::Changed { key, version, .. } => {
-                    if let Some(prev) = last.get(key.as_str()) {
-                        assert_eq!(
-                            *version,
-                            prev + 1,
-                            "node {node}: watcher of {key} saw version {version} after {prev}: {seg:?}"
-                        );
-                    }
-                    last.insert(key, *version);
-                }
-                Event::Removed { key } => {
-                    if let Some(prev) = last.get_mut(key.as_str()) {
-                        *prev += 1;
-                    }
-                }
-            }
-        }
-    }
-    checked
-}
-
-/// Every user key of node `i` with its version and value.
-fn dump(c: &TestCluster, i: usize) -> Option<BTreeMap<String, (i32, String)>> {
-    let mut client = connect(&c.nodes[i].as_ref()?.tcp)?;
-    let keys: Vec<String> = client
-        .keys("")
-        .ok()?
-        .into_iter()
-        .filter(|k| !k.is_empty() && !k.starts_with('$'))
-        .collect();
-    let mut out = BTreeMap::new();
-    for chunk in keys.chunks(500) {
-        let commands: Vec<String> = chunk.iter().map(|k| format!("get-safe {k}")).collect();
-        let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-        for (k, reply) in chunk.iter().zip(client.pipeline(&refs).ok()?) {
-            let line = reply.messages.first()?.strip_prefix("value-version ")?;
-            let (version, value) = line.split_once(' ')?;
-            out.insert(k.clone(), (version.parse().ok()?, value.to_string()));
-        }
-    }
-    Some(out)
-}
-
 struct Run {
     workload: Arc<Workload>,
     writers: Vec<JoinHandle<()>>,
@@ -234,7 +160,9 @@ fn start_workload(c: &TestCluster) -> Run {
         );
         let w = Arc::clone(&workload);
         let a = addr.clone();
-        watchers.push(std::thread::spawn(move || watcher(a, w)));
+        watchers.push(std::thread::spawn(move || {
+            watch_until(&w.stop, &SHARED, || connect(&a))
+        }));
         for k in 0..WRITERS_PER_NODE {
             let w = Arc::clone(&workload);
             let a = addr.clone();
@@ -261,7 +189,11 @@ fn finish(mut c: TestCluster, run: Run) {
     // Everyone converges to the same data.
     let mut last = Vec::new();
     let same = eventually(LONG, || {
-        last = (0..c.nodes.len()).map(|i| dump(&c, i)).collect();
+        last = c
+            .tcp_addrs
+            .iter()
+            .map(|a| connect(a).and_then(|mut cl| dump(&mut cl)))
+            .collect();
         last.iter().all(|d| d.is_some() && *d == last[0])
     });
     assert!(same, "nodes did not converge");
@@ -282,43 +214,23 @@ fn finish(mut c: TestCluster, run: Run) {
             "counter {k} = {value}, acknowledged {acked} of {attempted} increments"
         );
     }
-    // One primary per term.
-    let mut by_term: HashMap<u64, usize> = HashMap::new();
-    for (node, term) in c.victories() {
-        let first = *by_term.entry(term).or_insert(node);
-        assert_eq!(first, node, "term {term} had two primaries");
-    }
+    let victories = c.victories();
     // Watchers: closing the nodes ends their connections.
     for i in 0..c.nodes.len() {
         c.kill(i);
     }
-    let (mut events, mut connections) = (0, 0);
-    // Every (key, version) any watcher saw has one value: none saw a change later rolled back.
-    let mut seen: HashMap<(String, i32), String> = data
-        .iter()
-        .map(|(k, (v, value))| ((k.clone(), *v), value.clone()))
+    let segments: Vec<Vec<Segment>> = run
+        .watchers
+        .into_iter()
+        .map(|t| t.join().unwrap())
         .collect();
-    for (i, t) in run.watchers.into_iter().enumerate() {
-        let segments = t.join().unwrap();
-        connections += segments.len();
-        for e in segments.iter().flatten() {
-            if let Event::Changed {
-                key,
-                version,
-                value,
-            } = e
-            {
-                let first = seen.entry((key.clone(), *version)).or_insert(value.clone());
-                assert_eq!(
-                    first, value,
-                    "node {i}: a watcher saw {key} v{version} = {value}, another saw {first}"
-                );
-            }
-        }
-        let n = check_watchers(i, &segments);
-        assert!(n > 0, "the watcher on node {i} saw nothing");
-        events += n;
-    }
+    // One primary per term; watchers in order, and none saw a change later rolled back.
+    let mut violations = Vec::new();
+    check_terms(&victories, &mut violations);
+    check_watchers(&segments, &data, &mut violations);
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+    let events: usize = segments.iter().flatten().map(Vec::len).sum();
+    let connections: usize = segments.iter().map(Vec::len).sum();
     eprintln!(
         "chaos: {} writes acknowledged, {} failed {:?}, {} unique keys, {} watch events checked on {} connections, terms {:?}",
         w.acked.load(Ordering::Relaxed),
@@ -327,7 +239,7 @@ fn finish(mut c: TestCluster, run: Run) {
         unique.len(),
         events,
         connections,
-        by_term
+        victories
     );
 }
 

@@ -18,16 +18,17 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::faults::{check_terms, check_watchers, dump, watch_until, Data, Segment};
 use common::netns::Lab;
 use common::{eventually, TestCluster, ADMIN, ADMIN_PWD};
-use nundb::client::{Client, ClientError, Event};
+use nundb::client::{Client, ClientError};
 
 /// The election timeout the test clusters run with (`TestCluster` sets it).
 const ET: Duration = Duration::from_millis(500);
@@ -165,6 +166,22 @@ fn connect(addr: &str, timeout: Duration) -> Option<Client> {
     Some(c)
 }
 
+/// The client's connection, made now if it has none; `None` (after a pause) while the node
+/// does not answer.
+fn session<'a>(
+    client: &'a mut Option<Client>,
+    addr: &str,
+    timeout: Duration,
+) -> Option<&'a mut Client> {
+    if client.is_none() {
+        *client = connect(addr, timeout);
+        if client.is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    client.as_mut()
+}
+
 /// The version of `key`, `None` when it does not exist.
 ///
 /// Set-safe is only tried on keys that exist: the protocol answers `value-version 1 <Empty>`
@@ -181,11 +198,7 @@ fn writer(addr: String, node: usize, id: usize, h: Arc<History>) {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (id as u64 + 1);
     let mut n = 0u64;
     while !h.stop.load(Ordering::Relaxed) {
-        let Some(c) = client.as_mut() else {
-            client = connect(&addr, WRITE_TIMEOUT);
-            if client.is_none() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        let Some(c) = session(&mut client, &addr, WRITE_TIMEOUT) else {
             continue;
         };
         seed ^= seed << 13;
@@ -194,7 +207,8 @@ fn writer(addr: String, node: usize, id: usize, h: Arc<History>) {
         n += 1;
         let key = CAS[(seed >> 8) as usize % CAS.len()].to_string();
         let value = format!("w{id}-{n}");
-        let start = h.now();
+        let removed = REMOVED.to_string();
+        let mut start = h.now();
         let (kind, r) = match seed % 5 {
             0 => {
                 let key = format!("u{id}-{n}");
@@ -216,11 +230,10 @@ fn writer(addr: String, node: usize, id: usize, h: Arc<History>) {
                     (Kind::Set { key, value }, r)
                 }
                 Ok(Some(from)) => {
-                    let start = h.now();
+                    // The write starts after the read it depends on.
+                    start = h.now();
                     let r = c.set_safe(&key, from, &value);
-                    h.record(id, node, Kind::SetSafe { key, from, value }, start, &r);
-                    settle(&mut client, &r);
-                    continue;
+                    (Kind::SetSafe { key, from, value }, r)
                 }
                 Err(e) => {
                     settle(&mut client, &Err(e));
@@ -228,19 +241,14 @@ fn writer(addr: String, node: usize, id: usize, h: Arc<History>) {
                 }
             },
             4 if n.is_multiple_of(2) => {
-                let r = c.remove(REMOVED);
-                (
-                    Kind::Remove {
-                        key: REMOVED.to_string(),
-                    },
-                    r,
-                )
+                let r = c.remove(&removed);
+                (Kind::Remove { key: removed }, r)
             }
             _ => {
-                let r = c.set(REMOVED, &value);
+                let r = c.set(&removed, &value);
                 (
                     Kind::Set {
-                        key: REMOVED.to_string(),
+                        key: removed,
                         value,
                     },
                     r,
@@ -273,11 +281,7 @@ fn prober(addr: String, node: usize, h: Arc<History>) {
     let mut client: Option<Client> = None;
     let mut n = 0u64;
     while !h.stop.load(Ordering::Relaxed) {
-        let Some(c) = client.as_mut() else {
-            client = connect(&addr, PROBE_TIMEOUT);
-            if client.is_none() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        let Some(c) = session(&mut client, &addr, PROBE_TIMEOUT) else {
             continue;
         };
         n += 1;
@@ -290,51 +294,6 @@ fn prober(addr: String, node: usize, h: Arc<History>) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// One watch connection's events, in arrival order.
-type Segment = Vec<Event>;
-
-fn watcher(addr: String, h: Arc<History>) -> Vec<Segment> {
-    let mut segments = Vec::new();
-    while !h.stop.load(Ordering::Relaxed) {
-        let Some(mut c) = connect(&addr, WRITE_TIMEOUT) else {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        };
-        if c.set_timeout(None).is_err() || SHARED.iter().any(|k| c.watch(k).is_err()) {
-            continue;
-        }
-        let mut seg = Vec::new();
-        // Ends when the node drops the watcher; killing the nodes at the end closes it.
-        while let Ok(e) = c.next_event() {
-            seg.push(e);
-        }
-        segments.push(seg);
-    }
-    segments
-}
-
-/// Every user key of node `i` with its version and value.
-fn dump(c: &TestCluster, i: usize) -> Option<BTreeMap<String, (i32, String)>> {
-    let mut client = connect(&c.nodes[i].as_ref()?.tcp, WRITE_TIMEOUT)?;
-    let keys: Vec<String> = client
-        .keys("")
-        .ok()?
-        .into_iter()
-        .filter(|k| !k.is_empty() && !k.starts_with('$'))
-        .collect();
-    let mut out = BTreeMap::new();
-    for chunk in keys.chunks(500) {
-        let commands: Vec<String> = chunk.iter().map(|k| format!("get-safe {k}")).collect();
-        let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
-        for (k, reply) in chunk.iter().zip(client.pipeline(&refs).ok()?) {
-            let line = reply.messages.first()?.strip_prefix("value-version ")?;
-            let (version, value) = line.split_once(' ')?;
-            out.insert(k.clone(), (version.parse().ok()?, value.to_string()));
-        }
-    }
-    Some(out)
 }
 
 /// A cluster in its own network with clients writing and watching on every node.
@@ -373,7 +332,9 @@ impl Run {
                 "node {i} never saw the database"
             );
             let (h, a) = (Arc::clone(&history), addr.clone());
-            watchers.push(std::thread::spawn(move || watcher(a, h)));
+            watchers.push(std::thread::spawn(move || {
+                watch_until(&h.stop, &SHARED, || connect(&a, WRITE_TIMEOUT))
+            }));
             let (h, a) = (Arc::clone(&history), addr.clone());
             writers.push(std::thread::spawn(move || prober(a, i, h)));
             for k in 0..WRITERS {
@@ -445,7 +406,10 @@ impl Run {
             .collect();
         let mut last = Vec::new();
         let converged = eventually(LONG, || {
-            last = running.iter().map(|i| dump(c, *i)).collect();
+            last = running
+                .iter()
+                .map(|i| connect(&c.tcp_addrs[*i], WRITE_TIMEOUT).and_then(|mut cl| dump(&mut cl)))
+                .collect();
             last.iter().all(|d| d.is_some() && *d == last[0])
         });
         let victories = c.victories();
@@ -487,19 +451,8 @@ impl Run {
     }
 }
 
-/// No term had two primaries.
-fn check_terms(victories: &[(usize, u64)], v: &mut Vec<String>) {
-    let mut by_term: HashMap<u64, usize> = HashMap::new();
-    for &(node, term) in victories {
-        let first = *by_term.entry(term).or_insert(node);
-        if first != node {
-            v.push(format!("term {term} had two primaries: {first} and {node}"));
-        }
-    }
-}
-
 /// Acknowledged writes are there, definitely failed ones are not, counters are in range.
-fn check_writes(ops: &[Op], data: &BTreeMap<String, (i32, String)>, v: &mut Vec<String>) {
+fn check_writes(ops: &[Op], data: &Data, v: &mut Vec<String>) {
     let mut counters: HashMap<&str, (u64, u64)> = HashMap::new();
     for op in ops {
         match (&op.kind, &op.outcome) {
@@ -539,58 +492,6 @@ fn check_writes(ops: &[Op], data: &BTreeMap<String, (i32, String)>, v: &mut Vec<
             ));
         }
     }
-}
-
-/// Watchers saw each key's versions in order without gaps or duplicates, and nobody saw two
-/// values for one version. Returns every observed (key, version) -> value, the final data
-/// included.
-fn check_watchers(
-    segments: &[Vec<Segment>],
-    data: &BTreeMap<String, (i32, String)>,
-    v: &mut Vec<String>,
-) -> HashMap<(String, i32), String> {
-    let mut seen: HashMap<(String, i32), String> = data
-        .iter()
-        .map(|(k, (version, value))| ((k.clone(), *version), value.clone()))
-        .collect();
-    for (node, segs) in segments.iter().enumerate() {
-        if segs.iter().all(Vec::is_empty) {
-            v.push(format!("the watchers on node {node} saw nothing"));
-        }
-        for seg in segs {
-            let mut last: HashMap<&str, i32> = HashMap::new();
-            for e in seg {
-                match e {
-                    Event::Changed {
-                        key,
-                        version,
-                        value,
-                    } => {
-                        if let Some(prev) = last.get(key.as_str()) {
-                            if *version != prev + 1 {
-                                v.push(format!(
-                                    "node {node}: a watcher of {key} saw version {version} ({value}) after {prev}"
-                                ));
-                            }
-                        }
-                        last.insert(key, *version);
-                        let first = seen.entry((key.clone(), *version)).or_insert(value.clone());
-                        if first != value {
-                            v.push(format!(
-                                "{key} v{version} was seen as {first} and as {value} (node {node})"
-                            ));
-                        }
-                    }
-                    Event::Removed { key } => {
-                        if let Some(prev) = last.get_mut(key.as_str()) {
-                            *prev += 1;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    seen
 }
 
 /// Set-safe is compare-and-set: no two acknowledged set-safes started from the same version

@@ -229,6 +229,25 @@ impl Client {
     ) -> Result<Reply, ClientError> {
         self.transport.set_timeout(Some(slice))?;
         self.transport.send(&[command])?;
+        self.read_reply_while(&mut keep_waiting)
+    }
+
+    /// Sends several commands at once (pipelining), then reads all their replies in order.
+    pub fn pipeline(&mut self, commands: &[&str]) -> Result<Vec<Reply>, ClientError> {
+        self.transport.send(commands)?;
+        commands.iter().map(|_| self.read_reply()).collect()
+    }
+
+    fn read_reply(&mut self) -> Result<Reply, ClientError> {
+        self.read_reply_while(&mut || false)
+    }
+
+    /// Reads one reply; a receive timeout ends it with the error unless `keep_waiting` says
+    /// to go on (what arrived so far is kept).
+    fn read_reply_while(
+        &mut self,
+        keep_waiting: &mut dyn FnMut() -> bool,
+    ) -> Result<Reply, ClientError> {
         let mut messages = Vec::new();
         loop {
             match self.transport.recv() {
@@ -244,25 +263,6 @@ impl Client {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) && keep_waiting() => {}
                 Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Sends several commands at once (pipelining), then reads all their replies in order.
-    pub fn pipeline(&mut self, commands: &[&str]) -> Result<Vec<Reply>, ClientError> {
-        self.transport.send(commands)?;
-        commands.iter().map(|_| self.read_reply()).collect()
-    }
-
-    fn read_reply(&mut self) -> Result<Reply, ClientError> {
-        let mut messages = Vec::new();
-        loop {
-            let msg = self.transport.recv()?;
-            match classify(&msg) {
-                Incoming::Envelope(error) => return Ok(Reply { messages, error }),
-                Incoming::Event(e) => self.events.push_back(e),
-                Incoming::Output(m) => messages.push(m),
-                Incoming::Skip => {}
             }
         }
     }

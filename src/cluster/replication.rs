@@ -251,15 +251,7 @@ fn full_sync(replica: &Replica, out: &mut impl Write, after: &mut u64) -> io::Re
     out.write_all(format!("full {base}\n").as_bytes())?;
     let mut buf = Vec::with_capacity(1 << 20);
     // The member list in force: the log that said so may be gone from this node's files.
-    let members = Record {
-        lsn: 0,
-        term: 0,
-        op: Op::Members,
-        db: String::new(),
-        key: String::new(),
-        version: 0,
-        value: replica.cluster.members().join(","),
-    };
+    let members = Record::cluster(Op::Members, replica.cluster.members().join(","));
     record_line(&members, &mut buf);
     for db in replica.dbs.all() {
         let create = Record {
@@ -389,13 +381,8 @@ pub fn take_over(replica: &Replica, term: u64) -> Result<u64, String> {
     // The term starts by stating its member list (with any change it inherited applied), so
     // every follower holds the list this primary counts majorities in.
     let mut start = Record {
-        lsn: 0,
         term,
-        op: Op::TermStart,
-        db: String::new(),
-        key: String::new(),
-        version: 0,
-        value: cluster.members().join(","),
+        ..Record::cluster(Op::TermStart, cluster.members().join(","))
     };
     let lsn = log.append(&mut start).map_err(|e| e.to_string())?;
     log.wait_durable(lsn).map_err(|e| e.to_string())?;

@@ -63,15 +63,7 @@ pub fn change(node: &Arc<Node>, session: &mut Session, member: &str, join: bool)
     };
     match (local_only, node.log()) {
         (false, Some(log)) => {
-            let mut record = Record {
-                lsn: 0,
-                term: 0,
-                op: Op::Members,
-                db: String::new(),
-                key: String::new(),
-                version: 0,
-                value: members.join(","),
-            };
+            let mut record = Record::cluster(Op::Members, members.join(","));
             let lsn = match log.append(&mut record) {
                 Ok(lsn) => lsn,
                 Err(e) => return Outcome::error(format!("Storage error: {e}")),

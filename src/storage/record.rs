@@ -60,6 +60,19 @@ pub struct Record {
 pub const HEADER: usize = 8;
 
 impl Record {
+    /// A record about the cluster rather than a key (`TermStart`, `Members`), carrying `value`.
+    pub fn cluster(op: Op, value: String) -> Record {
+        Record {
+            lsn: 0,
+            term: 0,
+            op,
+            db: String::new(),
+            key: String::new(),
+            version: 0,
+            value,
+        }
+    }
+
     /// Appends the encoded record (header with length and CRC, then the payload) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         self.as_ref().encode(self.lsn, self.term, out);

@@ -2,6 +2,7 @@
 //! dir, waits for its readiness line, and kills exactly that process on drop.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod moto;
 pub mod netns;
 pub mod proxy;

@@ -104,6 +104,21 @@ pub struct Loaded {
     pub source: String,
 }
 
+impl Loaded {
+    /// A database read from NunDB's objects: no strategy, no LSN, secrets hashed.
+    fn from_nundb(name: &str, mut entries: Vec<(String, Entry)>, source: String) -> Loaded {
+        layout::hash_plain_secrets(&mut entries);
+        Loaded {
+            name: name.to_string(),
+            strategy: None,
+            lsn: 0,
+            entries,
+            imported: true,
+            source,
+        }
+    }
+}
+
 /// The bucket snapshots go to and come from.
 #[derive(Debug)]
 pub struct Remote {
@@ -234,17 +249,13 @@ impl Remote {
         let values_key = format!("{folder}nun.values");
         let keys = self.fetch(&keys_key)?;
         let values = self.client.get(&values_key).map_err(|e| e.to_string())?;
-        let mut entries =
+        let entries =
             layout::parse_keys_values(&keys, &values.unwrap_or_default(), &keys_key, &values_key)?;
-        layout::hash_plain_secrets(&mut entries);
-        Ok(Loaded {
-            name: db.to_string(),
-            strategy: None,
-            lsn: 0,
+        Ok(Loaded::from_nundb(
+            db,
             entries,
-            imported: true,
-            source: format!("NunDB objects {keys_key}"),
-        })
+            format!("NunDB objects {keys_key}"),
+        ))
     }
 
     fn load_nundb_partitions(&self, db: &str, parts: &[String]) -> Result<Loaded, String> {
@@ -252,15 +263,11 @@ impl Remote {
         for key in parts {
             entries.extend(layout::parse_partition(&self.fetch(key)?, key)?);
         }
-        layout::hash_plain_secrets(&mut entries);
-        Ok(Loaded {
-            name: db.to_string(),
-            strategy: None,
-            lsn: 0,
+        Ok(Loaded::from_nundb(
+            db,
             entries,
-            imported: true,
-            source: format!("{} NunDB partitions of {db}", parts.len()),
-        })
+            format!("{} NunDB partitions of {db}", parts.len()),
+        ))
     }
 
     fn remember(&self, manifest: Manifest) {
