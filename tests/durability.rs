@@ -317,18 +317,11 @@ fn write_nundb_files(
     strategy: i32,
     entries: &[(&str, i32, &str)],
 ) {
-    let mut keys = Vec::new();
-    let mut values = Vec::new();
-    for (key, version, value) in entries {
-        let addr = values.len() as u64;
-        values.extend_from_slice(&(value.len() as u64).to_le_bytes());
-        values.extend_from_slice(value.as_bytes());
-        values.extend_from_slice(&0i32.to_le_bytes());
-        keys.extend_from_slice(&(key.len() as u64).to_le_bytes());
-        keys.extend_from_slice(key.as_bytes());
-        keys.extend_from_slice(&version.to_le_bytes());
-        keys.extend_from_slice(&addr.to_le_bytes());
-    }
+    let records: Vec<(&str, &str, i32)> = entries
+        .iter()
+        .map(|(key, version, value)| (*key, *value, *version))
+        .collect();
+    let (keys, values) = common::nundb_keys_values(&records);
     std::fs::write(dir.join(format!("{db}-nun.data.keys")), keys).unwrap();
     std::fs::write(dir.join(format!("{db}-nun.data.values")), values).unwrap();
     let mut meta = 42u64.to_le_bytes().to_vec();

@@ -296,6 +296,20 @@ fn prober(addr: String, node: usize, h: Arc<History>) {
     }
 }
 
+/// `nodes` nodes started in `lab`, with the test database created.
+fn lab_cluster(lab: &Arc<Lab>, nodes: usize) -> TestCluster {
+    let cluster = TestCluster::start_in_lab(nodes, lab, &[]);
+    let p = cluster.wait_primary(LONG).expect("a primary");
+    let mut admin = cluster.client(p);
+    admin.auth(ADMIN, ADMIN_PWD).unwrap();
+    admin
+        .call("create-db part t")
+        .unwrap()
+        .into_result()
+        .unwrap();
+    cluster
+}
+
 /// A cluster in its own network with clients writing and watching on every node.
 struct Run {
     lab: Arc<Lab>,
@@ -309,15 +323,7 @@ impl Run {
     /// Starts `n` nodes in a lab and the clients. Must run on a thread that entered the lab's
     /// client namespace (see [`in_lab`]).
     fn start(lab: Arc<Lab>, nodes: usize) -> Run {
-        let cluster = TestCluster::start_in_lab(nodes, &lab, &[]);
-        let p = cluster.wait_primary(LONG).expect("a primary");
-        let mut admin = cluster.client(p);
-        admin.auth(ADMIN, ADMIN_PWD).unwrap();
-        admin
-            .call("create-db part t")
-            .unwrap()
-            .into_result()
-            .unwrap();
+        let cluster = lab_cluster(&lab, nodes);
         let history = Arc::new(History {
             t0: Instant::now(),
             stop: AtomicBool::new(false),
@@ -695,15 +701,8 @@ fn five_nodes_survive_splits_with_the_primary_on_either_side() {
 #[test]
 fn a_cut_off_primary_never_shows_its_uncommitted_writes() {
     in_lab(3, |lab| {
-        let c = TestCluster::start_in_lab(3, &lab, &[]);
+        let c = lab_cluster(&lab, 3);
         let p = c.wait_primary(LONG).expect("a primary");
-        let mut admin = c.client(p);
-        admin.auth(ADMIN, ADMIN_PWD).unwrap();
-        admin
-            .call("create-db part t")
-            .unwrap()
-            .into_result()
-            .unwrap();
         let addr = c.tcp_addrs[p].clone();
         let mut reader = connect(&addr, LONG).expect("reader");
         reader.set("x", "committed").unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::moto::{http, Moto};
 use common::proxy::Net;
-use common::{eventually, free_port, server_command, temp_dir, RawTcp, Server};
+use common::{eventually, free_port, nundb_keys_values, server_command, temp_dir, RawTcp, Server};
 
 const BUCKET: &str = "nun-db";
 
@@ -150,23 +150,6 @@ fn snapshots_go_to_the_bucket_and_an_empty_data_dir_restores_everything() {
         vec!["error An conflitct happend and there is no arbiter client not connected \n"]
     );
     cleanup(second);
-}
-
-/// NunDB's `s3` layout: `nun.keys` (u64 key_len, key, i32 version, u64 offset) and
-/// `nun.values` (u64 value_len, value, i32 status).
-fn nundb_keys_values(records: &[(&str, &str, i32)]) -> (Vec<u8>, Vec<u8>) {
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    for (key, value, version) in records {
-        let offset = values.len() as u64;
-        values.extend_from_slice(&(value.len() as u64).to_le_bytes());
-        values.extend_from_slice(value.as_bytes());
-        values.extend_from_slice(&0i32.to_le_bytes());
-        keys.extend_from_slice(&(key.len() as u64).to_le_bytes());
-        keys.extend_from_slice(key.as_bytes());
-        keys.extend_from_slice(&version.to_le_bytes());
-        keys.extend_from_slice(&offset.to_le_bytes());
-    }
-    (keys, values)
 }
 
 /// NunDB's `s3_patition` layout: u64 key_len, key, u64 value_len, value, i32 status, i32 version.

@@ -580,3 +580,21 @@ impl Drop for TestCluster {
         }
     }
 }
+
+/// NunDB's keys/values layout (on disk `<db>-nun.data.keys`/`.values`, in S3 `nun.keys`/
+/// `nun.values`): keys are (u64 key_len, key, i32 version, u64 offset into values), values
+/// are (u64 value_len, value, i32 status). `records` are (key, value, version).
+pub fn nundb_keys_values(records: &[(&str, &str, i32)]) -> (Vec<u8>, Vec<u8>) {
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    for (key, value, version) in records {
+        let offset = values.len() as u64;
+        values.extend_from_slice(&(value.len() as u64).to_le_bytes());
+        values.extend_from_slice(value.as_bytes());
+        values.extend_from_slice(&0i32.to_le_bytes());
+        keys.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        keys.extend_from_slice(key.as_bytes());
+        keys.extend_from_slice(&version.to_le_bytes());
+        keys.extend_from_slice(&offset.to_le_bytes());
+    }
+    (keys, values)
+}
