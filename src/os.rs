@@ -337,6 +337,8 @@ pub struct Trimmer(std::sync::mpsc::SyncSender<()>);
 
 /// Quiet time after the last request before the heap is trimmed.
 const TRIM_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
+/// After a trim, how long without requests before the follow-up trim.
+const TRIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest a request waits while others keep coming.
 const TRIM_AT_MOST: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -346,7 +348,8 @@ impl Trimmer {
         let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
         spawn("heap-trim".into(), SMALL_STACK, move || {
             use std::sync::mpsc::RecvTimeoutError;
-            while rx.recv().is_ok() {
+            let mut requested = rx.recv().is_ok();
+            while requested {
                 let first = std::time::Instant::now();
                 loop {
                     match rx.recv_timeout(TRIM_QUIET) {
@@ -359,6 +362,16 @@ impl Trimmer {
                 release_free_heap();
                 let after = resident_kb_and_threads().map_or(0, |r| r.0);
                 log::debug!("heap trimmed: resident {before} -> {after} KiB");
+                // Threads that were still exiting free their caches after the last request:
+                // once things have settled, trim again (a new request starts a new round).
+                requested = match rx.recv_timeout(TRIM_SETTLE) {
+                    Ok(()) => true,
+                    Err(RecvTimeoutError::Timeout) => {
+                        release_free_heap();
+                        rx.recv().is_ok()
+                    }
+                    Err(RecvTimeoutError::Disconnected) => false,
+                };
             }
         })?;
         Ok(Trimmer(tx))
