@@ -26,8 +26,9 @@ pub struct Node {
     pub storage: Option<Arc<Storage>>,
     /// When the node started.
     pub started: Instant,
-    /// Commands executed, for `metrics-state` and `debug process-info`.
-    pub commands: AtomicU64,
+    /// Commands executed, for `metrics-state` and `debug process-info` (striped: every
+    /// session adds to it).
+    commands: crate::metrics::Striped,
     /// Sessions currently open.
     pub sessions: AtomicU64,
     /// The TCP address actually bound (differs from the configured one with port 0).
@@ -73,7 +74,7 @@ impl Node {
             dbs,
             storage,
             started: Instant::now(),
-            commands: AtomicU64::new(0),
+            commands: crate::metrics::Striped::new(1),
             sessions: AtomicU64::new(0),
             tcp_bound: OnceLock::new(),
             get_time: MovingAvg::default(),
@@ -376,6 +377,11 @@ impl Node {
 
     /// Counts one more executed command.
     pub fn count_command(&self) {
-        self.commands.fetch_add(1, Ordering::Relaxed);
+        self.commands.add(0, 1);
+    }
+
+    /// Commands executed since start-up.
+    pub fn commands(&self) -> u64 {
+        self.commands.sum(0)
     }
 }

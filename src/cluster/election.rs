@@ -227,7 +227,7 @@ impl Cluster {
             let mut s = lock(&self.state);
             s.term += 1;
             s.voted_for = Some(self.self_id.clone());
-            s.role = Role::Candidate;
+            s.set_role(Role::Candidate);
             s.primary = None;
             self.persist(&s);
             (s.term, log.last_position())
@@ -254,7 +254,7 @@ impl Cluster {
         {
             let mut s = lock(&self.state);
             if s.role == Role::Candidate {
-                s.role = Role::Secondary;
+                s.set_role(Role::Secondary);
             }
         }
         self.learn_from_refusal(newer);
@@ -294,7 +294,7 @@ impl Cluster {
             Err(e) => {
                 log::error!("{} cannot take over term {term}: {e}", self.self_id);
                 if s.role == Role::Candidate {
-                    s.role = Role::Secondary;
+                    s.set_role(Role::Secondary);
                 }
                 return false;
             }
@@ -302,7 +302,7 @@ impl Cluster {
         if s.term != term || s.role != Role::Candidate {
             return false;
         }
-        s.role = Role::Primary;
+        s.set_role(Role::Primary);
         s.primary = Some(self.self_id.clone());
         s.last_heard = Instant::now();
         s.acks.clear();
@@ -345,7 +345,7 @@ impl Cluster {
         if s.role != Role::Primary {
             s.last_heard = ago(self.timeout * 10);
         } else {
-            s.role = Role::Secondary;
+            s.set_role(Role::Secondary);
             s.primary = None;
             s.last_heard = ago(self.timeout * 10);
         }
@@ -378,7 +378,7 @@ impl Cluster {
                     }
                     s.term += 1;
                     s.voted_for = Some(self.self_id.clone());
-                    s.role = Role::Candidate;
+                    s.set_role(Role::Candidate);
                     s.primary = None;
                     self.persist(&s);
                     s.term
@@ -400,7 +400,7 @@ impl Cluster {
                                 "{} cannot reach a majority: stepping down (term {term})",
                                 self.self_id
                             );
-                            s.role = Role::Secondary;
+                            s.set_role(Role::Secondary);
                             s.primary = None;
                             s.last_heard = Instant::now();
                             self.changed.notify_all();

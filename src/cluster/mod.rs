@@ -10,7 +10,7 @@ pub mod replication;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::sync::Condition;
 use std::time::{Duration, Instant};
@@ -39,7 +39,10 @@ pub enum WriteQuorum {
 struct State {
     term: u64,
     voted_for: Option<String>,
+    /// Changed only through [`State::set_role`], which keeps [`State::leading`] in step.
     role: Role,
+    /// `role == Primary`, readable without this lock ([`Cluster::is_primary`], every write).
+    leading: Arc<AtomicBool>,
     primary: Option<String>,
     /// When this node last heard from a primary of its term (secondaries) or started leading.
     last_heard: Instant,
@@ -98,6 +101,8 @@ pub struct Cluster {
     pending: AtomicU64,
     /// A copy of the commit point that readers check without the state lock.
     committed: AtomicU64,
+    /// The state's `leading` flag (this node is primary), shared with it.
+    leading: Arc<AtomicBool>,
     /// Run when this node wins an election, before it takes writes.
     on_elected: std::sync::OnceLock<ElectedHook>,
     /// Serializes appending and applying replicated records with taking over as primary.
@@ -130,6 +135,14 @@ fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::write(&tmp, text)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+impl State {
+    /// Changes this node's role and publishes whether it leads.
+    fn set_role(&mut self, role: Role) {
+        self.role = role;
+        self.leading.store(role == Role::Primary, Ordering::Release);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,8 +183,11 @@ impl Cluster {
             })
             .unwrap_or((0, None));
         let single = all.len() == 1;
+        let leading = Arc::new(AtomicBool::new(single));
         Cluster {
+            leading: Arc::clone(&leading),
             state: Mutex::new(State {
+                leading,
                 term: if single { term.max(1) } else { term },
                 voted_for,
                 role: if single {
@@ -340,7 +356,7 @@ impl Cluster {
 
     /// True when this node accepts writes.
     pub fn is_primary(&self) -> bool {
-        lock(&self.state).role == Role::Primary
+        self.leading.load(Ordering::Acquire)
     }
 
     /// The current term.
@@ -379,7 +395,7 @@ impl Cluster {
             if s.role != Role::Secondary {
                 log::info!("term {term} is newer: {} becomes secondary", self.self_id);
             }
-            s.role = Role::Secondary;
+            s.set_role(Role::Secondary);
             s.primary = None;
             self.persist(s);
             self.changed.notify_all();
@@ -411,7 +427,7 @@ impl Cluster {
         }
         if s.primary.as_deref() != Some(primary) {
             s.primary = Some(primary.to_string());
-            s.role = Role::Secondary;
+            s.set_role(Role::Secondary);
             // A term has one primary: never vote for another candidate in it.
             if s.voted_for.is_none() {
                 s.voted_for = Some(primary.to_string());
@@ -800,7 +816,7 @@ mod tests {
         );
         {
             let mut s = lock(&c.state);
-            s.role = Role::Primary;
+            s.set_role(Role::Primary);
             s.term_start = term_start;
         }
         c

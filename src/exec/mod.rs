@@ -69,7 +69,7 @@ fn run_forwarded(node: &Arc<Node>, db: &str, user: &str, line: &str) -> Outcome 
 pub fn execute_line(session: &mut Session, line: &str) -> Outcome {
     match Command::parse(line) {
         Ok(cmd) => {
-            let node = Arc::clone(session.node());
+            let node = session.node();
             if cmd.is_write() && !session.forwarded && !node.is_primary() {
                 node.count_command();
                 let started = Instant::now();
@@ -85,7 +85,7 @@ pub fn execute_line(session: &mut Session, line: &str) -> Outcome {
 
 /// Sends a write to the primary for `session` (this node is not the primary).
 fn forward(session: &mut Session, line: &str) -> Outcome {
-    let node = Arc::clone(session.node());
+    let node = session.node();
     // No cluster yet: the node is still starting and does not know who leads.
     let Some(cluster) = node.cluster() else {
         return Outcome::error(forward::NO_PRIMARY);
@@ -130,9 +130,11 @@ fn require_admin(session: &Session) -> Result<(), Outcome> {
     }
 }
 
-fn selected_db(session: &Session) -> Result<Arc<Database>, Outcome> {
+/// The session's database (borrowed: cloning its `Arc` on every command would make all
+/// sessions of a database write one shared counter).
+fn selected_db<'s>(session: &'s Session) -> Result<&'s Arc<Database>, Outcome> {
     match &session.db {
-        Some(db) if !db.is_dropped() => Ok(Arc::clone(db)),
+        Some(db) if !db.is_dropped() => Ok(db),
         _ => Err(Outcome {
             messages: vec![format!("error {NO_DB}")],
             error: Some(NO_DB.to_string()),
@@ -349,7 +351,7 @@ fn answer_candidate(
 }
 
 fn run(session: &mut Session, cmd: Command) -> Res {
-    let node = Arc::clone(session.node());
+    let node = session.node();
     match cmd {
         Command::Ping => Ok(Outcome::message("pong")),
         Command::Auth { user, pwd } => {
@@ -410,8 +412,8 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::Get { key } => {
             let start = metrics::sample_due().then(Instant::now);
             let db = selected_db(session)?;
-            check_key(session, &db, Access::Read, &key)?;
-            let message = committed_read(&node, &db, || {
+            check_key(session, db, Access::Read, &key)?;
+            let message = committed_read(node, db, || {
                 db.get_with(&key, |value, _| reply_line("value ", None, value))
                     .unwrap_or_else(|| "value <Empty>".to_string())
             })?;
@@ -422,8 +424,8 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::GetSafe { key } => {
             let db = selected_db(session)?;
-            check_key(session, &db, Access::Read, &key)?;
-            let message = committed_read(&node, &db, || {
+            check_key(session, db, Access::Read, &key)?;
+            let message = committed_read(node, db, || {
                 db.get_with(&key, |v, version| {
                     reply_line("value-version ", Some(version), v)
                 })
@@ -433,9 +435,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::Set { key, value } => {
             let db = selected_db(session)?;
-            check_key(session, &db, Access::Write, &key)?;
+            check_key(session, db, Access::Write, &key)?;
             check_writable(&key)?;
-            write_value(&node, &db, &key, WriteOp::Set(&stored_value(&key, &value)))
+            write_value(node, db, &key, WriteOp::Set(&stored_value(&key, &value)))
         }
         Command::SetSafe {
             key,
@@ -443,18 +445,18 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             value,
         } => {
             let db = selected_db(session)?;
-            check_key(session, &db, Access::Write, &key)?;
+            check_key(session, db, Access::Write, &key)?;
             check_writable(&key)?;
             write_value(
-                &node,
-                &db,
+                node,
+                db,
                 &key,
                 WriteOp::SetSafe(version, &stored_value(&key, &value)),
             )
         }
         Command::Increment { key, by } => {
             let db = selected_db(session)?;
-            check_key(session, &db, Access::Increment, &key)?;
+            check_key(session, db, Access::Increment, &key)?;
             check_writable(&key)?;
             write_result(db.write(&key, WriteOp::Increment(by)))
         }
@@ -463,7 +465,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             if key == TOKEN_KEY {
                 return Err(Outcome::error("The $$token key can not be removed"));
             }
-            check_key(session, &db, Access::Remove, &key)?;
+            check_key(session, db, Access::Remove, &key)?;
             check_writable(&key)?;
             let written = db.write(&key, WriteOp::Remove);
             if let (Ok(w), Some(c)) = (&written, node.cluster()) {
@@ -477,7 +479,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let db = selected_db(session)?;
             let admin = session.admin;
             let pattern = pattern.unwrap_or_default();
-            let keys = committed_read(&node, &db, || {
+            let keys = committed_read(node, db, || {
                 db.keys(|k| (admin || !k.starts_with("$$")) && pattern::matches(&pattern, k))
             })?;
             let mut line = String::from("keys ");
@@ -488,7 +490,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             Ok(Outcome::message(line))
         }
         Command::Watch { key } => {
-            let db = selected_db(session)?;
+            let db = Arc::clone(selected_db(session)?);
             check_key(session, &db, Access::Read, &key)?;
             db.watch(&key, &session.outbox);
             if !session
@@ -501,7 +503,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             Ok(Outcome::ok())
         }
         Command::Unwatch { key } => {
-            let db = selected_db(session)?;
+            let db = Arc::clone(selected_db(session)?);
             db.unwatch(&key, session.outbox.id());
             session
                 .watching
@@ -524,7 +526,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 .map_err(|e| Outcome::error(format!("Snapshot failed: {e}")))
         }
         Command::Arbiter => {
-            let db = selected_db(session)?;
+            let db = Arc::clone(selected_db(session)?);
             let replay = db.add_arbiter(&session.outbox);
             if !session.arbiter_of.iter().any(|d| Arc::ptr_eq(d, &db)) {
                 session.arbiter_of.push(db);
@@ -556,7 +558,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                     db.name()
                 )));
             }
-            check_key(session, &db, Access::Write, &key)?;
+            check_key(session, db, Access::Write, &key)?;
             check_writable(&key)?;
             write_result(db.resolve(&key, &opp_id, &stored_value(&key, &value)))
         }
@@ -618,7 +620,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                          stored_entries: {entries}, rss_kb: {rss}, threads: {threads}, heap_in_use_kb: {}",
                         node.started.elapsed().as_secs(),
                         node.sessions.load(Ordering::Relaxed),
-                        node.commands.load(Ordering::Relaxed),
+                        node.commands(),
                         dbs.len(),
                         crate::os::heap_in_use() / 1024,
                     )))
@@ -641,11 +643,11 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::Join { node: member } => {
             require_admin(session)?;
-            Ok(membership::change(&node, session, &member, true))
+            Ok(membership::change(node, session, &member, true))
         }
         Command::Leave { node: member } => {
             require_admin(session)?;
-            Ok(membership::change(&node, session, &member, false))
+            Ok(membership::change(node, session, &member, false))
         }
         Command::Election {
             term,
@@ -692,7 +694,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 return Err(Outcome::error("Not the primary"));
             }
             log::debug!("write forwarded by {origin}: {line}");
-            Ok(run_forwarded(&node, &db, &user, &line))
+            Ok(run_forwarded(node, &db, &user, &line))
         }
     }
 }

@@ -14,8 +14,10 @@ use crate::node::Node;
 
 /// Per-connection (or per-HTTP-request) state.
 #[derive(Debug)]
-pub struct Session {
-    node: Arc<Node>,
+pub struct Session<'n> {
+    /// Borrowed for the session's life, so a command reaches the node without touching its
+    /// shared reference count.
+    node: &'n Arc<Node>,
     /// Where replies and notifications go.
     pub outbox: Arc<Outbox>,
     /// True after a successful admin `auth`.
@@ -45,12 +47,12 @@ pub(super) struct CachedPermissions {
     pub spec: Option<Result<Arc<Permissions>, ()>>,
 }
 
-impl Session {
+impl<'n> Session<'n> {
     /// A fresh, unauthenticated session writing to `outbox`.
-    pub fn new(node: &Arc<Node>, outbox: Arc<Outbox>) -> Session {
+    pub fn new(node: &'n Arc<Node>, outbox: Arc<Outbox>) -> Session<'n> {
         node.sessions.fetch_add(1, Ordering::Relaxed);
         Session {
-            node: Arc::clone(node),
+            node,
             outbox,
             admin: false,
             db: None,
@@ -64,8 +66,8 @@ impl Session {
     }
 
     /// The node this session belongs to.
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
+    pub fn node(&self) -> &'n Arc<Node> {
+        self.node
     }
 
     /// Selects `db`, moving this session's `$connections` count to it.
@@ -88,7 +90,7 @@ impl Session {
     }
 }
 
-impl Drop for Session {
+impl Drop for Session<'_> {
     fn drop(&mut self) {
         self.unwatch_all();
         let id = self.outbox.id();
