@@ -39,10 +39,10 @@ pub enum WriteQuorum {
 struct State {
     term: u64,
     voted_for: Option<String>,
-    /// Changed only through [`State::set_role`], which keeps [`State::leading`] in step.
+    /// Changed only through [`State::set_role`], which keeps [`CommitWatch::leading`] in step.
     role: Role,
-    /// `role == Primary`, readable without this lock ([`Cluster::is_primary`], every write).
-    leading: Arc<AtomicBool>,
+    /// The commit point and role as writers waiting for their commit see them (shared).
+    watch: Arc<CommitWatch>,
     primary: Option<String>,
     /// When this node last heard from a primary of its term (secondaries) or started leading.
     last_heard: Instant,
@@ -99,10 +99,10 @@ pub struct Cluster {
     applied_cv: Condition,
     /// Writes waiting for the quorum.
     pending: AtomicU64,
-    /// A copy of the commit point that readers check without the state lock.
-    committed: AtomicU64,
-    /// The state's `leading` flag (this node is primary), shared with it.
-    leading: Arc<AtomicBool>,
+    /// The commit point and role for lock-free checks and commit waits (shared with the state).
+    watch: Arc<CommitWatch>,
+    /// A writer is polling the commit point ([`Cluster::await_commit`]).
+    spinning: AtomicBool,
     /// Run when this node wins an election, before it takes writes.
     on_elected: std::sync::OnceLock<ElectedHook>,
     /// Serializes appending and applying replicated records with taking over as primary.
@@ -138,12 +138,59 @@ fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 impl State {
-    /// Changes this node's role and publishes whether it leads.
+    /// Changes this node's role and publishes whether it leads (waking writers waiting for a
+    /// commit when it stops leading).
     fn set_role(&mut self, role: Role) {
+        let demoted = self.role == Role::Primary && role != Role::Primary;
         self.role = role;
-        self.leading.store(role == Role::Primary, Ordering::Release);
+        self.watch
+            .leading
+            .store(role == Role::Primary, Ordering::Release);
+        if demoted {
+            self.watch.signal();
+        }
+    }
+
+    /// Moves the commit point to `lsn` and tells the writers waiting for it.
+    fn set_commit(&mut self, lsn: u64) {
+        self.commit = lsn;
+        self.watch.committed.store(lsn, Ordering::Release);
+        self.watch.signal();
     }
 }
+
+/// What writers waiting for their change to commit look at without the state lock (which the
+/// acknowledgement readers take for every ack): the commit point, whether this node leads, and
+/// a condition signalled when either moves.
+#[derive(Debug, Default)]
+struct CommitWatch {
+    /// A copy of the state's commit point.
+    committed: AtomicU64,
+    /// The state's `role == Primary`.
+    leading: AtomicBool,
+    /// Held by a waiter between its check and its sleep, so no signal falls in between.
+    gate: Mutex<()>,
+    moved: Condition,
+}
+
+impl CommitWatch {
+    /// Wakes the waiters, if any.
+    fn signal(&self) {
+        drop(lock(&self.gate));
+        self.moved.notify_all();
+    }
+}
+
+/// How a wait for a commit ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitWait {
+    Committed,
+    NotPrimary,
+    TimedOut,
+}
+
+/// How long a writer polls for its commit before it sleeps.
+const COMMIT_SPIN: Duration = Duration::from_micros(200);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -183,11 +230,15 @@ impl Cluster {
             })
             .unwrap_or((0, None));
         let single = all.len() == 1;
-        let leading = Arc::new(AtomicBool::new(single));
+        let watch = Arc::new(CommitWatch {
+            leading: AtomicBool::new(single),
+            ..CommitWatch::default()
+        });
         Cluster {
-            leading: Arc::clone(&leading),
+            watch: Arc::clone(&watch),
+            spinning: AtomicBool::new(false),
             state: Mutex::new(State {
-                leading,
+                watch,
                 term: if single { term.max(1) } else { term },
                 voted_for,
                 role: if single {
@@ -217,7 +268,6 @@ impl Cluster {
             applied_lock: Mutex::new(()),
             applied_cv: Condition::new(),
             pending: AtomicU64::new(0),
-            committed: AtomicU64::new(0),
             on_elected: std::sync::OnceLock::new(),
             replica: Mutex::new(()),
             arbiter_gen: AtomicU64::new(0),
@@ -356,7 +406,7 @@ impl Cluster {
 
     /// True when this node accepts writes.
     pub fn is_primary(&self) -> bool {
-        self.leading.load(Ordering::Acquire)
+        self.watch.leading.load(Ordering::Acquire)
     }
 
     /// The current term.
@@ -488,8 +538,7 @@ impl Cluster {
             }
         };
         if candidate > s.commit && candidate >= s.term_start {
-            s.commit = candidate;
-            self.committed.store(candidate, Ordering::Release);
+            s.set_commit(candidate);
             self.changed.notify_all();
             return true;
         }
@@ -501,16 +550,15 @@ impl Cluster {
     /// writes are in memory before a majority has them, and a node that lost its primary may
     /// hold changes that never committed.
     pub fn wait_visible(&self, lsn: u64) -> Result<(), String> {
-        if self.is_visible(lsn) {
-            return Ok(());
+        match self.await_commit(lsn, self.timeout, false) {
+            CommitWait::Committed => Ok(()),
+            _ => Err(NOT_COMMITTED.to_string()),
         }
-        self.wait_state(self.timeout, |s| (s.commit >= lsn).then_some(()))
-            .map_err(|_| NOT_COMMITTED.to_string())
     }
 
     /// True when the change logged as `lsn` is committed (a lock-free check).
     pub fn is_visible(&self, lsn: u64) -> bool {
-        lsn == 0 || self.committed.load(Ordering::Acquire) >= lsn
+        lsn == 0 || self.watch.committed.load(Ordering::Acquire) >= lsn
     }
 
     /// The highest LSN known committed.
@@ -522,8 +570,7 @@ impl Cluster {
     pub fn set_commit(&self, lsn: u64) {
         let mut s = lock(&self.state);
         if lsn > s.commit {
-            s.commit = lsn;
-            self.committed.store(lsn, Ordering::Release);
+            s.set_commit(lsn);
             self.changed.notify_all();
         }
     }
@@ -532,14 +579,52 @@ impl Cluster {
     /// being primary first, or after five election timeouts: the change may be rolled back, so
     /// the watcher is disconnected rather than told.
     pub fn wait_commit(&self, lsn: u64) -> bool {
-        self.wait_state(self.timeout * 5, |s| {
-            if s.commit >= lsn {
-                Some(true)
+        self.await_commit(lsn, self.timeout * 5, true) == CommitWait::Committed
+    }
+
+    /// Waits up to `timeout` until `lsn` is committed (or, with `as_primary`, this node stops
+    /// leading). A writer alone first polls for up to [`COMMIT_SPIN`], yielding the core: an
+    /// acknowledgement usually comes within it, and a sleeping writer costs a wake-up.
+    fn await_commit(&self, lsn: u64, timeout: Duration, as_primary: bool) -> CommitWait {
+        let watch = &self.watch;
+        let check = || {
+            if watch.committed.load(Ordering::Acquire) >= lsn {
+                Some(CommitWait::Committed)
+            } else if as_primary && !watch.leading.load(Ordering::Acquire) {
+                Some(CommitWait::NotPrimary)
             } else {
-                (s.role != Role::Primary).then_some(false)
+                None
             }
-        })
-        .unwrap_or(false)
+        };
+        if let Some(done) = check() {
+            return done;
+        }
+        // Only a lone writer polls: with others waiting too, the core is better spent on them.
+        if self.pending.load(Ordering::Relaxed) <= 1 && !self.spinning.swap(true, Ordering::Acquire)
+        {
+            let started = Instant::now();
+            let mut done = None;
+            while done.is_none() && started.elapsed() < COMMIT_SPIN {
+                std::thread::yield_now();
+                done = check();
+            }
+            self.spinning.store(false, Ordering::Release);
+            if let Some(done) = done {
+                return done;
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut gate = lock(&watch.gate);
+        loop {
+            if let Some(done) = check() {
+                return done;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return CommitWait::TimedOut;
+            }
+            gate = watch.moved.wait_timeout(gate, left);
+        }
     }
 
     /// Waits up to `timeout` for `decide` to answer about the state, re-asking on every change.
@@ -591,19 +676,13 @@ impl Cluster {
             return Ok(false);
         }
         self.pending.fetch_add(1, Ordering::Relaxed);
-        let result = self
-            .wait_state(self.timeout * 5, |s| {
-                if s.commit >= lsn {
-                    Some(Ok(()))
-                } else if s.role != Role::Primary {
-                    Some(Err(
-                        "Not the primary any more; the write may not be durable".to_string(),
-                    ))
-                } else {
-                    None
-                }
-            })
-            .unwrap_or_else(|s| {
+        let result = match self.await_commit(lsn, self.timeout * 5, true) {
+            CommitWait::Committed => Ok(()),
+            CommitWait::NotPrimary => {
+                Err("Not the primary any more; the write may not be durable".to_string())
+            }
+            CommitWait::TimedOut => {
+                let s = lock(&self.state);
                 let members = lock(&self.members);
                 let have = 1 + s
                     .acks
@@ -613,7 +692,8 @@ impl Cluster {
                 Err(format!(
                     "Write not confirmed by a majority ({have} of {needed} members)"
                 ))
-            });
+            }
+        };
         self.pending.fetch_sub(1, Ordering::Relaxed);
         result.map(|()| true)
     }
@@ -832,6 +912,25 @@ mod tests {
         assert_eq!(c.commit(), 11);
         assert!(c.record_ack("c", 12));
         assert_eq!(c.commit(), 12);
+    }
+
+    #[test]
+    fn a_writer_waiting_for_its_commit_wakes_on_the_ack_or_when_it_loses_the_lead() {
+        let c = Arc::new(primary_of_three(1));
+        c.note_durable(6);
+        let wait = |lsn| {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || c.wait_quorum(lsn))
+        };
+        let acked = wait(5);
+        c.record_ack("b", 5);
+        assert_eq!(acked.join().unwrap(), Ok(true));
+        let deposed = wait(6);
+        assert!(c.heard_from_primary(1, "b"), "a newer term's primary");
+        assert_eq!(
+            deposed.join().unwrap(),
+            Err("Not the primary any more; the write may not be durable".to_string())
+        );
     }
 
     #[test]

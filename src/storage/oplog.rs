@@ -454,16 +454,21 @@ impl OpLog {
         self.count.fetch_add(1, Ordering::Relaxed);
         let limit = self.backlog_limit.load(Ordering::Relaxed);
         if limit > 0 {
-            let mut backlog = lock(&self.backlog);
-            backlog.records.push_back(Arc::new(owned()));
-            backlog.bytes += encoded + BACKLOG_OVERHEAD;
-            while backlog.bytes > limit && backlog.records.len() > 1 {
-                if let Some(old) = backlog.records.pop_front() {
-                    backlog.bytes = backlog
-                        .bytes
-                        .saturating_sub(old.encoded_len() + BACKLOG_OVERHEAD);
+            let record = Arc::new(owned());
+            {
+                let mut backlog = lock(&self.backlog);
+                backlog.records.push_back(record);
+                backlog.bytes += encoded + BACKLOG_OVERHEAD;
+                while backlog.bytes > limit && backlog.records.len() > 1 {
+                    if let Some(old) = backlog.records.pop_front() {
+                        backlog.bytes = backlog
+                            .bytes
+                            .saturating_sub(old.encoded_len() + BACKLOG_OVERHEAD);
+                    }
                 }
             }
+            // After the lock is released: a sender woken while it is held would only block on
+            // it and need a second wake-up.
             self.appended.notify_all();
         }
     }
@@ -476,8 +481,10 @@ impl OpLog {
 
     /// Wakes every [`OpLog::records_after`] waiter (replication senders: the commit point moved).
     pub fn wake(&self) {
-        let _backlog = lock(&self.backlog);
-        self.wakes.fetch_add(1, Ordering::AcqRel);
+        {
+            let _backlog = lock(&self.backlog);
+            self.wakes.fetch_add(1, Ordering::AcqRel);
+        }
         self.appended.notify_all();
     }
 
