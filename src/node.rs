@@ -175,6 +175,17 @@ impl Node {
                 .is_some_and(|c| c.is_alone() || self.config.write_quorum == WriteQuorum::One)
     }
 
+    /// The cluster, when this node's writes wait for a majority and its acknowledgement
+    /// readers run (so a write's reply can be handed to them: [`Cluster::on_commit`]).
+    pub fn commit_handoff(&self) -> Option<&Arc<Cluster>> {
+        self.cluster().filter(|c| {
+            self.storage.is_some()
+                && self.cluster_threads.load(Ordering::Acquire)
+                && c.waits_for_majority()
+                && c.is_primary()
+        })
+    }
+
     /// Hands replies and pushes held until `touched.lsn()` to the log: they are released by
     /// whichever thread writes that record (and, here, commits it: [`Node::acks_locally`]), or
     /// their sessions disconnected if that fails. Never waits.

@@ -366,6 +366,9 @@ impl Cluster {
         let mut last_announce = Instant::now();
         loop {
             std::thread::sleep(tick);
+            // Writes waiting for a commit that will not come: this node stopped leading, or
+            // their time is up.
+            self.fire_commit_waits();
             if !self.is_member() {
                 // Removed by `leave`: it may still follow, but never leads or calls elections.
                 continue;

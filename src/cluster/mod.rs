@@ -103,6 +103,8 @@ pub struct Cluster {
     watch: Arc<CommitWatch>,
     /// A writer is polling the commit point ([`Cluster::await_commit`]).
     spinning: AtomicBool,
+    /// Work waiting for a commit ([`Cluster::on_commit`]): LSN, deadline, what to run.
+    commit_waits: CommitWaits,
     /// Run when this node wins an election, before it takes writes.
     on_elected: std::sync::OnceLock<ElectedHook>,
     /// Serializes appending and applying replicated records with taking over as primary.
@@ -189,6 +191,23 @@ enum CommitWait {
     TimedOut,
 }
 
+/// Work to run once a change is committed (`Ok`), or the refusal its writer is told when it
+/// cannot be (this node stopped leading, or no majority acknowledged in time).
+pub type OnCommit = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// The list behind [`Cluster::on_commit`]: LSN, deadline, work.
+#[derive(Default)]
+struct CommitWaits(Mutex<Vec<(u64, Instant, OnCommit)>>);
+
+impl std::fmt::Debug for CommitWaits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CommitWaits({})", lock(&self.0).len())
+    }
+}
+
+/// What a write still waiting for its commit is told when this node no longer leads.
+const NOT_PRIMARY_ANY_MORE: &str = "Not the primary any more; the write may not be durable";
+
 /// How long a writer polls for its commit before it sleeps.
 const COMMIT_SPIN: Duration = Duration::from_micros(200);
 
@@ -237,6 +256,7 @@ impl Cluster {
         Cluster {
             watch: Arc::clone(&watch),
             spinning: AtomicBool::new(false),
+            commit_waits: CommitWaits::default(),
             state: Mutex::new(State {
                 watch,
                 term: if single { term.max(1) } else { term },
@@ -491,24 +511,36 @@ impl Cluster {
 
     /// Records that `node` has `lsn` durable. True when the commit point moved.
     pub fn record_ack(&self, node: &str, lsn: u64) -> bool {
-        let mut s = lock(&self.state);
-        let entry = s
-            .acks
-            .entry(node.to_string())
-            .or_insert((0, Instant::now()));
-        entry.0 = entry.0.max(lsn);
-        entry.1 = Instant::now();
-        self.advance_commit(&mut s)
+        let moved = {
+            let mut s = lock(&self.state);
+            let entry = s
+                .acks
+                .entry(node.to_string())
+                .or_insert((0, Instant::now()));
+            entry.0 = entry.0.max(lsn);
+            entry.1 = Instant::now();
+            self.advance_commit(&mut s)
+        };
+        if moved {
+            self.fire_commit_waits();
+        }
+        moved
     }
 
     /// Records that this node's own log is durable up to `lsn`. True when the commit point moved.
     pub fn note_durable(&self, lsn: u64) -> bool {
-        let mut s = lock(&self.state);
-        if lsn <= s.durable {
-            return false;
+        let moved = {
+            let mut s = lock(&self.state);
+            if lsn <= s.durable {
+                return false;
+            }
+            s.durable = lsn;
+            self.advance_commit(&mut s)
+        };
+        if moved {
+            self.fire_commit_waits();
         }
-        s.durable = lsn;
-        self.advance_commit(&mut s)
+        moved
     }
 
     /// Sets this node's durable mark to exactly `lsn`, its whole log (a new primary, before it
@@ -678,24 +710,69 @@ impl Cluster {
         self.pending.fetch_add(1, Ordering::Relaxed);
         let result = match self.await_commit(lsn, self.timeout * 5, true) {
             CommitWait::Committed => Ok(()),
-            CommitWait::NotPrimary => {
-                Err("Not the primary any more; the write may not be durable".to_string())
-            }
-            CommitWait::TimedOut => {
-                let s = lock(&self.state);
-                let members = lock(&self.members);
-                let have = 1 + s
-                    .acks
-                    .iter()
-                    .filter(|(m, (l, _))| *l >= lsn && members.contains(m))
-                    .count();
-                Err(format!(
-                    "Write not confirmed by a majority ({have} of {needed} members)"
-                ))
-            }
+            CommitWait::NotPrimary => Err(NOT_PRIMARY_ANY_MORE.to_string()),
+            CommitWait::TimedOut => Err(self.unconfirmed(lsn)),
         };
         self.pending.fetch_sub(1, Ordering::Relaxed);
         result.map(|()| true)
+    }
+
+    /// The refusal of a write `lsn` that a majority did not acknowledge in time.
+    fn unconfirmed(&self, lsn: u64) -> String {
+        let needed = self.majority();
+        let s = lock(&self.state);
+        let members = lock(&self.members);
+        let have = 1 + s
+            .acks
+            .iter()
+            .filter(|(m, (l, _))| *l >= lsn && members.contains(m))
+            .count();
+        format!("Write not confirmed by a majority ({have} of {needed} members)")
+    }
+
+    /// True when a write is acknowledged once a majority has it (not `NUN_WRITE_QUORUM=1`,
+    /// and this node has peers).
+    pub fn waits_for_majority(&self) -> bool {
+        self.quorum == WriteQuorum::Majority && !self.is_alone()
+    }
+
+    /// Runs `done` on whichever thread decides it: the one that moves the commit point to
+    /// `lsn` (usually the reader of a secondary's acknowledgement), or the election tick once
+    /// this node stops leading or five election timeouts pass (then with the refusal
+    /// [`Cluster::wait_quorum`] would give). Never waits. Lets a writer's reply be sent by the
+    /// thread that learns of the commit instead of waking the writer to send it.
+    pub fn on_commit(&self, lsn: u64, done: OnCommit) {
+        lock(&self.commit_waits.0).push((lsn, Instant::now() + self.timeout * 5, done));
+        // The commit point may have moved before the wait was listed.
+        self.fire_commit_waits();
+    }
+
+    /// Runs the work of [`Cluster::on_commit`] that is decided now.
+    pub fn fire_commit_waits(&self) {
+        let now = Instant::now();
+        let (ready, committed, leading) = {
+            let mut waits = lock(&self.commit_waits.0);
+            if waits.is_empty() {
+                return;
+            }
+            // Read under the list's lock: a commit stored after this fires the waits again.
+            let committed = self.watch.committed.load(Ordering::Acquire);
+            let leading = self.watch.leading.load(Ordering::Acquire);
+            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *waits)
+                .into_iter()
+                .partition(|(lsn, deadline, _)| *lsn <= committed || !leading || *deadline <= now);
+            *waits = rest;
+            (ready, committed, leading)
+        };
+        for (lsn, _, done) in ready {
+            done(if lsn <= committed {
+                Ok(())
+            } else if !leading {
+                Err(NOT_PRIMARY_ANY_MORE.to_string())
+            } else {
+                Err(self.unconfirmed(lsn))
+            });
+        }
     }
 
     /// For a write that changed nothing (a remove of a missing key), so there is no record
@@ -930,6 +1007,40 @@ mod tests {
         assert_eq!(
             deposed.join().unwrap(),
             Err("Not the primary any more; the write may not be durable".to_string())
+        );
+    }
+
+    #[test]
+    fn work_waiting_for_a_commit_runs_once_it_is_decided() {
+        let c = primary_of_three(1);
+        c.note_durable(7);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let told = |tag: &'static str| -> OnCommit {
+            let tx = tx.clone();
+            Box::new(move |result| tx.send((tag, result)).unwrap())
+        };
+        c.on_commit(5, told("acked"));
+        c.on_commit(6, told("late"));
+        c.record_ack("b", 5);
+        assert_eq!(
+            rx.try_recv(),
+            Ok(("acked", Ok(()))),
+            "run by the ack's thread"
+        );
+        assert!(rx.try_recv().is_err(), "6 is not committed");
+        // Nobody acknowledges 6: five election timeouts later the tick refuses it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rx.try_recv().map(|r| assert_eq!(r.0, "late")).is_err() {
+            assert!(Instant::now() < deadline, "never refused");
+            std::thread::sleep(Duration::from_millis(20));
+            c.fire_commit_waits();
+        }
+        c.on_commit(7, told("deposed"));
+        assert!(c.heard_from_primary(1, "b"), "a newer term's primary");
+        c.fire_commit_waits();
+        assert_eq!(
+            rx.try_recv(),
+            Ok(("deposed", Err(NOT_PRIMARY_ANY_MORE.to_string())))
         );
     }
 

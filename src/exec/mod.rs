@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cluster::forward;
+use crate::cluster::{forward, Cluster};
 use crate::db::outbox::{self, Outbox};
 use crate::db::security::{self, Access, Permissions};
 use crate::db::{
@@ -288,19 +288,29 @@ pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
 /// [`acknowledge`] for a session's batch, with `encode` framing its replies for the transport.
 /// Where a write is acknowledged once durable here, the replies wait in the session's outbox
 /// for the log write (done by this thread, or by the one already writing) and the session goes
-/// on reading. Elsewhere (waiting for a majority) the session waits: its own pushes go first,
-/// then its replies, then the pushes to every other watcher. False when the session closed.
+/// on reading. Where it waits for a majority, the batch is handed to the thread that learns of
+/// the commit ([`Cluster::on_commit`]) and the session goes on reading; its next replies wait
+/// for that one. Either way its own pushes go first, then its replies, then the pushes to
+/// every other watcher. False when the session closed.
 pub fn acknowledge_and_reply(
     session: &Session,
-    outcomes: &mut [Outcome],
-    encode: impl FnOnce(&[Outcome]) -> Vec<u8>,
+    outcomes: &mut Vec<Outcome>,
+    encode: impl FnOnce(&[Outcome]) -> Vec<u8> + Send + 'static,
 ) -> bool {
+    session.await_handoff();
     let node = session.node();
     let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
     if lsn > 0 && node.acks_locally() {
         let queued = session.outbox.queue(encode(outcomes), lsn);
         node.deliver_when_durable(outbox::take_touched());
         return queued && session.outbox.wait_for_room();
+    }
+    if let Some(cluster) = node.commit_handoff().filter(|_| lsn > 0) {
+        // Durable here first (this thread writes the log); a storage error, or a commit that
+        // is already there, is answered below at once.
+        if node.wait_local_durable(lsn).is_ok() && !cluster.is_visible(lsn) {
+            return hand_off(session, cluster, lsn, outcomes, encode);
+        }
     }
     make_durable(node, outcomes);
     let touched = outbox::take_touched();
@@ -315,6 +325,57 @@ pub fn acknowledge_and_reply(
         touched.abandon();
     }
     sent
+}
+
+/// Lets the thread that learns `lsn` committed (or refused) answer the batch: the pushes of its
+/// changes, its replies (with the refusal on its writes if it failed), then everyone's pushes.
+fn hand_off(
+    session: &Session,
+    cluster: &Cluster,
+    lsn: u64,
+    outcomes: &mut Vec<Outcome>,
+    encode: impl FnOnce(&[Outcome]) -> Vec<u8> + Send + 'static,
+) -> bool {
+    let mut outcomes = std::mem::take(outcomes);
+    let touched = outbox::take_touched();
+    let outbox = Arc::clone(&session.outbox);
+    let node = Arc::downgrade(session.node());
+    let handoff = session.hand_off();
+    let started = Instant::now();
+    cluster.on_commit(
+        lsn,
+        Box::new(move |result| {
+            let committed = match result {
+                Ok(()) => {
+                    if let Some(node) = node.upgrade() {
+                        node.replication_time.record(started.elapsed());
+                    }
+                    true
+                }
+                Err(e) => {
+                    log::error!("write not acknowledged: {e}");
+                    for o in outcomes
+                        .iter_mut()
+                        .filter(|o| o.lsn > 0 && o.error.is_none())
+                    {
+                        o.error = Some(e.clone());
+                    }
+                    false
+                }
+            };
+            if committed {
+                touched.release_first(&outbox);
+            }
+            outbox.queue(encode(&outcomes), 0);
+            if committed {
+                touched.release();
+            } else {
+                touched.abandon();
+            }
+            handoff.finish();
+        }),
+    );
+    session.outbox.wait_for_room()
 }
 
 fn make_durable(node: &Node, outcomes: &mut [Outcome]) {

@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::client::Client;
 use crate::db::outbox::{self, Outbox};
@@ -36,6 +36,24 @@ pub struct Session<'n> {
     pub forwarded: bool,
     /// The acting user's permissions as last read, and the database's security version then.
     pub(super) permissions: RefCell<Option<CachedPermissions>>,
+    /// A reply of this session that another thread finishes (a write waiting for its commit).
+    handoff: RefCell<Option<Arc<Handoff>>>,
+}
+
+/// A session's reply finished by the thread that learns its writes committed: the session
+/// queues nothing more until it is in the outbox, so replies leave in order.
+#[derive(Debug, Default)]
+pub(super) struct Handoff {
+    done: Mutex<bool>,
+    finished: Condvar,
+}
+
+impl Handoff {
+    /// The reply is queued.
+    pub(super) fn finish(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.finished.notify_all();
+    }
 }
 
 /// A session's permissions, read once and kept until the database's `$$` keys change.
@@ -62,6 +80,7 @@ impl<'n> Session<'n> {
             forwarder: None,
             forwarded: false,
             permissions: RefCell::new(None),
+            handoff: RefCell::new(None),
         }
     }
 
@@ -79,6 +98,28 @@ impl<'n> Session<'n> {
         self.db = Some(db);
         self.user = user;
         self.permissions.replace(None);
+    }
+
+    /// Hands this session's next reply to another thread; later replies wait for it.
+    pub(super) fn hand_off(&self) -> Arc<Handoff> {
+        let handoff = Arc::new(Handoff::default());
+        *self.handoff.borrow_mut() = Some(Arc::clone(&handoff));
+        handoff
+    }
+
+    /// Waits until a reply handed to another thread is queued (bounded: the commit it waits
+    /// for is decided within five election timeouts).
+    pub fn await_handoff(&self) {
+        let Some(handoff) = self.handoff.borrow_mut().take() else {
+            return;
+        };
+        let mut done = handoff.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            done = handoff
+                .finished
+                .wait(done)
+                .unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Forgets every watch.

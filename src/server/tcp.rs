@@ -85,6 +85,7 @@ pub fn serve(server: &Server, conn: Conn) {
                     .reply(b"error Not a cluster node \n".to_vec());
                 return;
             };
+            session.await_handoff();
             session.outbox.drain(super::WRITE_TIMEOUT);
             session.outbox.detach();
             drop(session);
@@ -109,8 +110,9 @@ fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -
     if batch.is_empty() {
         return true;
     }
-    let ok = exec::acknowledge_and_reply(session, batch, |outcomes| {
-        let mut bytes = Vec::with_capacity(*batch_bytes + 16);
+    let size = *batch_bytes + 16;
+    let ok = exec::acknowledge_and_reply(session, batch, move |outcomes| {
+        let mut bytes = Vec::with_capacity(size);
         for outcome in outcomes {
             outcome.write_lines(&mut bytes);
         }

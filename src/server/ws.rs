@@ -214,8 +214,9 @@ fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -
     if batch.is_empty() {
         return true;
     }
-    let ok = exec::acknowledge_and_reply(session, batch, |outcomes| {
-        let mut bytes = Vec::with_capacity(*batch_bytes + 16 * outcomes.len());
+    let size = *batch_bytes;
+    let ok = exec::acknowledge_and_reply(session, batch, move |outcomes| {
+        let mut bytes = Vec::with_capacity(size + 16 * outcomes.len());
         for outcome in outcomes {
             outcome.write_frames(&mut bytes);
         }
@@ -228,6 +229,7 @@ fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -
 
 /// Sends a close frame with `code` and `reason`, lets it drain, and shuts the session down.
 fn close(session: &Session, code: u16, reason: &str) {
+    session.await_handoff();
     let mut frame = Vec::new();
     wire::ws_close_frame(code, reason, &mut frame);
     if session.outbox.reply(frame) {
