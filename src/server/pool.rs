@@ -158,17 +158,20 @@ fn work(rx: &Mutex<Receiver<Job>>, idle: &AtomicUsize, spare_for: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::sync_channel;
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
-    #[test]
-    fn idle_workers_are_reused_and_surplus_ones_exit() {
-        let pool = Pool::with_spare_for("t", Trimmer::start().unwrap(), Duration::from_secs(600));
-        let (done_tx, done_rx) = sync_channel::<usize>(100);
-        // Forty jobs that all block until released: forty workers.
+    /// Runs `n` jobs that all block until every one has started (so `n` workers exist at
+    /// once), then lets them finish and waits for all of them.
+    fn run_blocked_jobs(
+        pool: &Pool,
+        n: usize,
+        done: &SyncSender<usize>,
+        done_rx: &Receiver<usize>,
+    ) {
         let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        for i in 0..40 {
+        for i in 0..n {
             let gate = Arc::clone(&gate);
-            let done = done_tx.clone();
+            let done = done.clone();
             pool.submit(Box::new(move || {
                 let (lock, cv) = &*gate;
                 let mut open = lock.lock().unwrap();
@@ -180,32 +183,38 @@ mod tests {
             .map_err(|(_, e)| e)
             .unwrap();
         }
-        assert_eq!(pool.workers(), 40);
+        assert_eq!(pool.workers(), n);
         {
             let (lock, cv) = &*gate;
             *lock.lock().unwrap() = true;
             cv.notify_all();
         }
-        for _ in 0..40 {
-            done_rx
-                .recv_timeout(std::time::Duration::from_secs(30))
-                .unwrap();
+        for _ in 0..n {
+            done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while pool.workers() > SPARE_WORKERS && std::time::Instant::now() < deadline {
-            std::thread::yield_now();
+    }
+
+    /// Polls (generously) until at most `left` workers are alive.
+    fn wait_for_workers(pool: &Pool, left: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pool.workers() > left && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn idle_workers_are_reused_and_surplus_ones_exit() {
+        let pool = Pool::with_spare_for("t", Trimmer::start().unwrap(), Duration::from_secs(600));
+        let (done_tx, done_rx) = sync_channel::<usize>(100);
+        // Forty jobs that all block until released: forty workers.
+        run_blocked_jobs(&pool, 40, &done_tx, &done_rx);
+        wait_for_workers(&pool, SPARE_WORKERS);
         assert_eq!(pool.workers(), SPARE_WORKERS);
         // A new job goes to a spare worker: no thread is added.
         pool.submit(Box::new(move || done_tx.send(99).unwrap()))
             .map_err(|(_, e)| e)
             .unwrap();
-        assert_eq!(
-            done_rx
-                .recv_timeout(std::time::Duration::from_secs(30))
-                .unwrap(),
-            99
-        );
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)).unwrap(), 99);
         assert_eq!(pool.workers(), SPARE_WORKERS);
     }
 
@@ -213,34 +222,8 @@ mod tests {
     fn spare_workers_exit_when_no_job_comes() {
         let pool = Pool::with_spare_for("t", Trimmer::start().unwrap(), Duration::from_millis(50));
         let (done_tx, done_rx) = sync_channel::<usize>(100);
-        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        for i in 0..4 {
-            let gate = Arc::clone(&gate);
-            let done = done_tx.clone();
-            pool.submit(Box::new(move || {
-                let (lock, cv) = &*gate;
-                let mut open = lock.lock().unwrap();
-                while !*open {
-                    open = cv.wait(open).unwrap();
-                }
-                done.send(i).unwrap();
-            }))
-            .map_err(|(_, e)| e)
-            .unwrap();
-        }
-        assert_eq!(pool.workers(), 4);
-        {
-            let (lock, cv) = &*gate;
-            *lock.lock().unwrap() = true;
-            cv.notify_all();
-        }
-        for _ in 0..4 {
-            done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while pool.workers() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        run_blocked_jobs(&pool, 4, &done_tx, &done_rx);
+        wait_for_workers(&pool, 0);
         assert_eq!(pool.workers(), 0, "idle spares left");
         // Work still gets done: a new worker starts.
         pool.submit(Box::new(move || done_tx.send(7).unwrap()))
