@@ -14,6 +14,7 @@ pub mod exec;
 pub mod metrics;
 pub mod node;
 pub mod os;
+pub mod packed;
 pub mod protocol;
 pub mod server;
 pub mod storage;

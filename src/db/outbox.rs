@@ -12,10 +12,13 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::os;
+use crate::packed::{Packed, Pool};
 use crate::protocol::Framing;
 
 /// Where an outbox's bytes go: a socket written without blocking, or nowhere.
@@ -28,6 +31,11 @@ pub trait Sink: Send + Sync {
     fn stalled(&self, outbox: &Arc<Outbox>);
     /// Shuts the transport down, so the session's reader wakes up and ends.
     fn close(&self);
+    /// The socket behind this sink, if any: the outbox then writes to it with non-blocking
+    /// sends itself, reading nothing but its own packed state (see [`crate::packed`]).
+    fn fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// A sink that drops everything: sessions with no client socket (HTTP requests, forwarded
@@ -202,15 +210,27 @@ const MAX_WRITE: usize = 256 * 1024;
 pub struct Outbox {
     id: u64,
     sink: Box<dyn Sink>,
-    framing: Framing,
-    state: Mutex<State>,
-    space: Condvar,
     max_messages: usize,
     max_bytes: usize,
-    closed: AtomicBool,
     /// The [`Touched`] round that last listed this outbox (so a round lists it once).
     touched_in: AtomicU64,
+    hot: Packed<Hot>,
 }
+
+/// The part of an outbox a fan-out reads and writes, packed with the other outboxes' (a
+/// fan-out visits thousands, one socket write apart, and each cold page costs).
+#[derive(Debug)]
+struct Hot {
+    state: Mutex<State>,
+    space: Condvar,
+    closed: AtomicBool,
+    framing: Framing,
+    /// The sink's socket, written directly (see [`Sink::fd`]).
+    fd: Option<RawFd>,
+}
+
+/// Where every outbox's [`Hot`] part lives.
+static HOT: Pool<Hot> = Pool::new();
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -225,17 +245,20 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Outbox {
     /// A queue writing to `sink`, holding at most `max_messages` items and about `max_bytes`.
     pub fn new(sink: Box<dyn Sink>, max_messages: usize, max_bytes: usize) -> Arc<Outbox> {
-        let framing = sink.framing();
+        let hot = Hot {
+            state: Mutex::new(State::default()),
+            space: Condvar::new(),
+            closed: AtomicBool::new(false),
+            framing: sink.framing(),
+            fd: sink.fd(),
+        };
         Arc::new(Outbox {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             sink,
-            framing,
-            state: Mutex::new(State::default()),
-            space: Condvar::new(),
             max_messages: max_messages.max(1),
             max_bytes: max_bytes.max(1),
-            closed: AtomicBool::new(false),
             touched_in: AtomicU64::new(0),
+            hot: Packed::new(&HOT, hot),
         })
     }
 
@@ -251,12 +274,12 @@ impl Outbox {
 
     /// How this outbox's transport frames messages.
     pub fn framing(&self) -> Framing {
-        self.framing
+        self.hot.framing
     }
 
     /// True once the session is closing; nothing more is delivered.
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.hot.closed.load(Ordering::Acquire)
     }
 
     /// Closes the queue and shuts the transport down. Idempotent.
@@ -273,13 +296,13 @@ impl Outbox {
     }
 
     fn mark_closed(&self) -> bool {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if self.hot.closed.swap(true, Ordering::AcqRel) {
             return false;
         }
-        let mut s = lock(&self.state);
+        let mut s = lock(&self.hot.state);
         s.queue.clear();
         s.bytes = 0;
-        self.space.notify_all();
+        self.hot.space.notify_all();
         true
     }
 
@@ -299,7 +322,7 @@ impl Outbox {
             return !self.is_closed();
         }
         {
-            let mut s = lock(&self.state);
+            let mut s = lock(&self.hot.state);
             if self.is_closed() {
                 return false;
             }
@@ -320,10 +343,10 @@ impl Outbox {
     /// Waits while the queue is over its byte budget (the client is not reading). False when
     /// the session closed meanwhile.
     pub fn wait_for_room(&self) -> bool {
-        let mut s = lock(&self.state);
+        let mut s = lock(&self.hot.state);
         while s.bytes > self.max_bytes && !self.is_closed() {
             s.waiting += 1;
-            s = self.space.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = self.hot.space.wait(s).unwrap_or_else(|e| e.into_inner());
             s.waiting -= 1;
         }
         !self.is_closed()
@@ -337,9 +360,9 @@ impl Outbox {
         if self.is_closed() {
             return false;
         }
-        let size = push.encoded(self.framing).len();
+        let size = push.encoded(self.hot.framing).len();
         {
-            let mut s = lock(&self.state);
+            let mut s = lock(&self.hot.state);
             if self.is_closed() {
                 return false;
             }
@@ -370,31 +393,32 @@ impl Outbox {
 
     /// Everything logged up to `lsn` is durable and committed: sends what that unblocks.
     pub fn release(self: &Arc<Self>, lsn: u64) {
-        let s = lock(&self.state);
-        let s = if lsn > s.released {
-            let mut s = s;
+        Outbox::release_hot(self, &self.hot, lsn);
+    }
+
+    /// [`Outbox::release`] given `outbox`'s hot part, which is all a release usually reads.
+    fn release_hot(outbox: &Arc<Outbox>, hot: &Hot, lsn: u64) {
+        let mut s = lock(&hot.state);
+        if lsn > s.released {
             s.released = lsn;
-            s
-        } else {
-            s
-        };
-        self.pump_locked(s);
+        }
+        Outbox::pump_locked(outbox, hot, s);
     }
 
     /// The transport can take more bytes (after [`Sink::stalled`]): writes what is queued.
     pub fn resume(self: &Arc<Self>) {
-        lock(&self.state).stalled = false;
+        lock(&self.hot.state).stalled = false;
         self.pump();
     }
 
     /// True while queued bytes wait for the transport to drain.
     pub fn is_stalled(&self) -> bool {
-        lock(&self.state).stalled
+        lock(&self.hot.state).stalled
     }
 
     /// How long queued bytes have waited for the client to read anything (zero if nothing waits).
     pub fn stalled_for(&self) -> Duration {
-        let s = lock(&self.state);
+        let s = lock(&self.hot.state);
         match s.progress {
             Some(t) if s.stalled => t.elapsed(),
             _ => Duration::ZERO,
@@ -404,7 +428,7 @@ impl Outbox {
     /// Waits up to `timeout` until nothing is queued or being written; true if so.
     pub fn drain(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut s = lock(&self.state);
+        let mut s = lock(&self.hot.state);
         while (!s.queue.is_empty() || s.writing) && !self.is_closed() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -412,6 +436,7 @@ impl Outbox {
             }
             s.waiting += 1;
             s = self
+                .hot
                 .space
                 .wait_timeout(s, left)
                 .unwrap_or_else(|e| e.into_inner())
@@ -425,7 +450,7 @@ impl Outbox {
     /// released: that change could not be confirmed, so it must not be shown.
     fn abandon(&self) {
         let holding = {
-            let s = lock(&self.state);
+            let s = lock(&self.hot.state);
             let holding = s.queue.iter().any(|i| i.lsn > s.released);
             holding
         };
@@ -442,14 +467,23 @@ impl Outbox {
     /// log record, or the socket is full. Only one thread writes at a time; the others return
     /// at once, since the writer goes on until nothing sendable is left.
     fn pump(self: &Arc<Self>) {
-        self.pump_locked(lock(&self.state));
+        Outbox::pump_locked(self, &self.hot, lock(&self.hot.state));
     }
 
-    fn pump_locked<'a>(self: &'a Arc<Self>, mut s: MutexGuard<'a, State>) {
+    /// Writes to the socket itself when there is one, else through the sink.
+    fn send(outbox: &Outbox, hot: &Hot, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        match hot.fd {
+            Some(fd) => os::send_now(fd, parts),
+            None => outbox.sink.try_send(parts),
+        }
+    }
+
+    /// The pump proper. It reads `outbox` (not `hot`) only when the socket is full or failed.
+    fn pump_locked<'a>(outbox: &Arc<Outbox>, hot: &'a Hot, mut s: MutexGuard<'a, State>) {
         // Most pumps send one item: no allocation for them.
         let mut batch: SmallBatch = SmallBatch::default();
         loop {
-            if s.writing || s.stalled || self.is_closed() {
+            if s.writing || s.stalled || hot.closed.load(Ordering::Acquire) {
                 return;
             }
             let released = s.released;
@@ -458,7 +492,7 @@ impl Outbox {
                 if front.lsn > released || batch.len() >= MAX_PARTS || size >= MAX_WRITE {
                     break;
                 }
-                size += front.remaining(self.framing).len();
+                size += front.remaining(hot.framing).len();
                 if let Some(item) = s.queue.pop_front() {
                     batch.push(item);
                 }
@@ -468,21 +502,23 @@ impl Outbox {
             }
             s.writing = true;
             drop(s);
-            let result = {
+            let result = if let SmallBatch::One(item) = &batch {
+                Outbox::send(outbox, hot, &[IoSlice::new(item.remaining(hot.framing))])
+            } else {
                 let mut parts = [IoSlice::new(&[]); MAX_PARTS];
                 for (part, item) in parts.iter_mut().zip(batch.iter()) {
-                    *part = IoSlice::new(item.remaining(self.framing));
+                    *part = IoSlice::new(item.remaining(hot.framing));
                 }
-                self.sink.try_send(&parts[..batch.len()])
+                Outbox::send(outbox, hot, &parts[..batch.len()])
             };
-            s = lock(&self.state);
+            s = lock(&hot.state);
             s.writing = false;
             let mut written = match result {
                 Ok(n) => n,
                 Err(e) => {
                     drop(s);
-                    log::debug!("session {}: write failed: {e}", self.id);
-                    self.close();
+                    log::debug!("session {}: write failed: {e}", outbox.id);
+                    outbox.close();
                     return;
                 }
             };
@@ -491,11 +527,11 @@ impl Outbox {
                 s.progress = Some(Instant::now());
             }
             if s.waiting > 0 {
-                self.space.notify_all();
+                hot.space.notify_all();
             }
             let mut unsent: SmallBatch = SmallBatch::default();
             batch.take_each(|mut item| {
-                let len = item.remaining(self.framing).len();
+                let len = item.remaining(hot.framing).len();
                 if written >= len {
                     written -= len;
                 } else {
@@ -507,13 +543,13 @@ impl Outbox {
             if unsent.is_empty() {
                 continue;
             }
-            if self.is_closed() {
+            if hot.closed.load(Ordering::Acquire) {
                 return;
             }
             unsent.take_each_rev(|item| s.queue.push_front(item));
             s.stalled = true;
             drop(s);
-            self.sink.stalled(self);
+            outbox.sink.stalled(outbox);
             return;
         }
     }
@@ -594,17 +630,35 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// Hints the CPU to load every cache line of the value at `p`.
+#[inline(always)]
+fn prefetch_all<T>(p: *const T) {
+    const LINE: usize = 64;
+    let start = p as usize;
+    let end = start + std::mem::size_of::<T>();
+    let mut line = start & !(LINE - 1);
+    while line < end {
+        prefetch(line as *const u8);
+        line += LINE;
+    }
+}
+
 /// Outboxes this thread queued pushes into since it last called [`take_touched`], and the
 /// highest LSN among those pushes. The thread that made the changes must wait until that LSN
 /// is durable and committed, then [`Touched::release`] them (or [`Touched::abandon`] them if
 /// that failed): nobody else knows when they may be shown.
 #[derive(Debug, Default)]
 pub struct Touched {
-    outboxes: Vec<Arc<Outbox>>,
+    /// Each outbox with the address of its hot part, so a release need not read the outbox.
+    outboxes: Vec<(Arc<Outbox>, *const Hot)>,
     lsn: u64,
     /// Identifies this list; an outbox remembers the last round that listed it.
     round: u64,
 }
+
+// SAFETY: the pointers are to the hot parts of outboxes the list itself keeps alive (and
+// `Hot` is `Sync`), so the list may move to the thread that learns of the commit.
+unsafe impl Send for Touched {}
 
 static NEXT_ROUND: AtomicU64 = AtomicU64::new(1);
 
@@ -626,7 +680,7 @@ fn touch(outbox: &Arc<Outbox>, lsn: u64) {
         // Listed once per round however many changes it gets (another thread listing it in
         // between only costs a repeated, harmless release).
         if outbox.touched_in.swap(t.round, Ordering::Relaxed) != t.round {
-            t.outboxes.push(Arc::clone(outbox));
+            t.outboxes.push((Arc::clone(outbox), outbox.hot.as_ptr()));
         }
     });
 }
@@ -649,16 +703,23 @@ impl Touched {
 
     /// Everything up to [`Touched::lsn`] is durable and committed: sends the pushes.
     pub fn release(self) {
-        for (i, outbox) in self.outboxes.iter().enumerate() {
-            // A large fan-out walks thousands of outboxes: ask for the next ones' memory early,
-            // and for the sink of a nearer one, whose outbox should have arrived by now.
-            if let Some(ahead) = self.outboxes.get(i + PREFETCH_AHEAD) {
-                prefetch(Arc::as_ptr(ahead));
+        for (i, (outbox, hot)) in self.outboxes.iter().enumerate() {
+            // A large fan-out walks thousands of outboxes, one socket write apart: ask for
+            // the hot parts ahead early. Their outboxes are let go after the loop, in a pass
+            // with no system call between them.
+            if let Some((_, ahead)) = self.outboxes.get(i + PREFETCH_AHEAD) {
+                prefetch_all(*ahead);
             }
-            if let Some(near) = self.outboxes.get(i + PREFETCH_AHEAD / 2) {
-                prefetch(std::ptr::addr_of!(*near.sink).cast::<u8>());
+            // SAFETY: `hot` is the hot part of `outbox`, which this list keeps alive.
+            Outbox::release_hot(outbox, unsafe { &**hot }, self.lsn);
+        }
+        let mut outboxes = self.outboxes.into_iter();
+        while let Some((outbox, _)) = outboxes.next() {
+            if let Some((ahead, _)) = outboxes.as_slice().get(PREFETCH_AHEAD) {
+                // The counts sit just before the value, usually on the same line.
+                prefetch(Arc::as_ptr(ahead).cast::<u8>().wrapping_sub(16));
             }
-            outbox.release(self.lsn);
+            drop(outbox);
         }
     }
 
@@ -666,14 +727,14 @@ impl Touched {
     /// own pushes, then its reply, before the fan-out to everyone else). Same contract as
     /// [`Touched::release`].
     pub fn release_first(&self, first: &Arc<Outbox>) {
-        if self.outboxes.iter().any(|o| Arc::ptr_eq(o, first)) {
+        if self.outboxes.iter().any(|(o, _)| Arc::ptr_eq(o, first)) {
             first.release(self.lsn);
         }
     }
 
     /// The changes could not be confirmed: disconnects every session still waiting for one.
     pub fn abandon(self) {
-        for outbox in &self.outboxes {
+        for (outbox, _) in &self.outboxes {
             outbox.abandon();
         }
     }

@@ -28,8 +28,7 @@ const MIN_ROOM: usize = 1024;
 
 /// A client socket as the destination of an outbox.
 pub struct SocketSink {
-    /// The socket's descriptor, kept here so a send reads no other allocation (a fan-out to
-    /// thousands of watchers is bound by such cache misses).
+    /// The socket's descriptor (the outbox writes to it directly, see [`Sink::fd`]).
     fd: std::os::fd::RawFd,
     stream: Arc<TcpStream>,
     framing: Framing,
@@ -63,6 +62,10 @@ impl Sink for SocketSink {
 
     fn close(&self) {
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.fd)
     }
 }
 
