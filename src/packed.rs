@@ -1,4 +1,4 @@
-//! Boxes whose values share pages with the other values of their [`Pool`]. A watch fan-out
+//! Shared values (like `Arc`) that share pages with the other values of their [`Pool`]. A watch fan-out
 //! visits the outbox of every watcher, one socket write between visits; each write leaves the
 //! next outbox's page cold, and on the bench machine a cold page costs about as much as a
 //! tenth of the write itself. Allocated by the general allocator, every outbox sits on a page
@@ -8,6 +8,7 @@ use std::alloc::{self, Layout};
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Values per chunk: a chunk is one allocation holding this many slots side by side.
@@ -124,69 +125,110 @@ impl<T> Default for Pool<T> {
     }
 }
 
-/// A value owned like a `Box`, stored in a [`Pool`] beside others of its kind.
-pub struct Packed<T: 'static> {
-    value: NonNull<T>,
-    pool: &'static Pool<T>,
-    /// Set when the allocator had no memory for a chunk: the value is in its own `Box`.
-    boxed: bool,
+/// A [`Shared`] value and its reference count, as a [`Pool`] slot holds them.
+#[repr(C)]
+pub struct Counted<T> {
+    refs: AtomicUsize,
+    value: T,
 }
 
-// SAFETY: Packed owns its T exactly as Box<T> does.
-unsafe impl<T: Send> Send for Packed<T> {}
-// SAFETY: as above; shared access only hands out &T.
-unsafe impl<T: Sync> Sync for Packed<T> {}
+/// A reference-counted value like an `Arc`, allocated in a [`Pool`] beside others of its kind.
+pub struct Shared<T: 'static> {
+    slot: NonNull<Counted<T>>,
+    pool: &'static Pool<Counted<T>>,
+}
 
-impl<T> Packed<T> {
-    /// Moves `value` into a slot of `pool`.
-    pub fn new(pool: &'static Pool<T>, value: T) -> Packed<T> {
-        match pool.take() {
-            Some(slot) => {
-                // SAFETY: the slot is free, aligned for T and inside a live chunk.
-                unsafe { slot.as_ptr().write(value) };
-                Packed {
-                    value: slot,
-                    pool,
-                    boxed: false,
-                }
+// SAFETY: the same contract as Arc<T>: the value is shared between threads and dropped by
+// whichever thread lets go of it last.
+unsafe impl<T: Send + Sync> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send + Sync> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// Moves `value` into a slot of `pool`, with one reference: this one.
+    pub fn new(pool: &'static Pool<Counted<T>>, value: T) -> Shared<T> {
+        let Some(slot) = pool.take() else {
+            alloc::handle_alloc_error(Chunk::<Counted<T>>::layout());
+        };
+        let counted = Counted {
+            refs: AtomicUsize::new(1),
+            value,
+        };
+        // SAFETY: the slot is free, aligned for Counted<T> and inside a live chunk.
+        unsafe { slot.as_ptr().write(counted) };
+        Shared { slot, pool }
+    }
+
+    /// The value's address: the same for every clone, stable while one lives.
+    pub fn as_ptr(&self) -> *const T {
+        // SAFETY: the slot holds a live Counted<T> while this reference exists.
+        unsafe { std::ptr::addr_of!((*self.slot.as_ptr()).value) }
+    }
+
+    /// True when both are references to the same value.
+    pub fn ptr_eq(a: &Shared<T>, b: &Shared<T>) -> bool {
+        a.slot == b.slot
+    }
+
+    /// Hints the CPU to load every cache line of this value's slot (ahead of a use that would
+    /// otherwise wait for memory).
+    #[inline(always)]
+    pub fn prefetch(&self) {
+        const LINE: usize = 64;
+        let start = self.slot.as_ptr() as usize;
+        let end = start + std::mem::size_of::<Counted<T>>();
+        let mut line = start & !(LINE - 1);
+        while line < end {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a prefetch never faults and has no effect on memory.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(line as *const i8, std::arch::x86_64::_MM_HINT_T0);
             }
-            None => Packed {
-                value: NonNull::from(Box::leak(Box::new(value))),
-                pool,
-                boxed: true,
-            },
+            line += LINE;
         }
     }
 
-    /// The value's address: stable for as long as this box lives.
-    pub fn as_ptr(&self) -> *const T {
-        self.value.as_ptr()
+    fn counted(&self) -> &Counted<T> {
+        // SAFETY: the slot holds a live Counted<T> while this reference exists.
+        unsafe { self.slot.as_ref() }
     }
 }
 
-impl<T> Deref for Packed<T> {
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        if self.counted().refs.fetch_add(1, Ordering::Relaxed) > isize::MAX as usize {
+            // As Arc does: a count this high means clones are being leaked; stop.
+            std::process::abort();
+        }
+        Shared {
+            slot: self.slot,
+            pool: self.pool,
+        }
+    }
+}
+
+impl<T> Deref for Shared<T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        // SAFETY: the slot holds a live T until this box drops.
-        unsafe { self.value.as_ref() }
+        &self.counted().value
     }
 }
 
-impl<T> Drop for Packed<T> {
+impl<T> Drop for Shared<T> {
     fn drop(&mut self) {
-        if self.boxed {
-            // SAFETY: made by Box::leak in `new`, dropped once here.
-            drop(unsafe { Box::from_raw(self.value.as_ptr()) });
+        if self.counted().refs.fetch_sub(1, Ordering::Release) != 1 {
             return;
         }
-        // SAFETY: the slot holds a live T that nothing else will read after this.
-        unsafe { self.value.as_ptr().drop_in_place() };
-        self.pool.give_back(self.value);
+        // Every other reference's use of the value happens before it is dropped (as in Arc).
+        std::sync::atomic::fence(Ordering::Acquire);
+        // SAFETY: this was the last reference: nothing reads the slot after this.
+        unsafe { self.slot.as_ptr().drop_in_place() };
+        self.pool.give_back(self.slot);
     }
 }
 
-impl<T: std::fmt::Debug> std::fmt::Debug for Packed<T> {
+impl<T: std::fmt::Debug> std::fmt::Debug for Shared<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         (**self).fmt(f)
     }
@@ -195,19 +237,18 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Packed<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     #[test]
     fn values_made_together_share_a_chunk_and_empty_chunks_are_freed() {
-        static POOL: Pool<[u64; 4]> = Pool::new();
-        let values: Vec<Packed<[u64; 4]>> = (0..SLOTS as u64 * 2 + 1)
-            .map(|i| Packed::new(&POOL, [i; 4]))
+        static POOL: Pool<Counted<[u64; 3]>> = Pool::new();
+        let values: Vec<Shared<[u64; 3]>> = (0..SLOTS as u64 * 2 + 1)
+            .map(|i| Shared::new(&POOL, [i; 3]))
             .collect();
         assert_eq!(POOL.chunks(), 3);
         let first = values[0].as_ptr() as usize;
         for (i, v) in values.iter().take(SLOTS).enumerate() {
-            assert_eq!(**v, [i as u64; 4]);
+            assert_eq!(**v, [i as u64; 3]);
             assert_eq!(v.as_ptr() as usize, first + i * 32);
         }
         drop(values);
@@ -215,44 +256,25 @@ mod tests {
     }
 
     #[test]
-    fn a_freed_slot_is_reused_and_values_are_dropped_once() {
-        static POOL: Pool<Counted> = Pool::new();
-        static DROPS: AtomicUsize = AtomicUsize::new(0);
-        struct Counted {
-            _shared: Arc<()>,
-        }
-        impl Drop for Counted {
-            fn drop(&mut self) {
-                DROPS.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let shared = Arc::new(());
-        let a = Packed::new(
-            &POOL,
-            Counted {
-                _shared: Arc::clone(&shared),
-            },
-        );
-        let b = Packed::new(
-            &POOL,
-            Counted {
-                _shared: Arc::clone(&shared),
-            },
-        );
+    fn the_value_lives_until_its_last_reference_and_its_slot_is_reused() {
+        static POOL: Pool<Counted<Arc<()>>> = Pool::new();
+        let witness = Arc::new(());
+        let a = Shared::new(&POOL, Arc::clone(&witness));
+        let a2 = a.clone();
+        assert!(Shared::ptr_eq(&a, &a2));
+        let b = Shared::new(&POOL, Arc::clone(&witness));
+        assert!(!Shared::ptr_eq(&a, &b));
         let b_at = b.as_ptr();
         drop(b);
-        assert_eq!(DROPS.load(Ordering::SeqCst), 1);
-        let c = Packed::new(
-            &POOL,
-            Counted {
-                _shared: Arc::clone(&shared),
-            },
-        );
-        assert_eq!(c.as_ptr(), b_at);
-        assert_eq!(Arc::strong_count(&shared), 3);
-        drop((a, c));
-        assert_eq!(DROPS.load(Ordering::SeqCst), 3);
-        assert_eq!(Arc::strong_count(&shared), 1);
+        assert_eq!(Arc::strong_count(&witness), 2, "b's value dropped with b");
+        let c = Shared::new(&POOL, Arc::clone(&witness));
+        assert_eq!(c.as_ptr(), b_at, "the freed slot is the next one used");
+        drop(a);
+        assert_eq!(Arc::strong_count(&witness), 3, "a2 keeps the value alive");
+        let moved = std::thread::spawn(move || drop(a2));
+        assert!(moved.join().is_ok());
+        drop(c);
+        assert_eq!(Arc::strong_count(&witness), 1);
         assert_eq!(POOL.chunks(), 0);
     }
 }

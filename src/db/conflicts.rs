@@ -10,12 +10,12 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::database::{lock, read, write};
 use super::outbox::{Outbox, Push};
 use super::{Database, Entry, WriteError, WriteOp, Written};
+use crate::packed::Shared;
 
 /// Prefix of conflict record keys.
 pub const CONFLICTS_PREFIX: &str = "$conflicts_";
@@ -154,11 +154,11 @@ impl Database {
 
     /// Registers an arbiter session and returns the pending conflicts' `resolve` messages, so
     /// it also gets the ones raised before it connected.
-    pub fn add_arbiter(&self, outbox: &Arc<Outbox>) -> Vec<String> {
+    pub fn add_arbiter(&self, outbox: &Shared<Outbox>) -> Vec<String> {
         {
             let mut arbiters = lock(&self.arbiters);
             if !arbiters.iter().any(|o| o.id() == outbox.id()) {
-                arbiters.push(Arc::clone(outbox));
+                arbiters.push(outbox.clone());
             }
         }
         let data = read(&self.data);

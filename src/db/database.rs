@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLoc
 use std::time::{Duration, Instant};
 
 use super::outbox::{Outbox, Push};
+use crate::packed::Shared;
 use crate::protocol::Strategy;
 use crate::storage::oplog::OpLog;
 use crate::storage::record::{Op, Record, RecordRef};
@@ -180,8 +181,8 @@ pub struct Database {
     /// Keys in order (sorted `keys` for free, no over-allocated hash table).
     pub(super) data: RwLock<BTreeMap<Box<str>, Entry>>,
     /// Per key, the sessions watching it by outbox id (O(1) watch and unwatch at any scale).
-    watchers: Mutex<HashMap<String, HashMap<u64, Arc<Outbox>>>>,
-    pub(super) arbiters: Mutex<Vec<Arc<Outbox>>>,
+    watchers: Mutex<HashMap<String, HashMap<u64, Shared<Outbox>>>>,
+    pub(super) arbiters: Mutex<Vec<Shared<Outbox>>>,
     /// When each conflict record was seen resolved here (for the retention sweep).
     pub(super) resolved_at: Mutex<HashMap<String, Instant>>,
     /// Tombstones in the order they were made: when, which key, at which version.
@@ -621,12 +622,12 @@ impl Database {
     }
 
     /// Registers `outbox` as a watcher of `key` (once per session).
-    pub fn watch(&self, key: &str, outbox: &Arc<Outbox>) {
+    pub fn watch(&self, key: &str, outbox: &Shared<Outbox>) {
         let mut watchers = lock(&self.watchers);
         watchers
             .entry(key.to_string())
             .or_default()
-            .insert(outbox.id(), Arc::clone(outbox));
+            .insert(outbox.id(), outbox.clone());
     }
 
     /// Removes the session's watcher of `key`.

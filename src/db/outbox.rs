@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::os;
-use crate::packed::{Packed, Pool};
+use crate::packed::{Counted, Pool, Shared};
 use crate::protocol::Framing;
 
 /// Where an outbox's bytes go: a socket written without blocking, or nowhere.
@@ -28,7 +28,7 @@ pub trait Sink: Send + Sync {
     /// Writes as much of `parts` as the transport takes now, without blocking (0 when full).
     fn try_send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize>;
     /// The transport is full with output still queued: call `outbox.resume()` once it drains.
-    fn stalled(&self, outbox: &Arc<Outbox>);
+    fn stalled(&self, outbox: &Shared<Outbox>);
     /// Shuts the transport down, so the session's reader wakes up and ends.
     fn close(&self);
     /// The socket behind this sink, if any: the outbox then writes to it with non-blocking
@@ -52,7 +52,7 @@ impl Sink for Discard {
         Ok(parts.iter().map(|p| p.len()).sum())
     }
 
-    fn stalled(&self, _outbox: &Arc<Outbox>) {}
+    fn stalled(&self, _outbox: &Shared<Outbox>) {}
 
     fn close(&self) {}
 }
@@ -193,7 +193,7 @@ struct State {
     writing: bool,
     /// The socket was full; the transport calls [`Outbox::resume`] when it drains.
     stalled: bool,
-    /// When the socket last took bytes while something was queued (slow-reader timeout).
+    /// While stalled: when the stall began or the socket last took bytes (slow-reader timeout).
     progress: Option<Instant>,
     /// Threads waiting for the queue to shrink (replies over the byte budget).
     waiting: usize,
@@ -206,31 +206,25 @@ const MAX_PARTS: usize = 64;
 /// Bytes written per socket call (more items wait for the next one).
 const MAX_WRITE: usize = 256 * 1024;
 
-/// The outbound queue of one session.
+/// The outbound queue of one session. Outboxes live packed in one [`Pool`]: a fan-out visits
+/// thousands of them, one socket write apart, and each cold page it touches costs.
 pub struct Outbox {
     id: u64,
-    sink: Box<dyn Sink>,
-    max_messages: usize,
-    max_bytes: usize,
-    /// The [`Touched`] round that last listed this outbox (so a round lists it once).
-    touched_in: AtomicU64,
-    hot: Packed<Hot>,
-}
-
-/// The part of an outbox a fan-out reads and writes, packed with the other outboxes' (a
-/// fan-out visits thousands, one socket write apart, and each cold page costs).
-#[derive(Debug)]
-struct Hot {
     state: Mutex<State>,
     space: Condvar,
     closed: AtomicBool,
     framing: Framing,
     /// The sink's socket, written directly (see [`Sink::fd`]).
     fd: Option<RawFd>,
+    max_messages: usize,
+    max_bytes: usize,
+    /// The [`Touched`] round that last listed this outbox (so a round lists it once).
+    touched_in: AtomicU64,
+    sink: Box<dyn Sink>,
 }
 
-/// Where every outbox's [`Hot`] part lives.
-static HOT: Pool<Hot> = Pool::new();
+/// Where every outbox lives.
+static OUTBOXES: Pool<Counted<Outbox>> = Pool::new();
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -244,26 +238,24 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 
 impl Outbox {
     /// A queue writing to `sink`, holding at most `max_messages` items and about `max_bytes`.
-    pub fn new(sink: Box<dyn Sink>, max_messages: usize, max_bytes: usize) -> Arc<Outbox> {
-        let hot = Hot {
+    pub fn new(sink: Box<dyn Sink>, max_messages: usize, max_bytes: usize) -> Shared<Outbox> {
+        let outbox = Outbox {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(State::default()),
             space: Condvar::new(),
             closed: AtomicBool::new(false),
             framing: sink.framing(),
             fd: sink.fd(),
-        };
-        Arc::new(Outbox {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            sink,
             max_messages: max_messages.max(1),
             max_bytes: max_bytes.max(1),
             touched_in: AtomicU64::new(0),
-            hot: Packed::new(&HOT, hot),
-        })
+            sink,
+        };
+        Shared::new(&OUTBOXES, outbox)
     }
 
     /// An outbox that drops what it is given (a session without a client socket).
-    pub fn discard() -> Arc<Outbox> {
+    pub fn discard() -> Shared<Outbox> {
         Outbox::new(Box::new(Discard), 1, 1)
     }
 
@@ -274,12 +266,12 @@ impl Outbox {
 
     /// How this outbox's transport frames messages.
     pub fn framing(&self) -> Framing {
-        self.hot.framing
+        self.framing
     }
 
     /// True once the session is closing; nothing more is delivered.
     pub fn is_closed(&self) -> bool {
-        self.hot.closed.load(Ordering::Acquire)
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Closes the queue and shuts the transport down. Idempotent.
@@ -296,33 +288,35 @@ impl Outbox {
     }
 
     fn mark_closed(&self) -> bool {
-        if self.hot.closed.swap(true, Ordering::AcqRel) {
+        if self.closed.swap(true, Ordering::AcqRel) {
             return false;
         }
-        let mut s = lock(&self.hot.state);
+        let mut s = lock(&self.state);
         s.queue.clear();
         s.bytes = 0;
-        self.hot.space.notify_all();
+        self.space.notify_all();
         true
     }
+}
 
+impl Shared<Outbox> {
     /// Queues reply bytes (already framed, and acknowledged: they go out as soon as everything
     /// queued before them has) and writes what it can. While the queue is over its byte budget
     /// the caller waits for the client to read: back-pressure on the session's own client.
     /// False when the session is closed.
-    pub fn reply(self: &Arc<Self>, bytes: Vec<u8>) -> bool {
+    pub fn reply(&self, bytes: Vec<u8>) -> bool {
         self.queue(bytes, 0) && self.wait_for_room()
     }
 
     /// Queues reply bytes to send once log record `lsn` may be shown (0: at once), remembering
     /// this outbox in the calling thread's [`take_touched`] list when it must wait. Does not
     /// wait for room (see [`Outbox::wait_for_room`]). False when the session is closed.
-    pub fn queue(self: &Arc<Self>, bytes: Vec<u8>, lsn: u64) -> bool {
+    pub fn queue(&self, bytes: Vec<u8>, lsn: u64) -> bool {
         if bytes.is_empty() {
             return !self.is_closed();
         }
         {
-            let mut s = lock(&self.hot.state);
+            let mut s = lock(&self.state);
             if self.is_closed() {
                 return false;
             }
@@ -343,10 +337,10 @@ impl Outbox {
     /// Waits while the queue is over its byte budget (the client is not reading). False when
     /// the session closed meanwhile.
     pub fn wait_for_room(&self) -> bool {
-        let mut s = lock(&self.hot.state);
+        let mut s = lock(&self.state);
         while s.bytes > self.max_bytes && !self.is_closed() {
             s.waiting += 1;
-            s = self.hot.space.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = self.space.wait(s).unwrap_or_else(|e| e.into_inner());
             s.waiting -= 1;
         }
         !self.is_closed()
@@ -356,13 +350,13 @@ impl Outbox {
     /// waiting, and remembers this outbox in the calling thread's [`take_touched`] list. A queue
     /// over its limits disconnects the session; false when the session is gone, so the caller
     /// can forget it.
-    pub fn notify(self: &Arc<Self>, push: &Arc<Push>, lsn: u64) -> bool {
+    pub fn notify(&self, push: &Arc<Push>, lsn: u64) -> bool {
         if self.is_closed() {
             return false;
         }
-        let size = push.encoded(self.hot.framing).len();
+        let size = push.encoded(self.framing).len();
         {
-            let mut s = lock(&self.hot.state);
+            let mut s = lock(&self.state);
             if self.is_closed() {
                 return false;
             }
@@ -392,33 +386,28 @@ impl Outbox {
     }
 
     /// Everything logged up to `lsn` is durable and committed: sends what that unblocks.
-    pub fn release(self: &Arc<Self>, lsn: u64) {
-        Outbox::release_hot(self, &self.hot, lsn);
-    }
-
-    /// [`Outbox::release`] given `outbox`'s hot part, which is all a release usually reads.
-    fn release_hot(outbox: &Arc<Outbox>, hot: &Hot, lsn: u64) {
-        let mut s = lock(&hot.state);
+    pub fn release(&self, lsn: u64) {
+        let mut s = lock(&self.state);
         if lsn > s.released {
             s.released = lsn;
         }
-        Outbox::pump_locked(outbox, hot, s);
+        self.pump_locked(s);
     }
 
     /// The transport can take more bytes (after [`Sink::stalled`]): writes what is queued.
-    pub fn resume(self: &Arc<Self>) {
-        lock(&self.hot.state).stalled = false;
+    pub fn resume(&self) {
+        lock(&self.state).stalled = false;
         self.pump();
     }
 
     /// True while queued bytes wait for the transport to drain.
     pub fn is_stalled(&self) -> bool {
-        lock(&self.hot.state).stalled
+        lock(&self.state).stalled
     }
 
     /// How long queued bytes have waited for the client to read anything (zero if nothing waits).
     pub fn stalled_for(&self) -> Duration {
-        let s = lock(&self.hot.state);
+        let s = lock(&self.state);
         match s.progress {
             Some(t) if s.stalled => t.elapsed(),
             _ => Duration::ZERO,
@@ -428,7 +417,7 @@ impl Outbox {
     /// Waits up to `timeout` until nothing is queued or being written; true if so.
     pub fn drain(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut s = lock(&self.hot.state);
+        let mut s = lock(&self.state);
         while (!s.queue.is_empty() || s.writing) && !self.is_closed() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -436,7 +425,6 @@ impl Outbox {
             }
             s.waiting += 1;
             s = self
-                .hot
                 .space
                 .wait_timeout(s, left)
                 .unwrap_or_else(|e| e.into_inner())
@@ -450,7 +438,7 @@ impl Outbox {
     /// released: that change could not be confirmed, so it must not be shown.
     fn abandon(&self) {
         let holding = {
-            let s = lock(&self.hot.state);
+            let s = lock(&self.state);
             let holding = s.queue.iter().any(|i| i.lsn > s.released);
             holding
         };
@@ -466,24 +454,23 @@ impl Outbox {
     /// Writes the sendable head of the queue until the queue is empty, the head waits for its
     /// log record, or the socket is full. Only one thread writes at a time; the others return
     /// at once, since the writer goes on until nothing sendable is left.
-    fn pump(self: &Arc<Self>) {
-        Outbox::pump_locked(self, &self.hot, lock(&self.hot.state));
+    fn pump(&self) {
+        self.pump_locked(lock(&self.state));
     }
 
     /// Writes to the socket itself when there is one, else through the sink.
-    fn send(outbox: &Outbox, hot: &Hot, parts: &[IoSlice<'_>]) -> io::Result<usize> {
-        match hot.fd {
+    fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.fd {
             Some(fd) => os::send_now(fd, parts),
-            None => outbox.sink.try_send(parts),
+            None => self.sink.try_send(parts),
         }
     }
 
-    /// The pump proper. It reads `outbox` (not `hot`) only when the socket is full or failed.
-    fn pump_locked<'a>(outbox: &Arc<Outbox>, hot: &'a Hot, mut s: MutexGuard<'a, State>) {
+    fn pump_locked<'a>(&'a self, mut s: MutexGuard<'a, State>) {
         // Most pumps send one item: no allocation for them.
         let mut batch: SmallBatch = SmallBatch::default();
         loop {
-            if s.writing || s.stalled || hot.closed.load(Ordering::Acquire) {
+            if s.writing || s.stalled || self.closed.load(Ordering::Acquire) {
                 return;
             }
             let released = s.released;
@@ -492,7 +479,7 @@ impl Outbox {
                 if front.lsn > released || batch.len() >= MAX_PARTS || size >= MAX_WRITE {
                     break;
                 }
-                size += front.remaining(hot.framing).len();
+                size += front.remaining(self.framing).len();
                 if let Some(item) = s.queue.pop_front() {
                     batch.push(item);
                 }
@@ -503,35 +490,33 @@ impl Outbox {
             s.writing = true;
             drop(s);
             let result = if let SmallBatch::One(item) = &batch {
-                Outbox::send(outbox, hot, &[IoSlice::new(item.remaining(hot.framing))])
+                self.send(&[IoSlice::new(item.remaining(self.framing))])
             } else {
                 let mut parts = [IoSlice::new(&[]); MAX_PARTS];
                 for (part, item) in parts.iter_mut().zip(batch.iter()) {
-                    *part = IoSlice::new(item.remaining(hot.framing));
+                    *part = IoSlice::new(item.remaining(self.framing));
                 }
-                Outbox::send(outbox, hot, &parts[..batch.len()])
+                self.send(&parts[..batch.len()])
             };
-            s = lock(&hot.state);
+            s = lock(&self.state);
             s.writing = false;
             let mut written = match result {
                 Ok(n) => n,
                 Err(e) => {
                     drop(s);
-                    log::debug!("session {}: write failed: {e}", outbox.id);
-                    outbox.close();
+                    log::debug!("session {}: write failed: {e}", self.id);
+                    self.close();
                     return;
                 }
             };
             s.bytes = s.bytes.saturating_sub(written);
-            if written > 0 || s.progress.is_none() {
-                s.progress = Some(Instant::now());
-            }
+            let took = written > 0;
             if s.waiting > 0 {
-                hot.space.notify_all();
+                self.space.notify_all();
             }
             let mut unsent: SmallBatch = SmallBatch::default();
             batch.take_each(|mut item| {
-                let len = item.remaining(hot.framing).len();
+                let len = item.remaining(self.framing).len();
                 if written >= len {
                     written -= len;
                 } else {
@@ -541,15 +526,20 @@ impl Outbox {
                 }
             });
             if unsent.is_empty() {
+                s.progress = None;
                 continue;
             }
-            if hot.closed.load(Ordering::Acquire) {
+            if self.closed.load(Ordering::Acquire) {
                 return;
+            }
+            // The clock is read only when the socket is full, not on every write.
+            if took || s.progress.is_none() {
+                s.progress = Some(Instant::now());
             }
             unsent.take_each_rev(|item| s.queue.push_front(item));
             s.stalled = true;
             drop(s);
-            outbox.sink.stalled(outbox);
+            self.sink.stalled(self);
             return;
         }
     }
@@ -618,47 +608,17 @@ impl SmallBatch {
 /// How many outboxes ahead a fan-out asks the CPU to load.
 const PREFETCH_AHEAD: usize = 4;
 
-/// Hints the CPU to load the cache line at `p` (a no-op elsewhere than x86-64).
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults and has no effect on memory; any address is allowed.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// Hints the CPU to load every cache line of the value at `p`.
-#[inline(always)]
-fn prefetch_all<T>(p: *const T) {
-    const LINE: usize = 64;
-    let start = p as usize;
-    let end = start + std::mem::size_of::<T>();
-    let mut line = start & !(LINE - 1);
-    while line < end {
-        prefetch(line as *const u8);
-        line += LINE;
-    }
-}
-
 /// Outboxes this thread queued pushes into since it last called [`take_touched`], and the
 /// highest LSN among those pushes. The thread that made the changes must wait until that LSN
 /// is durable and committed, then [`Touched::release`] them (or [`Touched::abandon`] them if
 /// that failed): nobody else knows when they may be shown.
 #[derive(Debug, Default)]
 pub struct Touched {
-    /// Each outbox with the address of its hot part, so a release need not read the outbox.
-    outboxes: Vec<(Arc<Outbox>, *const Hot)>,
+    outboxes: Vec<Shared<Outbox>>,
     lsn: u64,
     /// Identifies this list; an outbox remembers the last round that listed it.
     round: u64,
 }
-
-// SAFETY: the pointers are to the hot parts of outboxes the list itself keeps alive (and
-// `Hot` is `Sync`), so the list may move to the thread that learns of the commit.
-unsafe impl Send for Touched {}
 
 static NEXT_ROUND: AtomicU64 = AtomicU64::new(1);
 
@@ -673,14 +633,14 @@ thread_local! {
     static TOUCHED: RefCell<Touched> = RefCell::new(new_round());
 }
 
-fn touch(outbox: &Arc<Outbox>, lsn: u64) {
+fn touch(outbox: &Shared<Outbox>, lsn: u64) {
     TOUCHED.with(|t| {
         let mut t = t.borrow_mut();
         t.lsn = t.lsn.max(lsn);
         // Listed once per round however many changes it gets (another thread listing it in
         // between only costs a repeated, harmless release).
         if outbox.touched_in.swap(t.round, Ordering::Relaxed) != t.round {
-            t.outboxes.push((Arc::clone(outbox), outbox.hot.as_ptr()));
+            t.outboxes.push(outbox.clone());
         }
     });
 }
@@ -703,38 +663,28 @@ impl Touched {
 
     /// Everything up to [`Touched::lsn`] is durable and committed: sends the pushes.
     pub fn release(self) {
-        for (i, (outbox, hot)) in self.outboxes.iter().enumerate() {
-            // A large fan-out walks thousands of outboxes, one socket write apart: ask for
-            // the hot parts ahead early. Their outboxes are let go after the loop, in a pass
-            // with no system call between them.
-            if let Some((_, ahead)) = self.outboxes.get(i + PREFETCH_AHEAD) {
-                prefetch_all(*ahead);
+        for (i, outbox) in self.outboxes.iter().enumerate() {
+            // A large fan-out walks thousands of outboxes, one socket write apart: ask for the
+            // ones ahead early.
+            if let Some(ahead) = self.outboxes.get(i + PREFETCH_AHEAD) {
+                ahead.prefetch();
             }
-            // SAFETY: `hot` is the hot part of `outbox`, which this list keeps alive.
-            Outbox::release_hot(outbox, unsafe { &**hot }, self.lsn);
-        }
-        let mut outboxes = self.outboxes.into_iter();
-        while let Some((outbox, _)) = outboxes.next() {
-            if let Some((ahead, _)) = outboxes.as_slice().get(PREFETCH_AHEAD) {
-                // The counts sit just before the value, usually on the same line.
-                prefetch(Arc::as_ptr(ahead).cast::<u8>().wrapping_sub(16));
-            }
-            drop(outbox);
+            outbox.release(self.lsn);
         }
     }
 
     /// Sends `first`'s pushes before the others' (the session that made the change gets its
     /// own pushes, then its reply, before the fan-out to everyone else). Same contract as
     /// [`Touched::release`].
-    pub fn release_first(&self, first: &Arc<Outbox>) {
-        if self.outboxes.iter().any(|(o, _)| Arc::ptr_eq(o, first)) {
+    pub fn release_first(&self, first: &Shared<Outbox>) {
+        if self.outboxes.iter().any(|o| Shared::ptr_eq(o, first)) {
             first.release(self.lsn);
         }
     }
 
     /// The changes could not be confirmed: disconnects every session still waiting for one.
     pub fn abandon(self) {
-        for (outbox, _) in &self.outboxes {
+        for outbox in &self.outboxes {
             outbox.abandon();
         }
     }
@@ -748,7 +698,7 @@ pub struct Collect {
 
 impl Collect {
     /// An outbox writing into a new collector, with the given limits.
-    pub fn outbox(max_messages: usize, max_bytes: usize) -> (Arc<Outbox>, Arc<Collect>) {
+    pub fn outbox(max_messages: usize, max_bytes: usize) -> (Shared<Outbox>, Arc<Collect>) {
         let collect = Arc::new(Collect::default());
         let sink = CollectSink(Arc::clone(&collect));
         (
@@ -784,7 +734,7 @@ impl Sink for CollectSink {
         Ok(n)
     }
 
-    fn stalled(&self, _outbox: &Arc<Outbox>) {}
+    fn stalled(&self, _outbox: &Shared<Outbox>) {}
 
     fn close(&self) {}
 }
@@ -818,7 +768,7 @@ mod tests {
             }
             Ok(n)
         }
-        fn stalled(&self, _outbox: &Arc<Outbox>) {
+        fn stalled(&self, _outbox: &Shared<Outbox>) {
             self.stalls.fetch_add(1, Ordering::Relaxed);
         }
         fn close(&self) {}

@@ -338,7 +338,7 @@ fn hand_off(
 ) -> bool {
     let mut outcomes = std::mem::take(outcomes);
     let touched = outbox::take_touched();
-    let outbox = Arc::clone(&session.outbox);
+    let outbox = session.outbox.clone();
     let node = Arc::downgrade(session.node());
     let handoff = session.hand_off();
     let started = Instant::now();

@@ -11,6 +11,7 @@ use crate::db::outbox::{self, Outbox};
 use crate::db::security::Permissions;
 use crate::db::Database;
 use crate::node::Node;
+use crate::packed::Shared;
 
 /// Per-connection (or per-HTTP-request) state.
 #[derive(Debug)]
@@ -19,7 +20,7 @@ pub struct Session<'n> {
     /// shared reference count.
     node: &'n Arc<Node>,
     /// Where replies and notifications go.
-    pub outbox: Arc<Outbox>,
+    pub outbox: Shared<Outbox>,
     /// True after a successful admin `auth`.
     pub admin: bool,
     /// The selected database.
@@ -67,7 +68,7 @@ pub(super) struct CachedPermissions {
 
 impl<'n> Session<'n> {
     /// A fresh, unauthenticated session writing to `outbox`.
-    pub fn new(node: &'n Arc<Node>, outbox: Arc<Outbox>) -> Session<'n> {
+    pub fn new(node: &'n Arc<Node>, outbox: Shared<Outbox>) -> Session<'n> {
         node.sessions.fetch_add(1, Ordering::Relaxed);
         Session {
             node,

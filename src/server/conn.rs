@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::flusher::Flusher;
 use crate::db::outbox::{Outbox, Sink};
 use crate::os::{self, Trimmer};
+use crate::packed::Shared;
 use crate::protocol::Framing;
 
 /// A session that receives nothing for this long is idle: it gives its memory back.
@@ -56,7 +57,7 @@ impl Sink for SocketSink {
         os::send_now(self.fd, parts)
     }
 
-    fn stalled(&self, outbox: &Arc<Outbox>) {
+    fn stalled(&self, outbox: &Shared<Outbox>) {
         self.flusher.add(outbox, self.fd);
     }
 

@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+
+use crate::packed::Shared;
 use std::time::Duration;
 
 use crate::db::outbox::Outbox;
@@ -12,7 +14,7 @@ use crate::os::{self, EventFd};
 
 /// Waits for stalled sockets on behalf of their sessions.
 pub struct Flusher {
-    added: Mutex<Vec<(Weak<Outbox>, i32)>>,
+    added: Mutex<Vec<(Shared<Outbox>, i32)>>,
     wake: EventFd,
     write_timeout: Duration,
 }
@@ -31,17 +33,17 @@ impl Flusher {
     }
 
     /// Waits for socket `fd` to drain, then resumes `outbox`.
-    pub fn add(&self, outbox: &Arc<Outbox>, fd: i32) {
+    pub fn add(&self, outbox: &Shared<Outbox>, fd: i32) {
         self.added
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((Arc::downgrade(outbox), fd));
+            .push((outbox.clone(), fd));
         self.wake.wake();
     }
 }
 
 fn run(flusher: &Weak<Flusher>) {
-    let mut waiting: HashMap<usize, (Weak<Outbox>, i32)> = HashMap::new();
+    let mut waiting: HashMap<usize, (Shared<Outbox>, i32)> = HashMap::new();
     let mut fds: Vec<os::PollFd> = Vec::new();
     let mut keys: Vec<usize> = Vec::new();
     loop {
@@ -52,10 +54,9 @@ fn run(flusher: &Weak<Flusher>) {
         fds.clear();
         keys.clear();
         fds.push(os::poll_fd(f.wake.fd(), false));
-        waiting.retain(|key, (outbox, fd)| {
-            let Some(o) = outbox.upgrade() else {
-                return false;
-            };
+        // A closed session's outbox is let go here (holding it keeps its socket's descriptor
+        // from being reused meanwhile).
+        waiting.retain(|key, (o, fd)| {
             if o.is_closed() || !o.is_stalled() {
                 return false;
             }
@@ -93,7 +94,7 @@ fn run(flusher: &Weak<Flusher>) {
             if !os::poll_ready(p) {
                 continue;
             }
-            if let Some(o) = waiting.remove(key).and_then(|(w, _)| w.upgrade()) {
+            if let Some((o, _)) = waiting.remove(key) {
                 // Still full: the outbox calls `add` again and comes back.
                 o.resume();
             }
