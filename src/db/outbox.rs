@@ -855,6 +855,35 @@ mod tests {
     }
 
     #[test]
+    fn a_stall_is_timed_from_its_own_start() {
+        let tight = Arc::new(Tight {
+            taken: Mutex::new(Vec::new()),
+            capacity: 10,
+            stalls: AtomicU64::new(0),
+        });
+        let outbox = Outbox::new(Box::new(Arc::clone(&tight)), 100, 1 << 20);
+        assert_eq!(outbox.stalled_for(), Duration::ZERO);
+        // 12 bytes into room for 10: stalled, and the clock runs while the client reads nothing.
+        outbox.notify(&push("changed k 0"), 0);
+        take_touched().release();
+        assert!(outbox.is_stalled());
+        let pause = Duration::from_millis(200);
+        std::thread::sleep(pause);
+        assert!(outbox.stalled_for() >= pause);
+        // The client reads: the rest goes out and nothing is stalled any more.
+        tight.taken.lock().unwrap().clear();
+        outbox.resume();
+        assert!(!outbox.is_stalled());
+        assert_eq!(outbox.stalled_for(), Duration::ZERO);
+        // A later stall in which the socket takes nothing starts its own clock.
+        tight.taken.lock().unwrap().resize(10, b'.');
+        outbox.notify(&push("changed k 1"), 0);
+        take_touched().release();
+        assert!(outbox.is_stalled());
+        assert!(outbox.stalled_for() < pause, "{:?}", outbox.stalled_for());
+    }
+
+    #[test]
     fn shared_pushes_are_encoded_once_per_framing() {
         let p = push("changed a 1");
         assert_eq!(p.encoded(Framing::Lines), b"changed a 1\n");

@@ -236,4 +236,45 @@ mod tests {
         conn.consume(5);
         assert!(!conn.fill(1).unwrap(), "end of stream");
     }
+
+    #[test]
+    fn a_full_socket_resumes_when_its_client_reads_and_is_cut_off_when_it_does_not() {
+        let flusher = Flusher::start(Duration::from_millis(500)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let outbox = || {
+            let client = TcpStream::connect(addr).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            let sink = SocketSink::new(&Arc::new(server), Framing::Lines, &flusher);
+            (client, Outbox::new(Box::new(sink), 1, 1 << 30))
+        };
+        let (mut reading, reading_outbox) = outbox();
+        let (silent, silent_outbox) = outbox();
+        // 16 MiB each, far more than the sockets' buffers hold.
+        let mut line = vec![b'x'; 1023];
+        line.push(b'\n');
+        let lines = 16 * 1024;
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            reading.read_to_end(&mut got).unwrap();
+            got
+        });
+        for _ in 0..lines {
+            assert!(reading_outbox.queue(line.clone(), 0));
+            assert!(silent_outbox.queue(line.clone(), 0));
+        }
+        // The silent client is cut off once it has read nothing for the write timeout.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !silent_outbox.is_closed() {
+            assert!(std::time::Instant::now() < deadline, "never cut off");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The reading one got every line, in order, once the flusher resumed it.
+        assert!(reading_outbox.drain(Duration::from_secs(20)));
+        reading_outbox.close();
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), lines * line.len());
+        assert!(got.chunks(line.len()).all(|c| c == line.as_slice()));
+        drop(silent);
+    }
 }
