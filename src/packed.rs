@@ -1,8 +1,8 @@
-//! Shared values (like `Arc`) that share pages with the other values of their [`Pool`]. A watch fan-out
-//! visits the outbox of every watcher, one socket write between visits; each write leaves the
-//! next outbox's page cold, and on the bench machine a cold page costs about as much as a
-//! tenth of the write itself. Allocated by the general allocator, every outbox sits on a page
-//! of its own, among its session's buffers; packed here, a few dozen share one.
+//! Shared values (like `Arc`) that share pages with the other values of their [`Pool`]. A
+//! watch fan-out visits the outbox of every watcher, one socket write between visits; each
+//! write leaves the next outbox's page cold, and on the bench machine a cold page costs about
+//! as much as a tenth of the write itself. Allocated by the general allocator, every outbox
+//! sits on a page of its own, among its session's buffers; packed here, a few dozen share one.
 
 use std::alloc::{self, Layout};
 use std::marker::PhantomData;
@@ -21,24 +21,20 @@ struct Chunk<T> {
 }
 
 // SAFETY: a chunk only hands out its slots' addresses; the values in them are reached through
-// `Packed<T>`, whose own Send/Sync bounds apply.
+// `Shared<T>`, whose own Send/Sync bounds apply.
 unsafe impl<T: Send> Send for Chunk<T> {}
 
 impl<T> Chunk<T> {
-    fn layout() -> Layout {
-        // A zero-sized T still gets distinct one-byte slots.
-        Layout::array::<T>(SLOTS)
-            .and_then(|l| l.align_to(64))
-            .unwrap_or(Layout::new::<u8>())
-            .pad_to_align()
+    /// The layout of a chunk's slots; None if it would overflow or be empty.
+    fn layout() -> Option<Layout> {
+        let layout = Layout::array::<T>(SLOTS).ok()?.align_to(64).ok()?;
+        (layout.size() > 0).then(|| layout.pad_to_align())
     }
 
+    /// A chunk with every slot free; None if the allocator has no memory for it.
     fn new() -> Option<Chunk<T>> {
-        let layout = Chunk::<T>::layout();
-        if layout.size() == 0 {
-            return None;
-        }
-        // SAFETY: the layout has a non-zero size (checked above).
+        let layout = Chunk::<T>::layout()?;
+        // SAFETY: the layout has a non-zero size.
         let slots = NonNull::new(unsafe { alloc::alloc(layout) }.cast::<T>())?;
         Some(Chunk {
             slots,
@@ -49,19 +45,22 @@ impl<T> Chunk<T> {
     fn contains(&self, slot: NonNull<T>) -> bool {
         let start = self.slots.as_ptr() as usize;
         let at = slot.as_ptr() as usize;
-        at >= start && at < start + SLOTS * std::mem::size_of::<T>().max(1)
+        at >= start && at < start + SLOTS * std::mem::size_of::<T>()
     }
 }
 
 impl<T> Drop for Chunk<T> {
     fn drop(&mut self) {
-        // SAFETY: `slots` came from `alloc` with this layout; the pool drops a chunk only once
-        // every slot is free again, so no value lives in it.
-        unsafe { alloc::dealloc(self.slots.as_ptr().cast::<u8>(), Chunk::<T>::layout()) };
+        // A chunk exists only if its layout did.
+        if let Some(layout) = Chunk::<T>::layout() {
+            // SAFETY: `slots` came from `alloc` with this layout; the pool drops a chunk only
+            // once every slot is free again, so no value lives in it.
+            unsafe { alloc::dealloc(self.slots.as_ptr().cast::<u8>(), layout) };
+        }
     }
 }
 
-/// Where [`Packed`] values of one type live: chunks of slots, each freed once it is empty.
+/// Where [`Shared`] values of one type live: chunks of slots, each freed once it is empty.
 pub struct Pool<T> {
     chunks: Mutex<Vec<Chunk<T>>>,
     _values: PhantomData<T>,
@@ -109,8 +108,8 @@ impl<T> Pool<T> {
         let mut chunks = self.lock();
         if let Some(at) = chunks.iter().position(|c| c.contains(slot)) {
             let chunk = &mut chunks[at];
-            let i = (slot.as_ptr() as usize - chunk.slots.as_ptr() as usize)
-                / std::mem::size_of::<T>().max(1);
+            let i =
+                (slot.as_ptr() as usize - chunk.slots.as_ptr() as usize) / std::mem::size_of::<T>();
             chunk.free.push(i);
             if chunk.free.len() == SLOTS {
                 chunks.swap_remove(at);
@@ -148,7 +147,8 @@ impl<T> Shared<T> {
     /// Moves `value` into a slot of `pool`, with one reference: this one.
     pub fn new(pool: &'static Pool<Counted<T>>, value: T) -> Shared<T> {
         let Some(slot) = pool.take() else {
-            alloc::handle_alloc_error(Chunk::<Counted<T>>::layout());
+            // As Box and Arc do when the allocator fails.
+            alloc::handle_alloc_error(Layout::new::<Counted<T>>());
         };
         let counted = Counted {
             refs: AtomicUsize::new(1),

@@ -3,7 +3,7 @@
 //! the queue straight to the socket without blocking (no writer thread per session). A push
 //! waits in the queue until its log record is durable and committed: the thread that made the
 //! change releases it once it knows (see [`take_touched`]). When the socket is full the rest
-//! waits for the transport's [`Sink::stalled`] hook to call [`Outbox::resume`]; a watcher whose
+//! waits for the transport's [`Sink::stalled`] hook to call [`Shared::resume`]; a watcher whose
 //! queue outgrows its limits is disconnected rather than waited for.
 //!
 //! A push is encoded once per framing and shared by every watcher ([`Push`]), so fanning a
@@ -310,7 +310,7 @@ impl Shared<Outbox> {
 
     /// Queues reply bytes to send once log record `lsn` may be shown (0: at once), remembering
     /// this outbox in the calling thread's [`take_touched`] list when it must wait. Does not
-    /// wait for room (see [`Outbox::wait_for_room`]). False when the session is closed.
+    /// wait for room (see [`Shared::wait_for_room`]). False when the session is closed.
     pub fn queue(&self, bytes: Vec<u8>, lsn: u64) -> bool {
         if bytes.is_empty() {
             return !self.is_closed();
