@@ -336,11 +336,49 @@ impl Database {
         if is_floor_key(key) {
             return Err(WriteError::Reserved);
         }
-        let existing = data.get(key);
-        let live = existing.filter(|e| !e.deleted);
-        let floor = existing
-            .or_else(|| data.get(floor_key(key)))
-            .map(|e| e.version);
+        // An existing key is found once and replaced in place (the map is searched once per
+        // write, not twice), unless the write removes a conflict record, which leaves the map.
+        if let Some(slot) = data.get_mut(key) {
+            let live = (!slot.deleted).then_some(&*slot);
+            let Some(entry) = self.next_entry(op, live, Some(slot.version))? else {
+                return Ok(Written {
+                    version: slot.version,
+                    lsn: 0,
+                });
+            };
+            let lsn = self.log_entry(key, &entry)?;
+            let version = entry.version;
+            if !self.announce(key, &entry, lsn) || !entry.deleted {
+                let now_live = !entry.deleted;
+                let was_live = !std::mem::replace(slot, entry).deleted;
+                self.count_live(was_live, now_live);
+            } else if data.remove(key).is_some_and(|e| !e.deleted) {
+                self.count_live(true, false);
+            }
+            return Ok(Written { version, lsn });
+        }
+        let floor = data.get(floor_key(key)).map(|e| e.version);
+        let Some(entry) = self.next_entry(op, None, floor)? else {
+            return Ok(Written {
+                version: floor.unwrap_or(-1),
+                lsn: 0,
+            });
+        };
+        let lsn = self.log_entry(key, &entry)?;
+        let version = entry.version;
+        self.store(data, key, entry, lsn);
+        Ok(Written { version, lsn })
+    }
+
+    /// The entry `op` makes of the key's current `live` entry, the key's last version being
+    /// `floor` (its own, or its floor's when absent). None: nothing to write (removing an
+    /// absent key).
+    fn next_entry(
+        &self,
+        op: WriteOp<'_>,
+        live: Option<&Entry>,
+        floor: Option<i32>,
+    ) -> Result<Option<Entry>, WriteError> {
         let entry = match op {
             WriteOp::Set(value) => Entry::live(value, next_version(floor, -1)?),
             // -1 is plain `set`'s request version: the JS driver's `setValue` sends
@@ -370,15 +408,15 @@ impl Database {
             }
             WriteOp::Remove => match live {
                 Some(e) => Entry::removed(next_version(Some(e.version), -1)?),
-                None => {
-                    return Ok(Written {
-                        version: floor.unwrap_or(-1),
-                        lsn: 0,
-                    })
-                }
+                None => return Ok(None),
             },
         };
-        let lsn = match self.log.get() {
+        Ok(Some(entry))
+    }
+
+    /// Appends `entry` for `key` to the log (when there is one); its LSN, or 0 if not logged.
+    fn log_entry(&self, key: &str, entry: &Entry) -> Result<u64, WriteError> {
+        match self.log.get() {
             Some(log) if key != CONNECTIONS_KEY => {
                 let lsn = log
                     .append_new(RecordRef {
@@ -390,13 +428,10 @@ impl Database {
                     })
                     .map_err(|e| WriteError::Storage(e.to_string()))?;
                 self.last_lsn.store(lsn, Ordering::Release);
-                lsn
+                Ok(lsn)
             }
-            _ => 0,
-        };
-        let version = entry.version;
-        self.store(data, key, entry, lsn);
-        Ok(Written { version, lsn })
+            _ => Ok(0),
+        }
     }
 
     /// Applies a record that is already in the log (start-up replay, replication): stores the
@@ -428,18 +463,8 @@ impl Database {
     /// Inserts `entry` and queues its notification (sent once log record `lsn` is durable) to
     /// the key's watchers.
     fn store(&self, data: &mut BTreeMap<Box<str>, Entry>, key: &str, entry: Entry, lsn: u64) {
-        if key.starts_with("$$") && !is_floor_key(key) {
-            self.security_changed();
-        }
-        let conflict_record = key.starts_with(super::conflicts::CONFLICTS_PREFIX);
-        if conflict_record {
-            self.conflict_stored(key, &entry, lsn);
-        }
-        self.notify(key, &entry, lsn);
+        let conflict_record = self.announce(key, &entry, lsn);
         let now_live = !entry.deleted;
-        if entry.deleted && !conflict_record {
-            lock(&self.tombstones).push_back((Instant::now(), Box::from(key), entry.version));
-        }
         let was_live = if conflict_record && entry.deleted {
             // A conflict record key names a fresh opp_id and is never written again, so it
             // needs no floor either.
@@ -450,6 +475,29 @@ impl Database {
             data.insert(Box::from(key), entry);
             false
         };
+        self.count_live(was_live, now_live);
+    }
+
+    /// What storing `entry` under `key` sets off besides the map change: security and
+    /// conflict bookkeeping, the watchers' notification, the tombstone of a removal. True if
+    /// `key` is a conflict record.
+    fn announce(&self, key: &str, entry: &Entry, lsn: u64) -> bool {
+        if key.starts_with("$$") && !is_floor_key(key) {
+            self.security_changed();
+        }
+        let conflict_record = key.starts_with(super::conflicts::CONFLICTS_PREFIX);
+        if conflict_record {
+            self.conflict_stored(key, entry, lsn);
+        }
+        self.notify(key, entry, lsn);
+        if entry.deleted && !conflict_record {
+            lock(&self.tombstones).push_back((Instant::now(), Box::from(key), entry.version));
+        }
+        conflict_record
+    }
+
+    /// Keeps the live-key count as a key goes from `was_live` to `now_live`.
+    fn count_live(&self, was_live: bool, now_live: bool) {
         match (was_live, now_live) {
             (false, true) => self.live.fetch_add(1, Ordering::Relaxed),
             (true, false) => self.live.fetch_sub(1, Ordering::Relaxed),

@@ -201,7 +201,8 @@ impl Command {
     /// Parses one command line (no trailing newline). The error is the message after `error `.
     pub fn parse(line: &str) -> Result<Command, String> {
         let line = line.trim_end_matches(['\r', '\n']);
-        if line.contains(['\r', '\n']) {
+        // Two byte searches (memchr) rather than one char-by-char scan for either character.
+        if line.as_bytes().contains(&b'\n') || line.as_bytes().contains(&b'\r') {
             // A line break would let one command smuggle another into line-framed streams.
             return Err("Invalid command: line breaks are not allowed inside a command".into());
         }
