@@ -46,16 +46,17 @@ impl Replica {
 /// How long a blocking write to a secondary may take before the stream is dropped.
 const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn hex(bytes: &[u8]) -> String {
+/// Appends `bytes` to `out` as lowercase hex.
+fn hex_into(bytes: &[u8], out: &mut Vec<u8>) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
+    out.reserve(bytes.len() * 2);
     for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
     }
-    s
 }
 
+/// The bytes that lowercase hex `text` stands for; None if it is not such hex.
 fn unhex(text: &str) -> Option<Vec<u8>> {
     let b = text.as_bytes();
     if !b.len().is_multiple_of(2) {
@@ -66,16 +67,18 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         b'a'..=b'f' => Some(c - b'a' + 10),
         _ => None,
     };
-    b.chunks(2)
-        .map(|p| Some(val(p[0])? << 4 | val(p[1])?))
-        .collect()
+    let mut out = Vec::with_capacity(b.len() / 2);
+    for pair in b.chunks_exact(2) {
+        out.push(val(pair[0])? << 4 | val(pair[1])?);
+    }
+    Some(out)
 }
 
 fn record_line(r: &Record, out: &mut Vec<u8>) {
     let mut enc = Vec::with_capacity(r.encoded_len());
     r.encode(&mut enc);
     out.extend_from_slice(b"rec ");
-    out.extend_from_slice(hex(&enc).as_bytes());
+    hex_into(&enc, out);
     out.push(b'\n');
 }
 
