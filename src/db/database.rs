@@ -348,12 +348,13 @@ impl Database {
             };
             let lsn = self.log_entry(key, &entry)?;
             let version = entry.version;
-            if !self.announce(key, &entry, lsn) || !entry.deleted {
+            if entry.deleted && key.starts_with(super::conflicts::CONFLICTS_PREFIX) {
+                self.store(data, key, entry, lsn);
+            } else {
+                self.announce(key, &entry, lsn);
                 let now_live = !entry.deleted;
                 let was_live = !std::mem::replace(slot, entry).deleted;
                 self.count_live(was_live, now_live);
-            } else if data.remove(key).is_some_and(|e| !e.deleted) {
-                self.count_live(true, false);
             }
             return Ok(Written { version, lsn });
         }

@@ -774,6 +774,17 @@ mod tests {
         fn close(&self) {}
     }
 
+    /// An outbox writing to a socket with room for `capacity` bytes.
+    fn tight_outbox(capacity: usize) -> (Arc<Tight>, Shared<Outbox>) {
+        let tight = Arc::new(Tight {
+            taken: Mutex::new(Vec::new()),
+            capacity,
+            stalls: AtomicU64::new(0),
+        });
+        let outbox = Outbox::new(Box::new(Arc::clone(&tight)), 100, 1 << 20);
+        (tight, outbox)
+    }
+
     fn push(text: &str) -> Arc<Push> {
         Push::new(vec![format!("{text}\n")])
     }
@@ -830,12 +841,7 @@ mod tests {
 
     #[test]
     fn a_full_socket_keeps_the_rest_in_order_until_resumed() {
-        let tight = Arc::new(Tight {
-            taken: Mutex::new(Vec::new()),
-            capacity: 10,
-            stalls: AtomicU64::new(0),
-        });
-        let outbox = Outbox::new(Box::new(Arc::clone(&tight)), 100, 1 << 20);
+        let (tight, outbox) = tight_outbox(10);
         for i in 0..3 {
             outbox.notify(&push(&format!("changed k {i}")), 0);
         }
@@ -856,12 +862,7 @@ mod tests {
 
     #[test]
     fn a_stall_is_timed_from_its_own_start() {
-        let tight = Arc::new(Tight {
-            taken: Mutex::new(Vec::new()),
-            capacity: 10,
-            stalls: AtomicU64::new(0),
-        });
-        let outbox = Outbox::new(Box::new(Arc::clone(&tight)), 100, 1 << 20);
+        let (tight, outbox) = tight_outbox(10);
         assert_eq!(outbox.stalled_for(), Duration::ZERO);
         // 12 bytes into room for 10: stalled, and the clock runs while the client reads nothing.
         outbox.notify(&push("changed k 0"), 0);
