@@ -16,7 +16,7 @@ const ALPHA: f64 = 0.1;
 /// Hot paths time one call in this many per thread (the first one included).
 const SAMPLE_EVERY: u32 = 64;
 
-/// True for the calls a hot path should time: one in [`SAMPLE_EVERY`] on this thread, so a
+/// True for the calls a hot path should time: one in `SAMPLE_EVERY` on this thread, so a
 /// million gets a second do not all update one shared average.
 pub fn sample_due() -> bool {
     thread_local!(static CALLS: Cell<u32> = const { Cell::new(0) });
@@ -67,7 +67,7 @@ thread_local! {
     };
 }
 
-/// A set of counters kept in [`STRIPES`] copies on separate cache lines, so threads adding to
+/// A set of counters kept in `STRIPES` copies on separate cache lines, so threads adding to
 /// them at once do not fight over one line.
 #[derive(Debug)]
 pub struct Striped {

@@ -75,7 +75,7 @@ fn insert_loaded(data: &mut Entries, key: String, entry: Entry) -> bool {
 }
 
 /// A stored value. A removed key stays as a tombstone until the tombstone retention has passed,
-/// then leaves only a raised version floor (see [`FLOOR_PREFIX`]); the floors themselves are
+/// then leaves only a raised version floor (see `FLOOR_PREFIX`); the floors themselves are
 /// stored as removed entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

@@ -2,7 +2,7 @@
 //! idle worker over a std channel; when none is idle a new worker starts with the job. A worker
 //! serves one session at a time with blocking reads, then waits for the next; past a few spare
 //! workers it exits instead, so the threads (and their memory) of a burst of sessions go away
-//! with it. Spares exit too once no session came for [`SPARE_FOR`]: a thread that served a
+//! with it. Spares exit too once no session came for `SPARE_FOR`: a thread that served a
 //! session keeps freed heap chunks in its allocator cache (glibc's tcache), scattered over pages
 //! that the trim then cannot return; only the thread's exit hands them back. Exits ask the
 //! [`Trimmer`] to return freed heap pages to the kernel.
