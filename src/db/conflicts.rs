@@ -7,11 +7,12 @@
 //! ones to an arbiter that registers later. `resolve` writes the key and turns the record into
 //! `resolved <value>` under one lock, so a repeated answer changes nothing.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::database::{lock, read, write};
-use super::entries::Entries;
 use super::outbox::{Outbox, Push};
 use super::{Database, Entry, WriteError, WriteOp, Written};
 use crate::packed::Shared;
@@ -55,13 +56,13 @@ fn is_pending(entry: &Entry) -> bool {
 }
 
 /// Pending conflict records, oldest first, of `key` (or of every key when `None`).
-fn pending(data: &Entries, key: Option<&str>) -> Vec<(u64, String)> {
+fn pending(data: &BTreeMap<Box<str>, Entry>, key: Option<&str>) -> Vec<(u64, String)> {
     let prefix = match key {
         Some(k) => format!("{CONFLICTS_PREFIX}{k}_"),
         None => CONFLICTS_PREFIX.to_string(),
     };
     let mut found: Vec<(u64, String)> = data
-        .from(&prefix)
+        .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
         .take_while(|(k, _)| k.starts_with(&prefix))
         .filter(|(_, e)| is_pending(e))
         .filter_map(|(k, _)| {
@@ -205,10 +206,10 @@ impl Database {
             let mut seen = lock(&self.resolved_at);
             // Records loaded from disk or a full sync start their retention now.
             for (k, e) in data
-                .from(CONFLICTS_PREFIX)
+                .range::<str, _>((Bound::Included(CONFLICTS_PREFIX), Bound::Unbounded))
                 .take_while(|(k, _)| k.starts_with(CONFLICTS_PREFIX))
             {
-                if !e.deleted && !is_pending(e) && !seen.contains_key(k) {
+                if !e.deleted && !is_pending(e) && !seen.contains_key(&**k) {
                     seen.insert(k.to_string(), Instant::now());
                 }
             }

@@ -2,7 +2,6 @@
 
 pub mod conflicts;
 mod database;
-mod entries;
 pub mod outbox;
 pub mod pattern;
 pub mod security;
