@@ -757,6 +757,26 @@ mod tests {
     }
 
     #[test]
+    fn keys_and_snapshot_chunks_come_in_key_order_whatever_the_write_order() {
+        let db = Database::new("t", Strategy::None);
+        for k in ["k9", "a", "k10", "b", "k1", "zz"] {
+            db.write(k, WriteOp::Set("v")).unwrap();
+        }
+        db.write("b", WriteOp::Remove).unwrap();
+        db.write("a", WriteOp::Set("again")).unwrap();
+        assert_eq!(
+            db.keys(|_| true),
+            ["$connections", "a", "k1", "k10", "k9", "zz"]
+        );
+        let first = db.copy_chunk(None, 3);
+        let names = |c: &[(String, Entry)]| c.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        // The tombstone of `b` is stored (and snapshotted); `$connections` never is.
+        assert_eq!(names(&first), ["a", "b", "k1"]);
+        let rest = db.copy_chunk(Some("k1"), 10);
+        assert_eq!(names(&rest), ["k10", "k9", "zz"]);
+    }
+
+    #[test]
     fn newer_strategy_accepts_stale() {
         let db = Database::new("t", Strategy::Newer);
         db.write("a", WriteOp::Set("1")).unwrap();
