@@ -202,7 +202,7 @@ impl Node {
                 if durable && cluster.note_durable(lsn) {
                     shipper.wake();
                 }
-                if durable && cluster.commit() >= lsn {
+                if durable && cluster.is_visible(lsn) {
                     touched.release();
                 } else {
                     log::warn!("change {lsn} was not committed; disconnecting its watchers");
