@@ -112,13 +112,14 @@ impl Node {
 
     /// Waits until log record `lsn` is durable on this node (a primary's commit point may move).
     pub fn wait_local_durable(&self, lsn: u64) -> std::io::Result<()> {
+        self.ship_owed();
         let Some(s) = &self.storage else {
             return Ok(());
         };
         s.wait_durable(lsn)?;
         if let Some(c) = self.cluster() {
             if lsn > 0 && c.note_durable(lsn) {
-                s.log().wake();
+                c.ship(s.log());
             }
         }
         Ok(())
@@ -200,7 +201,7 @@ impl Node {
             lsn,
             Box::new(move |durable| {
                 if durable && cluster.note_durable(lsn) {
-                    shipper.wake();
+                    cluster.ship(&shipper);
                 }
                 if durable && cluster.is_visible(lsn) {
                     touched.release();
@@ -219,6 +220,16 @@ impl Node {
             storage: Arc::clone(self.storage.as_ref()?),
             dbs: Arc::clone(&self.dbs),
         })
+    }
+
+    /// Ships to the secondaries the records this thread appended under a
+    /// [`crate::storage::oplog::ShipLater`] scope (a session's batch), if any.
+    pub fn ship_owed(&self) {
+        if crate::storage::oplog::take_owed_shipping() {
+            if let (Some(c), Some(log)) = (self.cluster(), self.log()) {
+                c.ship(log);
+            }
+        }
     }
 
     /// The cluster, once started.

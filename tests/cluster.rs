@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, TestCluster, ADMIN, ADMIN_PWD};
+use common::{eventually, RawTcp, TestCluster, ADMIN, ADMIN_PWD};
 use nundb::client::Client;
 
 const LONG: Duration = Duration::from_secs(20);
@@ -624,4 +624,37 @@ fn cluster_clients_keep_writing_through_a_primary_kill() {
         String::from_utf8_lossy(&out.stdout),
         "Response \"valid auth;empty;value 0\"\n"
     );
+}
+
+/// A session ships its writes to the secondaries itself (the sender thread sleeps until its
+/// heartbeat, a quarter of the election timeout: 1 s here). A majority write and a read of
+/// it, pipelined in one batch, are answered with the new value without waiting for that
+/// heartbeat; if nothing shipped them, ten such batches would take about 5 s.
+#[test]
+fn pipelined_majority_writes_and_reads_do_not_wait_for_a_heartbeat() {
+    let c = TestCluster::start(
+        3,
+        &[
+            ("NUN_ELECTION_TIMEOUT", "4000"),
+            ("NUN_WRITE_QUORUM", "majority"),
+        ],
+    );
+    let p = c.primary().unwrap();
+    setup(&c, p);
+    let mut raw = RawTcp::connect(&c.tcp_addrs[p]);
+    assert_eq!(raw.cmd("use-db d t"), vec!["ok \n"]);
+    // The first write also waits for the secondaries' streams to be in place.
+    assert_eq!(raw.cmd("set warm 0"), vec!["ok \n"]);
+    let started = Instant::now();
+    for i in 1..=10 {
+        raw.send(format!("set k {i}\nget k\n").as_bytes());
+        assert_eq!(raw.until_envelope(), vec!["ok \n"]);
+        assert_eq!(
+            raw.until_envelope(),
+            vec![format!("value {i}\n"), "ok \n".to_string()]
+        );
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "ten batches took {took:?}");
+    assert!(converged(&c, "k", Some((9, "10"))));
 }

@@ -1,11 +1,13 @@
 //! Cluster state: members, this node's role and term, votes, and replication progress.
 //! `election.rs` changes roles, `replication.rs` moves log records from the primary to
-//! secondaries, `forward.rs` sends writes that reach a secondary to the primary.
+//! secondaries (`shipping.rs`: who writes a secondary's stream), `forward.rs` sends writes that
+//! reach a secondary to the primary.
 
 pub mod election;
 pub mod forward;
 pub mod membership;
 pub mod replication;
+pub mod shipping;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -86,6 +88,8 @@ pub struct Cluster {
     pub self_id: String,
     members: Mutex<Vec<String>>,
     state: Mutex<State>,
+    /// Signalled when the role, the primary, the members or an arbiter confirmation change (not
+    /// the commit point: writers wait on [`CommitWatch`]).
     changed: Condition,
     /// Admin credentials, also used between nodes.
     pub admin: (String, String),
@@ -122,6 +126,8 @@ pub struct Cluster {
     removed: AtomicBool,
     /// The primary's log end as last heard (secondaries, for `replication_lag`).
     primary_lsn: AtomicU64,
+    /// This primary's streams to its secondaries ([`Cluster::ship`]).
+    streams: shipping::Streams,
 }
 
 /// The member list file kept next to the term file.
@@ -296,6 +302,7 @@ impl Cluster {
             listed: AtomicBool::new(listed),
             removed: AtomicBool::new(false),
             primary_lsn: AtomicU64::new(0),
+            streams: shipping::Streams::default(),
         }
     }
 
@@ -570,8 +577,9 @@ impl Cluster {
             }
         };
         if candidate > s.commit && candidate >= s.term_start {
+            // Writers wait for the commit on the watch; `changed` is for role changes, and a
+            // thread woken on it per write costs a context switch per write.
             s.set_commit(candidate);
-            self.changed.notify_all();
             return true;
         }
         false
@@ -598,12 +606,27 @@ impl Cluster {
         lock(&self.state).commit
     }
 
+    /// The highest LSN known committed, read without the state lock.
+    pub fn committed(&self) -> u64 {
+        self.watch.committed.load(Ordering::Acquire)
+    }
+
+    /// The primary's streams to its secondaries.
+    pub fn streams(&self) -> &shipping::Streams {
+        &self.streams
+    }
+
+    /// Writes new records of `log` and the commit point to every secondary stream no other
+    /// thread is writing (see `shipping.rs`); never blocks.
+    pub fn ship(&self, log: &crate::storage::oplog::OpLog) {
+        self.streams.ship(log, self);
+    }
+
     /// A secondary learned from its primary that everything up to `lsn` is committed.
     pub fn set_commit(&self, lsn: u64) {
         let mut s = lock(&self.state);
         if lsn > s.commit {
             s.set_commit(lsn);
-            self.changed.notify_all();
         }
     }
 

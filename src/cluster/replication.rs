@@ -1,7 +1,8 @@
 //! Log shipping. A secondary's receiver thread connects to the primary's TCP port and sends
 //! `repl-sync <last_lsn> <last_term> <node>`; that session becomes a sender that streams every
 //! record after it (from memory, else from log files, else a full sync of all data), with
-//! heartbeats when idle. The receiver appends each record to its own log under the same LSN,
+//! heartbeats when idle. New records and commit points are usually written to the stream by the
+//! thread that made them (`shipping.rs`); the sender thread does the rest. The receiver appends each record to its own log under the same LSN,
 //! applies it (notifying local watchers) and acknowledges the LSN once durable.
 //!
 //! Receiving is not applying: a secondary applies records to memory (and so notifies its
@@ -14,10 +15,10 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::shipping::{Composed, Outgoing};
 use super::Cluster;
 use crate::db::{outbox, Databases, Entry};
 use crate::os::spawn_small;
@@ -74,7 +75,8 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn record_line(r: &Record, out: &mut Vec<u8>) {
+/// Appends the `rec <hex>` line of `r` to `out`.
+pub(super) fn record_line(r: &Record, out: &mut Vec<u8>) {
     let mut enc = Vec::with_capacity(r.encoded_len());
     r.encode(&mut enc);
     out.extend_from_slice(b"rec ");
@@ -82,7 +84,8 @@ fn record_line(r: &Record, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-fn parse_record(text: &str) -> Option<Record> {
+/// The record a `rec` line carries (the text after `rec `).
+pub(super) fn parse_record(text: &str) -> Option<Record> {
     match decode(&unhex(text)?) {
         Decoded::Record(r, _) => Some(r),
         _ => None,
@@ -121,15 +124,11 @@ pub fn serve_secondary(
         return;
     }
     log::info!("replicating to {peer} from LSN {after}");
-    let closed = Arc::new(AtomicBool::new(false));
-    // Highest LSN this stream has shown to be in the secondary's log (validated position or
-    // records sent): an ack beyond it would count a divergent tail as a copy of ours.
-    let shown = Arc::new(AtomicU64::new(0));
+    let outgoing = Arc::new(Outgoing::new(Arc::clone(&stream)));
     {
         let cluster = Arc::clone(cluster);
         let log = Arc::clone(log);
-        let closed = Arc::clone(&closed);
-        let shown = Arc::clone(&shown);
+        let outgoing = Arc::clone(&outgoing);
         let peer = peer.clone();
         let input = Arc::clone(&stream);
         let started = spawn_small(format!("acks-{peer}"), move || {
@@ -140,10 +139,12 @@ pub fn serve_secondary(
                     .strip_prefix("ack ")
                     .and_then(|n| n.trim().parse::<u64>().ok())
                 {
-                    let lsn = lsn.min(shown.load(Ordering::Acquire));
-                    if cluster.record_ack(&peer, lsn) {
-                        log.wake();
-                    }
+                    let lsn = lsn.min(outgoing.shown());
+                    outgoing.note_ack(lsn);
+                    // The commit point may have moved (its line goes to every stream), and
+                    // records held back for this acknowledgement go now.
+                    cluster.record_ack(&peer, lsn);
+                    cluster.ship(&log);
                 } else if let Some(report) = line.strip_prefix("arbiters ") {
                     let (generation, dbs) = report.split_once(' ').unwrap_or((report, "-"));
                     if let Ok(generation) = generation.parse() {
@@ -157,7 +158,7 @@ pub fn serve_secondary(
                     }
                 }
             }
-            closed.store(true, Ordering::Release);
+            outgoing.close();
             let _ = input.shutdown(Shutdown::Both);
         });
         if !started {
@@ -174,24 +175,23 @@ pub fn serve_secondary(
     if !consistent && full_sync(replica, &mut out, &mut after).is_err() {
         return;
     }
-    shown.store(after, Ordering::Release);
+    outgoing.show(after);
+    outgoing.lock().after = after;
+    // From here on, writes ship to this stream themselves; this thread sends heartbeats and
+    // arbiter confirmations, and takes over when they cannot finish (see shipping.rs).
+    let _listed = cluster.streams().list(&outgoing);
     let heartbeat = (cluster.timeout / 4).max(Duration::from_millis(10));
     let mut last_ping = Instant::now()
         .checked_sub(heartbeat)
         .unwrap_or_else(Instant::now);
     let mut buf = Vec::with_capacity(64 * 1024);
-    let mut sent_commit = 0;
-    while !closed.load(Ordering::Acquire) && cluster.is_primary() {
-        buf.clear();
-        // Read the wake count before the commit point, so a move after it is not missed.
+    while !outgoing.is_closed() && cluster.is_primary() {
+        // Read the wake count first, so a wake-up during this round is not missed.
         let wakes = log.wakes();
-        let commit = cluster.commit();
+        let mut s = outgoing.lock();
+        buf.clear();
         if let Some(generation) = cluster.take_arbiter_confirm(&peer) {
             buf.extend_from_slice(format!("arbiters-ok {generation}\n").as_bytes());
-        }
-        if commit > sent_commit {
-            sent_commit = commit;
-            buf.extend_from_slice(format!("commit {commit}\n").as_bytes());
         }
         if last_ping.elapsed() >= heartbeat {
             last_ping = Instant::now();
@@ -205,42 +205,44 @@ pub fn serve_secondary(
                 .as_bytes(),
             );
         }
-        if !buf.is_empty() && out.write_all(&buf).is_err() {
+        if !s.unsent.is_empty() && out.write_all(&std::mem::take(&mut s.unsent)).is_err() {
             break;
         }
-        buf.clear();
-        let wait = heartbeat.saturating_sub(last_ping.elapsed());
-        match log.records_after(after, 1024, wait, wakes) {
-            Tail::Records(records) => {
-                for r in &records {
-                    record_line(r, &mut buf);
-                    after = r.lsn;
-                }
-            }
-            Tail::TooOld => match log.read_from(after + 1) {
+        let composed = Outgoing::compose(&mut s, log, cluster, &mut buf);
+        if composed == Composed::TooOld {
+            match log.read_from(s.after + 1) {
                 Ok(Some(records)) => {
                     for r in &records {
                         record_line(r, &mut buf);
-                        after = r.lsn;
+                        s.after = r.lsn;
                     }
                 }
                 Ok(None) => {
-                    if full_sync(replica, &mut out, &mut after).is_err() {
+                    if !buf.is_empty() && out.write_all(&buf).is_err() {
+                        break;
+                    }
+                    buf.clear();
+                    if full_sync(replica, &mut out, &mut s.after).is_err() {
                         return;
                     }
-                    shown.store(after, Ordering::Release);
                 }
                 Err(e) => {
                     log::error!("replication to {peer}: {e}");
                     return;
                 }
-            },
+            }
         }
         // Published before the write: an ack for these records can only follow it.
-        shown.store(after, Ordering::Release);
+        outgoing.show(s.after);
         if !buf.is_empty() && out.write_all(&buf).is_err() {
             break;
         }
+        s.stalled = false;
+        drop(s);
+        if composed != Composed::CaughtUp || outgoing.is_pending() {
+            continue;
+        }
+        log.wait_for_wake(wakes, heartbeat.saturating_sub(last_ping.elapsed()));
     }
     let _ = out.shutdown(Shutdown::Both);
     log::info!("stopped replicating to {peer}");

@@ -67,6 +67,9 @@ fn run_forwarded(node: &Arc<Node>, db: &str, user: &str, line: &str) -> Outcome 
 
 /// Parses and executes one command line. On a secondary, writes go to the primary.
 pub fn execute_line(session: &mut Session, line: &str) -> Outcome {
+    // Records this command appends go to the secondaries when its batch is acknowledged (or
+    // when something waits for them), from this thread.
+    let _ship = crate::storage::oplog::ship_later();
     match Command::parse(line) {
         Ok(cmd) => {
             let node = session.node();
@@ -259,6 +262,7 @@ fn committed_read<T>(node: &Node, db: &Database, read: impl Fn() -> T) -> Result
             if node.acks_locally() {
                 return Ok(answer);
             }
+            node.ship_owed();
             cluster.wait_visible(lsn).map_err(Outcome::error)?;
         }
         if db.generation() == generation {
@@ -281,6 +285,7 @@ fn write_value(node: &Node, db: &Database, key: &str, op: WriteOp<'_>) -> Res {
 /// batch), turning their `ok` into the error if that fails (storage, or no quorum), then sends
 /// the pushes the batch's changes made. For replies that go nowhere but back to the caller.
 pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
+    node.ship_owed();
     make_durable(node, outcomes);
     node.deliver(outbox::take_touched());
 }
@@ -297,8 +302,10 @@ pub fn acknowledge_and_reply(
     outcomes: &mut Vec<Outcome>,
     encode: impl FnOnce(&[Outcome]) -> Vec<u8> + Send + 'static,
 ) -> bool {
-    session.await_handoff();
     let node = session.node();
+    // The secondaries get the batch's records before this thread writes its own log.
+    node.ship_owed();
+    session.await_handoff();
     let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
     if lsn > 0 && node.acks_locally() {
         let queued = session.outbox.queue(encode(outcomes), lsn);

@@ -4,6 +4,7 @@
 //! fsyncs in that flush (group commit), `everysec` leaves the fsync to a background tick once a
 //! second, `no` leaves it to the OS. Every policy survives kill -9 of the process.
 
+use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -155,6 +156,57 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 /// Fsyncs a directory so renames and new files in it survive a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+thread_local! {
+    /// How many [`ShipLater`] guards this thread holds, and whether it appended under one.
+    static SHIP_LATER: Cell<(u32, bool)> = const { Cell::new((0, false)) };
+}
+
+/// While alive, records this thread appends do not wake the replication senders: the thread
+/// ships them itself once its batch is executed ([`take_owed_shipping`], then
+/// `Cluster::ship`), which saves a sender thread's wake-up per write. A thread that never
+/// ships leaves its records to the senders' next heartbeat.
+#[derive(Debug)]
+pub struct ShipLater(());
+
+/// Starts a [`ShipLater`] scope on this thread (scopes nest).
+pub fn ship_later() -> ShipLater {
+    SHIP_LATER.with(|c| {
+        let (depth, owed) = c.get();
+        c.set((depth + 1, owed));
+    });
+    ShipLater(())
+}
+
+impl Drop for ShipLater {
+    fn drop(&mut self) {
+        SHIP_LATER.with(|c| {
+            let (depth, owed) = c.get();
+            c.set((depth.saturating_sub(1), owed));
+        });
+    }
+}
+
+/// True (once) when this thread appended records under a [`ShipLater`] scope that it has not
+/// shipped yet.
+pub fn take_owed_shipping() -> bool {
+    SHIP_LATER.with(|c| {
+        let (depth, owed) = c.get();
+        c.set((depth, false));
+        owed
+    })
+}
+
+/// Inside a [`ShipLater`] scope, notes that this thread owes a shipment and says so.
+fn defer_shipping() -> bool {
+    SHIP_LATER.with(|c| {
+        let (depth, _) = c.get();
+        if depth > 0 {
+            c.set((depth, true));
+        }
+        depth > 0
+    })
 }
 
 /// Reads one segment, calling `apply` for each valid record. Returns the length of the valid
@@ -468,8 +520,10 @@ impl OpLog {
                 }
             }
             // After the lock is released: a sender woken while it is held would only block on
-            // it and need a second wake-up.
-            self.appended.notify_all();
+            // it and need a second wake-up. A thread that ships its own records wakes no one.
+            if !defer_shipping() {
+                self.wake();
+            }
         }
     }
 
@@ -491,6 +545,15 @@ impl OpLog {
     /// How many times [`OpLog::wake`] ran; pass it to [`OpLog::records_after`].
     pub fn wakes(&self) -> u64 {
         self.wakes.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `wait` for an [`OpLog::wake`] after `seen_wakes` (appends outside a
+    /// [`ShipLater`] scope wake too).
+    pub fn wait_for_wake(&self, seen_wakes: u64, wait: std::time::Duration) {
+        let backlog = lock(&self.backlog);
+        if self.wakes() == seen_wakes && !wait.is_zero() {
+            drop(self.appended.wait_timeout(backlog, wait));
+        }
     }
 
     /// Records with LSN > `after` from the in-memory backlog, waiting up to `wait` for one to be
