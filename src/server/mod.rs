@@ -4,6 +4,7 @@
 //! past it a client gets one clear refusal. The [`flusher`] finishes writes that a full socket
 //! could not take at once.
 
+mod batch;
 mod conn;
 pub mod flusher;
 pub mod http;

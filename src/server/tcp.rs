@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::batch::Batch;
 use super::conn::{Conn, SocketSink};
 use super::Server;
 use crate::cluster::replication;
@@ -30,8 +31,7 @@ pub fn serve(server: &Server, conn: Conn) {
         node.config.outbox_bytes,
     );
     let mut session = Session::new(node, outbox);
-    let mut batch: Vec<Outcome> = Vec::new();
-    let mut batch_bytes = 0;
+    let mut batch = Batch::new(Framing::Lines);
     // Bytes of an over-long line are dropped until its newline; then it is answered.
     let mut discarding = false;
     let max_line = node.config.max_line;
@@ -44,7 +44,7 @@ pub fn serve(server: &Server, conn: Conn) {
                 conn.consume(n);
             }
             // Everything received has run: answer it before waiting for more.
-            if !flush(&session, &mut batch, &mut batch_bytes) {
+            if !batch.answer(&session) {
                 return;
             }
             match conn.fill(conn.data().len() + 1) {
@@ -76,7 +76,7 @@ pub fn serve(server: &Server, conn: Conn) {
         }) = outcome.takeover.take()
         {
             // This connection now carries the replication stream to a secondary.
-            if !flush(&session, &mut batch, &mut batch_bytes) {
+            if !batch.answer(&session) {
                 return;
             }
             let Some(replica) = node.replica() else {
@@ -94,31 +94,11 @@ pub fn serve(server: &Server, conn: Conn) {
             replication::serve_secondary(&replica, stream, leftover, after, after_term, peer);
             return;
         }
-        batch_bytes += outcome.size();
         batch.push(outcome);
-        if (batch.len() >= MAX_BATCH || batch_bytes >= MAX_BATCH_BYTES)
-            && !flush(&session, &mut batch, &mut batch_bytes)
+        if (batch.len() >= MAX_BATCH || batch.bytes() >= MAX_BATCH_BYTES) && !batch.answer(&session)
         {
             return;
         }
     }
-    flush(&session, &mut batch, &mut batch_bytes);
-}
-
-/// Acknowledges a batch (durable, and committed in a cluster) and sends its replies.
-fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -> bool {
-    if batch.is_empty() {
-        return true;
-    }
-    let size = *batch_bytes + 16;
-    let ok = exec::acknowledge_and_reply(session, batch, move |outcomes| {
-        let mut bytes = Vec::with_capacity(size);
-        for outcome in outcomes {
-            outcome.write_lines(&mut bytes);
-        }
-        bytes
-    });
-    batch.clear();
-    *batch_bytes = 0;
-    ok
+    batch.answer(&session);
 }

@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::time::Duration;
 
+use super::batch::Batch;
 use super::conn::{Conn, SocketSink};
 use super::Server;
 use crate::db::outbox::Outbox;
@@ -84,15 +85,14 @@ pub fn serve(server: &Server, conn: Conn) {
     );
     let mut session = Session::new(node, outbox);
     let max = node.config.max_line;
-    let mut batch: Vec<Outcome> = Vec::new();
-    let mut batch_bytes = 0;
+    let mut batch = Batch::new(Framing::WebSocket);
     let mut fragments: Fragments = None;
     loop {
         let decoded = wire::decode_frame(conn.data_mut(), max);
         let frame = match decoded {
             Ok(Decoded::Frame(frame)) => frame,
             Ok(Decoded::Need(n)) => {
-                if !flush(&session, &mut batch, &mut batch_bytes) {
+                if !batch.answer(&session) {
                     return;
                 }
                 match conn.fill(n) {
@@ -106,12 +106,12 @@ pub fn serve(server: &Server, conn: Conn) {
             }
             Err(FrameError::TooBig(_)) => {
                 batch.push(Outcome::error("line too long"));
-                flush(&session, &mut batch, &mut batch_bytes);
+                batch.answer(&session);
                 close(&session, wire::CLOSE_TOO_BIG, "message too big");
                 return;
             }
             Err(FrameError::Protocol(why)) => {
-                flush(&session, &mut batch, &mut batch_bytes);
+                batch.answer(&session);
                 close(&session, wire::CLOSE_PROTOCOL_ERROR, why);
                 return;
             }
@@ -119,7 +119,7 @@ pub fn serve(server: &Server, conn: Conn) {
         let payload = &conn.data()[frame.payload.clone()];
         let message: Option<Vec<u8>> = match frame.opcode {
             wire::OP_TEXT | wire::OP_BINARY if fragments.is_some() => {
-                flush(&session, &mut batch, &mut batch_bytes);
+                batch.answer(&session);
                 close(
                     &session,
                     wire::CLOSE_PROTOCOL_ERROR,
@@ -128,7 +128,7 @@ pub fn serve(server: &Server, conn: Conn) {
                 return;
             }
             wire::OP_TEXT | wire::OP_BINARY if frame.fin => {
-                batch_bytes += run_message(&mut session, payload, &mut batch);
+                run_message(&mut session, payload, &mut batch);
                 None
             }
             wire::OP_TEXT | wire::OP_BINARY => {
@@ -137,7 +137,7 @@ pub fn serve(server: &Server, conn: Conn) {
             }
             wire::OP_CONTINUATION => {
                 let Some((_, bytes)) = fragments.as_mut() else {
-                    flush(&session, &mut batch, &mut batch_bytes);
+                    batch.answer(&session);
                     close(
                         &session,
                         wire::CLOSE_PROTOCOL_ERROR,
@@ -147,7 +147,7 @@ pub fn serve(server: &Server, conn: Conn) {
                 };
                 if bytes.len() + payload.len() > max {
                     batch.push(Outcome::error("line too long"));
-                    flush(&session, &mut batch, &mut batch_bytes);
+                    batch.answer(&session);
                     close(&session, wire::CLOSE_TOO_BIG, "message too big");
                     return;
                 }
@@ -162,7 +162,7 @@ pub fn serve(server: &Server, conn: Conn) {
                 let mut pong = Vec::with_capacity(payload.len() + 2);
                 wire::ws_frame(wire::OP_PONG, payload, &mut pong);
                 conn.consume(frame.len);
-                if !flush(&session, &mut batch, &mut batch_bytes) || !session.outbox.reply(pong) {
+                if !batch.answer(&session) || !session.outbox.reply(pong) {
                     return;
                 }
                 continue;
@@ -171,7 +171,7 @@ pub fn serve(server: &Server, conn: Conn) {
                 // Echo the status code, as RFC 6455 asks, and end the session.
                 let code =
                     (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                flush(&session, &mut batch, &mut batch_bytes);
+                batch.answer(&session);
                 close(&session, code.unwrap_or(1000), "");
                 return;
             }
@@ -179,52 +179,25 @@ pub fn serve(server: &Server, conn: Conn) {
         };
         conn.consume(frame.len);
         if let Some(message) = message {
-            batch_bytes += run_message(&mut session, &message, &mut batch);
+            run_message(&mut session, &message, &mut batch);
         }
         // Replies of a huge frame, or of many pipelined ones, go out as they accumulate.
-        if (batch_bytes > REPLY_CHUNK || batch.len() >= MAX_BATCH)
-            && !flush(&session, &mut batch, &mut batch_bytes)
-        {
+        if (batch.bytes() > REPLY_CHUNK || batch.len() >= MAX_BATCH) && !batch.answer(&session) {
             return;
         }
     }
-    flush(&session, &mut batch, &mut batch_bytes);
+    batch.answer(&session);
 }
 
-/// Runs every command of one message; returns the reply bytes it added to `batch`.
-fn run_message(session: &mut Session, payload: &[u8], batch: &mut Vec<Outcome>) -> usize {
+/// Runs every command of one message, adding their replies to `batch`.
+fn run_message(session: &mut Session, payload: &[u8], batch: &mut Batch) {
     let Ok(text) = std::str::from_utf8(payload) else {
-        let outcome = Outcome::error("Invalid UTF-8 in command");
-        let size = outcome.size();
-        batch.push(outcome);
-        return size;
+        batch.push(Outcome::error("Invalid UTF-8 in command"));
+        return;
     };
-    let mut added = 0;
     for command in split_commands(text) {
-        let outcome = exec::execute_line(session, command);
-        added += outcome.size();
-        batch.push(outcome);
+        batch.push(exec::execute_line(session, command));
     }
-    added
-}
-
-/// Acknowledges a batch (durable, and committed in a cluster) and sends its replies, one text
-/// frame per message.
-fn flush(session: &Session, batch: &mut Vec<Outcome>, batch_bytes: &mut usize) -> bool {
-    if batch.is_empty() {
-        return true;
-    }
-    let size = *batch_bytes;
-    let ok = exec::acknowledge_and_reply(session, batch, move |outcomes| {
-        let mut bytes = Vec::with_capacity(size + 16 * outcomes.len());
-        for outcome in outcomes {
-            outcome.write_frames(&mut bytes);
-        }
-        bytes
-    });
-    batch.clear();
-    *batch_bytes = 0;
-    ok
 }
 
 /// Sends a close frame with `code` and `reason`, lets it drain, and shuts the session down.
