@@ -200,10 +200,11 @@ impl Node {
         log.on_durable(
             lsn,
             Box::new(move |durable| {
-                if durable && cluster.note_durable(lsn) {
+                // The whole flush at once: the other completions of the group find it noted.
+                if durable.is_some_and(|upto| cluster.note_durable(upto)) {
                     cluster.ship(&shipper);
                 }
-                if durable && cluster.is_visible(lsn) {
+                if durable.is_some() && cluster.is_visible(lsn) {
                     touched.release();
                 } else {
                     log::warn!("change {lsn} was not committed; disconnecting its watchers");

@@ -128,6 +128,8 @@ pub struct Cluster {
     primary_lsn: AtomicU64,
     /// This primary's streams to its secondaries ([`Cluster::ship`]).
     streams: shipping::Streams,
+    /// A copy of the state's `durable` mark, for a check without the lock.
+    durable_seen: AtomicU64,
 }
 
 /// The member list file kept next to the term file.
@@ -303,6 +305,7 @@ impl Cluster {
             removed: AtomicBool::new(false),
             primary_lsn: AtomicU64::new(0),
             streams: shipping::Streams::default(),
+            durable_seen: AtomicU64::new(0),
         }
     }
 
@@ -536,13 +539,21 @@ impl Cluster {
 
     /// Records that this node's own log is durable up to `lsn`. True when the commit point moved.
     pub fn note_durable(&self, lsn: u64) -> bool {
+        // Every write of a group flush notes it: only the first takes the state lock.
+        if lsn <= self.durable_seen.load(Ordering::Acquire) {
+            return false;
+        }
         let moved = {
             let mut s = lock(&self.state);
             if lsn <= s.durable {
                 return false;
             }
             s.durable = lsn;
-            self.advance_commit(&mut s)
+            let moved = self.advance_commit(&mut s);
+            // After the commit point: a writer that skips the lock on this mark must find its
+            // record committed (where the commit follows this node's log alone).
+            self.durable_seen.store(lsn, Ordering::Release);
+            moved
         };
         if moved {
             self.fire_commit_waits();
@@ -553,7 +564,9 @@ impl Cluster {
     /// Sets this node's durable mark to exactly `lsn`, its whole log (a new primary, before it
     /// leads): a higher mark left from a tail that a full sync discarded must not count.
     pub fn reset_durable(&self, lsn: u64) {
-        lock(&self.state).durable = lsn;
+        let mut s = lock(&self.state);
+        s.durable = lsn;
+        self.durable_seen.store(lsn, Ordering::Release);
     }
 
     /// On the primary, moves the commit point to the highest LSN durable on enough members

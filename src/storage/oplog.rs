@@ -76,8 +76,9 @@ fn timed_sync(file: &File) -> io::Result<()> {
 /// Largest write buffer kept between flushes.
 const MAX_SPARE: usize = 4 << 20;
 
-/// Work to run once a log record is durable (`true`), or when the log failed first (`false`).
-pub type Completion = Box<dyn FnOnce(bool) + Send>;
+/// Work to run once a log record is durable (with the LSN the log is now durable up to, at
+/// least the record's), or when the log failed first (`None`).
+pub type Completion = Box<dyn FnOnce(Option<u64>) + Send>;
 
 /// The log of one node.
 pub struct OpLog {
@@ -438,7 +439,7 @@ impl OpLog {
         // Records still awaited were replaced by the primary's: they will never be durable here.
         let orphans = std::mem::take(&mut *lock(&self.completions));
         for (_, done) in orphans {
-            done(false);
+            done(None);
         }
         Ok(())
     }
@@ -719,7 +720,7 @@ impl OpLog {
                 ready
             };
             for (_, done) in ready {
-                done(durable.is_some());
+                done(durable);
             }
             let Some(durable) = durable else { return };
             let last = self.last_lsn();
