@@ -201,14 +201,16 @@ impl Node {
             lsn,
             Box::new(move |durable| {
                 // The whole flush at once: the other completions of the group find it noted.
-                if durable.is_some_and(|upto| cluster.note_durable(upto)) {
-                    cluster.ship(&shipper);
-                }
+                let moved = durable.is_some_and(|upto| cluster.note_durable(upto));
                 if durable.is_some() && cluster.is_visible(lsn) {
                     touched.release();
                 } else {
                     log::warn!("change {lsn} was not committed; disconnecting its watchers");
                     touched.abandon();
+                }
+                // The new commit point goes to the secondaries after the replies.
+                if moved {
+                    cluster.ship(&shipper);
                 }
             }),
         );

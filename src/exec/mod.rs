@@ -303,13 +303,19 @@ pub fn acknowledge_and_reply(
     encode: impl FnOnce(&[Outcome]) -> Vec<u8> + Send + 'static,
 ) -> bool {
     let node = session.node();
-    // The secondaries get the batch's records before this thread writes its own log.
-    node.ship_owed();
-    session.await_handoff();
     let lsn = outcomes.iter().map(|o| o.lsn).max().unwrap_or(0);
-    if lsn > 0 && node.acks_locally() {
+    let local = lsn > 0 && node.acks_locally();
+    if !local {
+        // A majority waits for the secondaries: they get the records before this thread
+        // writes its own log.
+        node.ship_owed();
+    }
+    session.await_handoff();
+    if local {
         let queued = session.outbox.queue(encode(outcomes), lsn);
         node.deliver_when_durable(outbox::take_touched());
+        // The reply does not wait for the secondaries: they get the records after it.
+        node.ship_owed();
         return queued && session.outbox.wait_for_room();
     }
     if let Some(cluster) = node.commit_handoff().filter(|_| lsn > 0) {
