@@ -258,20 +258,12 @@ mod tests {
     use crate::cluster::replication::parse_record;
     use crate::cluster::WriteQuorum;
     use crate::storage::oplog::{ship_later, take_owed_shipping, FsyncPolicy};
-    use crate::storage::record::{Op, Record};
+    use crate::storage::record::Record;
     use std::io::{BufRead, BufReader, ErrorKind};
     use std::net::TcpListener;
 
     fn rec(key: &str) -> Record {
-        Record {
-            lsn: 0,
-            term: 0,
-            op: Op::Set,
-            db: "d".into(),
-            key: key.into(),
-            version: 0,
-            value: "v".into(),
-        }
+        Record::test_set(key)
     }
 
     /// The lines already in `reader`'s socket (none if nothing arrived).

@@ -892,7 +892,6 @@ impl Drop for OpLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::record::Op;
 
     fn tmp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -905,15 +904,7 @@ mod tests {
     }
 
     fn rec(key: &str) -> Record {
-        Record {
-            lsn: 0,
-            term: 0,
-            op: Op::Set,
-            db: "d".into(),
-            key: key.into(),
-            version: 0,
-            value: "v".into(),
-        }
+        Record::test_set(key)
     }
 
     fn replay(dir: &Path) -> Result<Vec<Record>, String> {

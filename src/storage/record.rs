@@ -236,6 +236,23 @@ pub fn decode(buf: &[u8]) -> Decoded {
     }
 }
 
+/// Records for tests.
+#[cfg(test)]
+impl Record {
+    /// An unnumbered `set` of `key` to `v` in database `d`.
+    pub fn test_set(key: &str) -> Record {
+        Record {
+            lsn: 0,
+            term: 0,
+            op: Op::Set,
+            db: "d".into(),
+            key: key.into(),
+            version: 0,
+            value: "v".into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
