@@ -47,13 +47,44 @@ impl Replica {
 /// How long a blocking write to a secondary may take before the stream is dropped.
 const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Appends `bytes` to `out` as lowercase hex.
-fn hex_into(bytes: &[u8], out: &mut Vec<u8>) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 15)]);
+/// The lowercase hex digits of every byte value.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    let digits = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = [digits[i >> 4], digits[i & 15]];
+        i += 1;
+    }
+    table
+};
+
+/// The value of each lowercase hex digit; 0xff for every other byte.
+const HEX_VALUES: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut i = 0;
+    while i < 16 {
+        let digit = if i < 10 {
+            b'0' + i as u8
+        } else {
+            b'a' + i as u8 - 10
+        };
+        table[digit as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// Turns the last `n` bytes of `out` into their lowercase hex, in place (from the end, so no
+/// byte is overwritten before it is read).
+fn hex_tail(out: &mut Vec<u8>, n: usize) {
+    let start = out.len() - n;
+    out.resize(start + 2 * n, 0);
+    let tail = &mut out[start..];
+    for i in (0..n).rev() {
+        let [hi, lo] = HEX_PAIRS[usize::from(tail[i])];
+        tail[2 * i] = hi;
+        tail[2 * i + 1] = lo;
     }
 }
 
@@ -63,24 +94,27 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     if !b.len().is_multiple_of(2) {
         return None;
     }
-    let val = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
     let mut out = Vec::with_capacity(b.len() / 2);
     for pair in b.chunks_exact(2) {
-        out.push(val(pair[0])? << 4 | val(pair[1])?);
+        let (hi, lo) = (
+            HEX_VALUES[usize::from(pair[0])],
+            HEX_VALUES[usize::from(pair[1])],
+        );
+        if (hi | lo) > 15 {
+            return None;
+        }
+        out.push(hi << 4 | lo);
     }
     Some(out)
 }
 
 /// Appends the `rec <hex>` line of `r` to `out`.
 pub(super) fn record_line(r: &Record, out: &mut Vec<u8>) {
-    let mut enc = Vec::with_capacity(r.encoded_len());
-    r.encode(&mut enc);
     out.extend_from_slice(b"rec ");
-    hex_into(&enc, out);
+    let before = out.len();
+    out.reserve(2 * r.encoded_len() + 1);
+    r.encode(out);
+    hex_tail(out, out.len() - before);
     out.push(b'\n');
 }
 
@@ -626,5 +660,15 @@ mod tests {
         );
         assert_eq!(parse_record("zz"), None);
         assert_eq!(parse_record("abc"), None);
+        // Every byte value survives the hex round trip; only lowercase digits are hex.
+        let all: Vec<u8> = (0..=255).collect();
+        let mut hex = b"x".to_vec();
+        hex.extend_from_slice(&all);
+        hex_tail(&mut hex, all.len());
+        assert_eq!(&hex[..5], b"x0001");
+        assert_eq!(&hex[hex.len() - 4..], b"feff");
+        assert_eq!(unhex(std::str::from_utf8(&hex[1..]).unwrap()), Some(all));
+        assert_eq!(unhex("0A"), None);
+        assert_eq!(unhex("0g"), None);
     }
 }
