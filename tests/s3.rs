@@ -359,3 +359,43 @@ fn wrong_credentials_stop_the_node_at_start() {
     assert!(out.contains("the S3 bucket cannot be used"), "{out}");
     assert!(out.contains("HTTP 403"), "{out}");
 }
+
+/// Once a snapshot is in the bucket, the log drops the segments it covers. A restart that
+/// reads snapshots from the data directory instead (which has none) would come back without
+/// those changes, so it is refused with the place to read from; reading the bucket works.
+#[test]
+fn a_start_that_reads_older_snapshots_than_the_log_needs_is_refused() {
+    let moto = Moto::start(&[]);
+    moto.create_bucket(BUCKET);
+    let env = s3_env(&moto.url, "gap");
+    let (mut first, _) = start(&env);
+    let dir = first.dir.clone();
+    let mut a = admin(&first);
+    a.cmd("create-db shop shop-token");
+    a.cmd("use-db shop shop-token");
+    assert_eq!(a.cmd("set k before the snapshot"), vec!["ok \n"]);
+    assert_eq!(a.cmd("snapshot"), vec!["ok \n"]);
+    assert_eq!(a.cmd("set k after it"), vec!["ok \n"]);
+    drop(a);
+    first.kill9();
+
+    let (code, out) = common::start_failing(&dir);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("the changes before it are in the snapshots at s3://nun-db/gap")
+            && out.contains("reads snapshots from disk"),
+        "{out}"
+    );
+
+    let second = Server::spawn_logged(
+        server_command(&dir, &env),
+        dir.clone(),
+        dir.join("again.log"),
+    );
+    let mut b = admin(&second);
+    b.cmd("use-db shop shop-token");
+    assert_eq!(b.cmd("get k"), vec!["value after it\n", "ok \n"]);
+    drop(b);
+    drop(first);
+    cleanup(second);
+}

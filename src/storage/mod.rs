@@ -57,6 +57,64 @@ fn log_dir(dir: &Path) -> PathBuf {
     dir.join("oplog")
 }
 
+/// The file naming where the snapshots went that let the log drop its older segments, and the
+/// first LSN the log kept: `<lsn> <place>`.
+fn covered_path(dir: &Path) -> PathBuf {
+    log_dir(dir).join("covered")
+}
+
+/// Where snapshots go or come from, as the covered file names it: `disk` or `s3://bucket/prefix`.
+fn place_name(place: Place, s3: &S3Config, prefix: &str) -> String {
+    if place.is_s3() {
+        format!("s3://{}/{}", s3.bucket, prefix)
+    } else {
+        "disk".to_string()
+    }
+}
+
+/// Refuses a start whose snapshots (covering the log up to `floor`) end before the log begins,
+/// because the snapshots that covered the dropped segments were written somewhere this start
+/// does not read (snapshots went to a bucket, and this start reads the data directory, say).
+fn check_covered(config: &StorageConfig, floor: u64) -> Result<(), String> {
+    let path = covered_path(&config.dir);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let Some((first, written_to)) = text
+        .trim()
+        .split_once(' ')
+        .and_then(|(lsn, place)| Some((lsn.parse::<u64>().ok()?, place)))
+    else {
+        return Err(format!(
+            "{} is not `<lsn> <place>`; refusing to start (move it away to start without the check)",
+            path.display()
+        ));
+    };
+    let reading = place_name(config.read, &config.s3, &config.s3.read_prefix);
+    if written_to == reading || floor.saturating_add(1) >= first {
+        return Ok(());
+    }
+    Err(format!(
+        "the operation log in {} starts at LSN {first}: the changes before it are in the snapshots at {written_to}, \
+         but this start reads snapshots from {reading}, which cover only up to LSN {floor}. Starting would lose \
+         those changes; refusing to start. Read the snapshots from {written_to} (NUN_STORAGE_READ_STRATEGY and the \
+         NUN_S3_* settings), or move {} away to start anyway",
+        log_dir(&config.dir).display(),
+        path.display()
+    ))
+}
+
+/// Records, durably, that the log may drop everything before `first` because the snapshots
+/// covering it are at `place`.
+fn write_covered(dir: &Path, first: u64, place: &str) -> io::Result<()> {
+    let path = covered_path(dir);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{first} {place}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    oplog::sync_dir(&log_dir(dir))
+}
+
 impl Storage {
     /// Recovers `dbs` from `config.dir` (snapshots, then log tail) and attaches the log to it.
     pub fn open(config: StorageConfig, dbs: &Databases) -> Result<Arc<Storage>, String> {
@@ -72,6 +130,7 @@ impl Storage {
             (Some(remote), true) => Self::load_from_bucket(remote, &config, dbs)?,
             _ => Self::load_from_disk(&config, dbs)?,
         };
+        check_covered(&config, floor)?;
         let mut replayed = 0u64;
         let log = OpLog::open(&log_dir(&config.dir), config.fsync, floor, &mut |record| {
             dbs.apply_record(&record);
@@ -258,6 +317,9 @@ impl Storage {
                 }
             }
         }
+        // Said before the segments go: a start that reads older snapshots than these is refused.
+        let place = place_name(self.config.write, &self.config.s3, &self.config.s3.prefix);
+        write_covered(&self.config.dir, boundary, &place)?;
         self.log.drop_before(boundary)?;
         crate::metrics::STATS
             .snapshot_time
