@@ -137,16 +137,6 @@ fn members_file(term_file: &Path) -> PathBuf {
     term_file.with_file_name("cluster.members")
 }
 
-/// Replaces `path` with `text` so that a crash leaves the old or the new content.
-fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 impl State {
     /// Changes this node's role and publishes whether it leads (waking writers waiting for a
     /// commit when it stops leading).
@@ -447,7 +437,7 @@ impl Cluster {
     fn persist(&self, s: &State) {
         if let Some(path) = &self.term_file {
             let text = format!("{} {}\n", s.term, s.voted_for.as_deref().unwrap_or("-"));
-            if let Err(e) = write_durably(path, &text) {
+            if let Err(e) = crate::storage::write_durably(path, &text) {
                 log::error!("cannot persist the election term: {e}");
             }
         }
@@ -457,7 +447,9 @@ impl Cluster {
     /// restart with an older `--replicate-address` still knows the members that joined.
     fn save_members(&self, members: &[String]) {
         if let Some(path) = &self.term_file {
-            if let Err(e) = write_durably(&members_file(path), &(members.join("\n") + "\n")) {
+            if let Err(e) =
+                crate::storage::write_durably(&members_file(path), &(members.join("\n") + "\n"))
+            {
                 log::error!("cannot persist the member list: {e}");
             }
         }

@@ -376,7 +376,7 @@ fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
             replica.dbs.apply_record(r);
         }
     };
-    match log.records_after(from - 1, usize::MAX, Duration::ZERO, 0) {
+    match log.records_after(from - 1, usize::MAX) {
         Tail::Records(records) => records.iter().for_each(|r| apply(r)),
         Tail::TooOld => log
             .read_from(from)

@@ -11,7 +11,6 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
 
 use super::replication::record_line;
 use super::Cluster;
@@ -123,7 +122,7 @@ impl Outgoing {
             s.sent_commit = commit;
             buf.extend_from_slice(format!("commit {commit}\n").as_bytes());
         }
-        match log.records_after(s.after, BATCH, Duration::ZERO, 0) {
+        match log.records_after(s.after, BATCH) {
             Tail::Records(records) => {
                 for r in &records {
                     record_line(r, buf);
@@ -261,6 +260,7 @@ mod tests {
     use crate::storage::record::Record;
     use std::io::{BufRead, BufReader, ErrorKind};
     use std::net::TcpListener;
+    use std::time::Duration;
 
     fn rec(key: &str) -> Record {
         Record::test_set(key)

@@ -104,15 +104,19 @@ fn check_covered(config: &StorageConfig, floor: u64) -> Result<(), String> {
     ))
 }
 
-/// Records, durably, that the log may drop everything before `first` because the snapshots
-/// covering it are at `place`.
-fn write_covered(dir: &Path, first: u64, place: &str) -> io::Result<()> {
-    let path = covered_path(dir);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{first} {place}\n"))?;
+/// Replaces `path` with `text` so that a crash leaves the old or the new contents, never a
+/// mix: a temporary file, fsynced, renamed over it, and the directory fsynced.
+pub fn write_durably(path: &Path, text: &str) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
     std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    oplog::sync_dir(&log_dir(dir))
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => oplog::sync_dir(dir),
+        _ => Ok(()),
+    }
 }
 
 impl Storage {
@@ -319,7 +323,10 @@ impl Storage {
         }
         // Said before the segments go: a start that reads older snapshots than these is refused.
         let place = place_name(self.config.write, &self.config.s3, &self.config.s3.prefix);
-        write_covered(&self.config.dir, boundary, &place)?;
+        write_durably(
+            &covered_path(&self.config.dir),
+            &format!("{boundary} {place}\n"),
+        )?;
         self.log.drop_before(boundary)?;
         crate::metrics::STATS
             .snapshot_time

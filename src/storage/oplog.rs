@@ -534,7 +534,7 @@ impl OpLog {
         self.backlog_limit.store(bytes.max(1), Ordering::Relaxed);
     }
 
-    /// Wakes every [`OpLog::records_after`] waiter (replication senders: the commit point moved).
+    /// Wakes every [`OpLog::wait_for_wake`] waiter (replication senders).
     pub fn wake(&self) {
         {
             let _backlog = lock(&self.backlog);
@@ -543,7 +543,7 @@ impl OpLog {
         self.appended.notify_all();
     }
 
-    /// How many times [`OpLog::wake`] ran; pass it to [`OpLog::records_after`].
+    /// How many times [`OpLog::wake`] ran; pass it to [`OpLog::wait_for_wake`].
     pub fn wakes(&self) -> u64 {
         self.wakes.load(Ordering::Acquire)
     }
@@ -557,24 +557,13 @@ impl OpLog {
         }
     }
 
-    /// Records with LSN > `after` from the in-memory backlog, waiting up to `wait` for one to be
-    /// appended (or for a [`OpLog::wake`] after `seen_wakes`). `TooOld` when the backlog no
-    /// longer reaches back to `after`.
-    pub fn records_after(
-        &self,
-        after: u64,
-        max: usize,
-        wait: std::time::Duration,
-        seen_wakes: u64,
-    ) -> Tail {
+    /// Records with LSN > `after` from the in-memory backlog (at most `max`). `TooOld` when the
+    /// backlog no longer reaches back to `after`.
+    pub fn records_after(&self, after: u64, max: usize) -> Tail {
         // Read before taking the backlog lock (append takes inner, then backlog); a record
         // appended since then is visible in the backlog itself.
         let last = self.last_lsn();
-        let mut backlog = lock(&self.backlog);
-        let newest = backlog.records.back().map_or(0, |r| r.lsn);
-        if after >= last.max(newest) && self.wakes() == seen_wakes && !wait.is_zero() {
-            backlog = self.appended.wait_timeout(backlog, wait);
-        }
+        let backlog = lock(&self.backlog);
         let first = backlog.records.front().map(|r| r.lsn);
         let missing = match first {
             Some(first) => first > after.saturating_add(1),
