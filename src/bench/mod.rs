@@ -207,15 +207,71 @@ fn prepare(opts: &BenchOptions) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs one load row: `conns` connections each sending batches of `pipeline` commands for the
-/// configured duration.
-fn load_row(
+/// Longest stretch one target is loaded before the next takes over: a row's time is split into
+/// slices of at most this, run in turn on every target, so a machine whose speed drifts during
+/// the run (other tenants, frequency changes) weighs on every target alike.
+const SLICE: Duration = Duration::from_secs(1);
+
+/// One target's totals over its slices of a row.
+#[derive(Default)]
+struct Totals {
+    ops: u64,
+    secs: f64,
+    samples: Samples,
+}
+
+impl Totals {
+    /// The row these totals make.
+    fn row(mut self, op: KvOp, transport: Transport, conns: usize, pipeline: usize) -> LoadRow {
+        LoadRow {
+            op,
+            transport,
+            conns,
+            pipeline,
+            ops_per_sec: self.ops as f64 / self.secs.max(f64::MIN_POSITIVE),
+            p50: self.samples.percentile(50.0),
+            p99: self.samples.percentile(99.0),
+            p999: self.samples.percentile(99.9),
+        }
+    }
+}
+
+/// Runs one load row on every target in `transports`: the row's time is cut into slices of at
+/// most [`SLICE`], and each slice loads every target in turn (fresh connections each time).
+fn load_rows(
+    opts: &BenchOptions,
+    transports: &[Transport],
+    op: KvOp,
+    conns: usize,
+    pipeline: usize,
+) -> io::Result<Vec<LoadRow>> {
+    let slices = opts.duration.as_secs_f64() / SLICE.as_secs_f64();
+    let slices = (slices.ceil() as u32).max(1);
+    let slice = opts.duration / slices;
+    let mut totals: Vec<Totals> = transports.iter().map(|_| Totals::default()).collect();
+    for _ in 0..slices {
+        for (t, total) in transports.iter().zip(totals.iter_mut()) {
+            load_slice(opts, *t, op, conns, pipeline, slice, total)?;
+        }
+    }
+    Ok(transports
+        .iter()
+        .zip(totals)
+        .map(|(t, total)| total.row(op, *t, conns, pipeline))
+        .collect())
+}
+
+/// Loads `transport` for `time` with `conns` connections each sending batches of `pipeline`
+/// commands, adding what they did to `total`.
+fn load_slice(
     opts: &BenchOptions,
     transport: Transport,
     op: KvOp,
     conns: usize,
     pipeline: usize,
-) -> io::Result<LoadRow> {
+    time: Duration,
+    total: &mut Totals,
+) -> io::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(conns + 1));
@@ -247,26 +303,17 @@ fn load_row(
     }
     barrier.wait();
     let started = Instant::now();
-    std::thread::sleep(opts.duration);
+    std::thread::sleep(time);
     stop.store(true, Ordering::Relaxed);
-    let mut all = Samples::default();
     for h in handles {
         let samples = h
             .join()
             .map_err(|_| io::Error::other("bench thread panicked"))??;
-        all.merge(samples);
+        total.samples.merge(samples);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    Ok(LoadRow {
-        op,
-        transport,
-        conns,
-        pipeline,
-        ops_per_sec: ops.load(Ordering::Relaxed) as f64 / elapsed,
-        p50: all.percentile(50.0),
-        p99: all.percentile(99.0),
-        p999: all.percentile(99.9),
-    })
+    total.secs += started.elapsed().as_secs_f64();
+    total.ops += ops.load(Ordering::Relaxed);
+    Ok(())
 }
 
 fn op_name(op: KvOp) -> &'static str {
@@ -291,8 +338,8 @@ pub fn run(opts: &BenchOptions) -> io::Result<String> {
     let mut out = String::new();
     if !opts.ops.is_empty() {
         out.push_str(&format!(
-            "Load: {} keys, {}-byte values, {:?} per row. Latency is per operation (a pipelined batch's round trip), in µs.\n\n",
-            opts.keyspace, opts.value_size, opts.duration
+            "Load: {} keys, {}-byte values, {:?} per row and target, in slices of at most {:?} taken in turn by each target. Latency is per operation (a pipelined batch's round trip), in µs.\n\n",
+            opts.keyspace, opts.value_size, opts.duration, SLICE
         ));
         out.push_str("| op | transport | conns | pipeline | nun-db ops/s | p50 | p99 | p99.9 |");
         if opts.redis.is_some() {
@@ -307,16 +354,18 @@ pub fn run(opts: &BenchOptions) -> io::Result<String> {
         for &op in &opts.ops {
             for &conns in &opts.conns {
                 for &pipeline in &opts.pipelines {
-                    let redis = match opts.redis {
-                        Some(_) => Some(load_row(opts, Transport::Redis, op, conns, pipeline)?),
-                        None => None,
-                    };
-                    for &t in &opts.transports {
-                        let row = load_row(opts, t, op, conns, pipeline)?;
+                    let mut targets = Vec::new();
+                    if opts.redis.is_some() {
+                        targets.push(Transport::Redis);
+                    }
+                    targets.extend(&opts.transports);
+                    let mut rows = load_rows(opts, &targets, op, conns, pipeline)?;
+                    let redis = opts.redis.as_ref().map(|_| rows.remove(0));
+                    for row in rows {
                         out.push_str(&format!(
                             "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
                             op_name(op),
-                            transport_name(t),
+                            transport_name(row.transport),
                             conns,
                             pipeline,
                             row.ops_per_sec,
