@@ -385,6 +385,37 @@ fn metrics_parse_and_move_with_real_commands() {
 }
 
 #[test]
+fn time_between_a_sessions_batches_counts_for_no_command() {
+    let server = Server::start();
+    server.create_db("m", "t", None);
+    let mut writer = RawTcp::connect(&server.tcp);
+    writer.cmd("use-db m t");
+    let set_time = |s: &Scrape| {
+        (
+            s.value(
+                "nundb_command_duration_seconds_count",
+                &[("command", "set")],
+            )
+            .unwrap_or(0.0),
+            s.value("nundb_command_duration_seconds_sum", &[("command", "set")])
+                .unwrap_or(0.0),
+        )
+    };
+    let (count_before, sum_before) = set_time(&scrape(&server));
+    assert_eq!(writer.cmd("set a 1"), vec!["ok \n"]);
+    // The client is idle for a second (the time under test, not a wait for the server), then
+    // pipelines two more: each command's clock starts after the previous reply was sent.
+    std::thread::sleep(Duration::from_secs(1));
+    writer.send(b"set b 2\nset c 3\n");
+    assert_eq!(writer.line(), "ok \n");
+    assert_eq!(writer.line(), "ok \n");
+    let (count_after, sum_after) = set_time(&scrape(&server));
+    assert_eq!(count_after - count_before, 3.0);
+    let took = sum_after - sum_before;
+    assert!(took < 0.5, "three sets took {took} s in all");
+}
+
+#[test]
 fn a_metrics_token_is_required_when_configured() {
     let server = Server::start_with(&[("NUN_METRICS_TOKEN", "s3cret")]);
     assert_eq!(get(&server.http, "/metrics", None).0, 401);

@@ -70,17 +70,17 @@ pub fn execute_line(session: &mut Session, line: &str) -> Outcome {
     // Records this command appends go to the secondaries when its batch is acknowledged (or
     // when something waits for them), from this thread.
     let _ship = crate::storage::oplog::ship_later();
+    let started = session.command_started();
     match Command::parse(line) {
         Ok(cmd) => {
             let node = session.node();
             if cmd.is_write() && !session.forwarded && !node.is_primary() {
                 node.count_command();
-                let started = Instant::now();
                 let outcome = forward(session, line);
                 metrics::command_done(cmd.name(), outcome.error.is_none(), started.elapsed());
                 return outcome;
             }
-            execute(session, cmd)
+            execute(session, cmd, started)
         }
         Err(e) => Outcome::error(e),
     }
@@ -110,16 +110,22 @@ fn forward(session: &mut Session, line: &str) -> Outcome {
     forward::forward(cluster, &mut session.forwarder, &db, &user, line)
 }
 
-/// Executes one command for `session`.
-pub fn execute(session: &mut Session, cmd: Command) -> Outcome {
+/// Executes one parsed command for `session`; its duration is counted from `started`, when its
+/// line began to be handled.
+fn execute(session: &mut Session, cmd: Command, started: Instant) -> Outcome {
     session.node().count_command();
     let verb = cmd.name();
-    let started = Instant::now();
     let outcome = match run(session, cmd) {
         Ok(outcome) => outcome,
         Err(outcome) => outcome,
     };
-    metrics::command_done(verb, outcome.error.is_none(), started.elapsed());
+    let ended = Instant::now();
+    metrics::command_done(
+        verb,
+        outcome.error.is_none(),
+        ended.saturating_duration_since(started),
+    );
+    session.command_ended(ended);
     outcome
 }
 

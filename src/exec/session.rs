@@ -2,9 +2,10 @@
 //! acting user, watches, arbiter registrations and the outbound queue its replies and pushes go
 //! through. Dropping a session undoes everything it registered.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use crate::client::Client;
 use crate::db::outbox::{self, Outbox};
@@ -39,6 +40,9 @@ pub struct Session<'n> {
     pub(super) permissions: RefCell<Option<CachedPermissions>>,
     /// A reply of this session that another thread finishes (a write waiting for its commit).
     handoff: RefCell<Option<Arc<Handoff>>>,
+    /// When the last command ended, while its batch is not answered yet: the next command of
+    /// the batch starts its clock there instead of reading the clock again.
+    clock: Cell<Option<Instant>>,
 }
 
 /// A session's reply finished by the thread that learns its writes committed: the session
@@ -82,7 +86,25 @@ impl<'n> Session<'n> {
             forwarded: false,
             permissions: RefCell::new(None),
             handoff: RefCell::new(None),
+            clock: Cell::new(None),
         }
+    }
+
+    /// When the command about to be parsed starts: the end of the previous one of its batch, or
+    /// now.
+    pub(super) fn command_started(&self) -> Instant {
+        self.clock.take().unwrap_or_else(Instant::now)
+    }
+
+    /// Notes when a command ended (the next command of the batch starts there).
+    pub(super) fn command_ended(&self, at: Instant) {
+        self.clock.set(Some(at));
+    }
+
+    /// The batch is answered: time spent until the next command (answering, waiting for the
+    /// client) is no command's.
+    pub fn batch_answered(&self) {
+        self.clock.set(None);
     }
 
     /// The node this session belongs to.

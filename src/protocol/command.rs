@@ -215,8 +215,14 @@ impl Command {
                 Err(usage(text))
             }
         };
-        let key =
-            |text: &str| -> Result<String, String> { exact(1, text).map(|mut v| v.remove(0)) };
+        // One word and nothing else (the common case: no vector for the words).
+        let key = |text: &str| -> Result<String, String> {
+            let (word, rest) = next_word(args);
+            if word.is_empty() || !rest.trim_start_matches(' ').is_empty() {
+                return Err(usage(text));
+            }
+            Ok(word.to_string())
+        };
         let cmd = match verb {
             "auth" => {
                 let mut a = exact(2, "auth <user> <pwd>")?;
@@ -270,12 +276,12 @@ impl Command {
                 key: key("get-safe <key>")?,
             },
             "set" => {
-                let (w, value) = words(args, 1);
-                if w.is_empty() {
+                let (key, value) = next_word(args);
+                if key.is_empty() {
                     return Err(usage("set <key> <value>"));
                 }
                 Command::Set {
-                    key: w[0].to_string(),
+                    key: key.to_string(),
                     value: value.to_string(),
                 }
             }

@@ -79,6 +79,7 @@ impl Batch {
     /// Makes the batch's changes durable (and committed, in a cluster) and sends its replies
     /// ([`exec::acknowledge_and_reply`]); empties the batch. False when the session closed.
     pub fn answer(&mut self, session: &Session) -> bool {
+        session.batch_answered();
         if self.is_empty() {
             return true;
         }

@@ -90,7 +90,7 @@ pub fn render(server: &Server) -> String {
     e.family(
         "nundb_command_duration_seconds",
         "histogram",
-        "Time a command takes to run, not counting the wait for its log record to be durable.",
+        "Time a command takes to parse and run, not counting the wait for its log record to be durable.",
     );
     for (i, verb) in VERBS.iter().enumerate() {
         let h = STATS.command_time.view(i);
