@@ -10,6 +10,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::record::{decode, Decoded, Record, RecordRef, HEADER};
 use crate::sync::Condition;
@@ -102,7 +103,17 @@ pub struct OpLog {
     wakes: AtomicU64,
     /// Completions waiting for their record to be durable (see [`OpLog::on_durable`]).
     completions: Mutex<Vec<(u64, Completion)>>,
+    /// Mirrors `busy` of a group write, for [`OpLog::on_durable`] to wait on without the lock.
+    writing: std::sync::atomic::AtomicBool,
+    /// How long [`OpLog::on_durable`] waits for a running group write ([`WRITE_WAIT`]).
+    write_wait: Duration,
 }
+
+/// How long a writer whose record may be in another thread's running group write waits for it
+/// to finish (spinning) before handing its completion over: about a few page-cache writes.
+/// Each thread then sends its own replies, in parallel, instead of the writing thread sending
+/// the whole group's one after another (50 connections × 1 set: +13% in alternating runs).
+const WRITE_WAIT: Duration = Duration::from_micros(10);
 
 /// The most recent records in memory, so replication usually streams without reading files.
 #[derive(Default)]
@@ -382,6 +393,8 @@ impl OpLog {
             backlog_limit: std::sync::atomic::AtomicUsize::new(0),
             wakes: AtomicU64::new(0),
             completions: Mutex::new(Vec::new()),
+            writing: std::sync::atomic::AtomicBool::new(false),
+            write_wait: WRITE_WAIT,
         })
     }
 
@@ -667,13 +680,42 @@ impl OpLog {
     }
 
     /// Runs `done` once log record `lsn` is durable per the policy, on whichever thread makes
-    /// it so; never waits itself. A record not yet being written is flushed now by the caller;
-    /// if a flush is under way, its thread runs `done` (flushing again if it must) when it
-    /// finishes. A failed log runs it with `false`. Lets a session hand its reply over instead
-    /// of waiting for someone else's write to finish.
+    /// it so. A record not yet being written is flushed now by the caller. If a flush is under
+    /// way, the caller waits for it up to [`WRITE_WAIT`] (not with `always`: an fsync takes far
+    /// longer) and runs `done` itself if that flush covered the record; past the wait, the
+    /// flushing thread runs `done` (flushing again if it must) when it finishes. A failed log
+    /// runs it with `None`. Lets a session hand its reply over instead of sleeping until
+    /// someone else's write finishes.
     pub fn on_durable(&self, lsn: u64, done: Completion) {
+        if self.policy != FsyncPolicy::Always && self.wait_for_running_write() {
+            let state = lock(&self.flush);
+            if !state.busy && state.written_lsn >= lsn && !self.failed.load(Ordering::Acquire) {
+                let durable = state.written_lsn;
+                drop(state);
+                done(Some(durable));
+                return;
+            }
+        }
         lock(&self.completions).push((lsn, done));
         self.complete();
+    }
+
+    /// Spins while another thread's group write runs, for at most `write_wait`. True when one
+    /// ran and ended meanwhile.
+    fn wait_for_running_write(&self) -> bool {
+        if !self.writing.load(Ordering::Acquire) {
+            return false;
+        }
+        let started = Instant::now();
+        let mut spins = 0u32;
+        while self.writing.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(32) && started.elapsed() >= self.write_wait {
+                return false;
+            }
+        }
+        true
     }
 
     /// Flushes and runs completions until none waits for a record already appended, unless
@@ -747,12 +789,27 @@ impl OpLog {
     /// outside the lock, records how far the log is written and wakes the waiters.
     fn flush_turn<'a>(
         &'a self,
-        mut state: MutexGuard<'a, FlushState>,
+        state: MutexGuard<'a, FlushState>,
         sync: bool,
     ) -> io::Result<MutexGuard<'a, FlushState>> {
-        state.busy = true;
-        drop(state);
+        self.begin_flush(state);
         let result = self.flush_once(sync);
+        self.end_flush(result, sync)
+    }
+
+    /// Takes the busy flag for a group write.
+    fn begin_flush(&self, mut state: MutexGuard<'_, FlushState>) {
+        state.busy = true;
+        self.writing.store(true, Ordering::Release);
+    }
+
+    /// Ends a group write that covered `result` (the LSN written, or the failure): records how
+    /// far the log is written and wakes the waiters.
+    fn end_flush(
+        &self,
+        result: io::Result<u64>,
+        sync: bool,
+    ) -> io::Result<MutexGuard<'_, FlushState>> {
         if let Err(e) = &result {
             log::error!("writing the operation log failed: {e}; refusing further writes");
             self.failed.store(true, Ordering::Release);
@@ -765,6 +822,7 @@ impl OpLog {
                 state.synced_lsn = state.synced_lsn.max(upto);
             }
         }
+        self.writing.store(false, Ordering::Release);
         self.flushed.notify_all();
         result.map(|_| state)
     }
@@ -930,6 +988,71 @@ mod tests {
         let log = OpLog::open(&dir, FsyncPolicy::No, 9, &mut |_| Ok(())).unwrap();
         assert_eq!(log.append(&mut rec("f")).unwrap(), 10);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Runs `on_durable` for a fresh record while another thread holds a group write for
+    /// `hold`; returns the thread that ran the completion and what it was told.
+    fn completion_during_a_write(
+        policy: FsyncPolicy,
+        wait: Duration,
+        hold: Duration,
+    ) -> (std::thread::ThreadId, Option<u64>) {
+        let dir = tmp("wait");
+        let mut log = OpLog::open(&dir, policy, 0, &mut |_| Ok(())).unwrap();
+        log.write_wait = wait;
+        let log = Arc::new(log);
+        let lsn = log.append(&mut rec("a")).unwrap();
+        // Another thread's group write, taking the buffer with the record in it.
+        log.begin_flush(lock(&log.flush));
+        let writer = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                std::thread::sleep(hold);
+                let sync = policy == FsyncPolicy::Always;
+                let written = log.flush_once(sync);
+                drop(log.end_flush(written, sync).unwrap());
+                log.complete();
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        log.on_durable(
+            lsn,
+            Box::new(move |durable| {
+                tx.send((std::thread::current().id(), durable)).unwrap();
+            }),
+        );
+        writer.join().unwrap();
+        let ran = rx.recv().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+        ran
+    }
+
+    #[test]
+    fn a_writer_waits_briefly_for_a_running_group_write_then_hands_over() {
+        let me = std::thread::current().id();
+        // The write ends within the wait: the writer's own thread completes its record.
+        let (ran_on, durable) = completion_during_a_write(
+            FsyncPolicy::EverySec,
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+        );
+        assert_eq!((ran_on, durable), (me, Some(1)));
+        // The write outlasts the wait: the writing thread completes it.
+        let (ran_on, durable) = completion_during_a_write(
+            FsyncPolicy::EverySec,
+            Duration::from_millis(1),
+            Duration::from_millis(200),
+        );
+        assert_ne!(ran_on, me);
+        assert_eq!(durable, Some(1));
+        // With `always` (an fsync per group) nobody waits.
+        let (ran_on, durable) = completion_during_a_write(
+            FsyncPolicy::Always,
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+        );
+        assert_ne!(ran_on, me);
+        assert_eq!(durable, Some(1));
     }
 
     #[test]
