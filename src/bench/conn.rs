@@ -29,11 +29,18 @@ fn protocol_error(msg: &str) -> io::Error {
     io::Error::other(msg.to_string())
 }
 
-fn command(op: KvOp, key: &str, value: &str) -> String {
-    match op {
-        KvOp::Set => format!("set {key} {value}"),
-        KvOp::Get => format!("get {key}"),
-        KvOp::Remove => format!("remove {key}"),
+/// Appends the command line for `op` on `key` (no newline) to `out`.
+fn command(op: KvOp, key: &str, value: &str, out: &mut Vec<u8>) {
+    let verb: &[u8] = match op {
+        KvOp::Set => b"set ",
+        KvOp::Get => b"get ",
+        KvOp::Remove => b"remove ",
+    };
+    out.extend_from_slice(verb);
+    out.extend_from_slice(key.as_bytes());
+    if op == KvOp::Set {
+        out.push(b' ');
+        out.extend_from_slice(value.as_bytes());
     }
 }
 
@@ -84,7 +91,7 @@ impl Conn for NunTcp {
     fn batch(&mut self, op: KvOp, keys: &[String], value: &str) -> io::Result<()> {
         self.out.clear();
         for k in keys {
-            self.out.extend_from_slice(command(op, k, value).as_bytes());
+            command(op, k, value, &mut self.out);
             self.out.push(b'\n');
         }
         self.stream.write_all(&self.out)?;
@@ -98,11 +105,21 @@ impl Conn for NunTcp {
 pub struct NunWs {
     stream: TcpStream,
     out: Vec<u8>,
+    /// One command being framed.
+    line: Vec<u8>,
+    /// Received bytes: `buf[start..end]` is not parsed yet (allocated and zeroed once).
     buf: Vec<u8>,
+    start: usize,
+    end: usize,
 }
 
 /// Appends a masked client text frame (mask 0, so the payload is sent as is).
 pub fn client_frame(text: &str, out: &mut Vec<u8>) {
+    client_frame_bytes(text.as_bytes(), out);
+}
+
+/// [`client_frame`] of a payload already in bytes.
+fn client_frame_bytes(text: &[u8], out: &mut Vec<u8>) {
     let len = text.len();
     out.push(0x81);
     if len < 126 {
@@ -115,33 +132,36 @@ pub fn client_frame(text: &str, out: &mut Vec<u8>) {
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
     out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(text);
+}
+
+/// The payload of the complete server frame at the start of `buf` and the bytes the frame
+/// takes; `None` until the whole frame is there.
+pub fn server_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, header): (usize, usize) = match buf[1] & 0x7F {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    let end = header.checked_add(len)?;
+    (buf.len() >= end).then(|| (&buf[header..end], end))
 }
 
 /// Payloads of the complete server frames at the start of `buf`, and the bytes they used.
 pub fn server_frames(buf: &[u8]) -> (Vec<&[u8]>, usize) {
     let mut at = 0;
     let mut out = Vec::new();
-    loop {
-        let rest = &buf[at..];
-        if rest.len() < 2 {
-            break;
-        }
-        let (len, header) = match rest[1] & 0x7F {
-            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
-            127 if rest.len() >= 10 => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&rest[2..10]);
-                (u64::from_be_bytes(b) as usize, 10)
-            }
-            126 | 127 => break,
-            n => (n as usize, 2),
-        };
-        if rest.len() < header + len {
-            break;
-        }
-        out.push(&rest[header..header + len]);
-        at += header + len;
+    while let Some((payload, used)) = server_frame(&buf[at..]) {
+        out.push(payload);
+        at += used;
     }
     (out, at)
 }
@@ -155,57 +175,63 @@ impl NunWs {
         let mut c = NunWs {
             stream,
             out: Vec::new(),
-            buf: Vec::new(),
+            line: Vec::new(),
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
         };
         let end = loop {
-            if let Some(i) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if let Some(i) = c.data().windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
             c.fill()?;
         };
-        if !c.buf.starts_with(b"HTTP/1.1 101") {
-            return Err(protocol_error(&String::from_utf8_lossy(&c.buf[..end])));
+        if !c.data().starts_with(b"HTTP/1.1 101") {
+            return Err(protocol_error(&String::from_utf8_lossy(&c.data()[..end])));
         }
-        c.buf.drain(..end);
-        c.send_all(&[format!("use-db {db} {token}")])?;
+        c.start += end;
+        c.out.clear();
+        client_frame(&format!("use-db {db} {token}"), &mut c.out);
+        c.stream.write_all(&c.out)?;
         c.read_envelopes(1)?;
         Ok(c)
     }
 
-    fn fill(&mut self) -> io::Result<()> {
-        let len = self.buf.len();
-        self.buf.resize(len + 16 * 1024, 0);
-        let n = self.stream.read(&mut self.buf[len..]);
-        self.buf.truncate(len + *n.as_ref().unwrap_or(&0));
-        if n? == 0 {
-            return Err(protocol_error("server closed the connection"));
-        }
-        Ok(())
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
     }
 
-    fn send_all(&mut self, commands: &[String]) -> io::Result<()> {
-        self.out.clear();
-        for c in commands {
-            client_frame(c, &mut self.out);
+    /// Reads more bytes after the unparsed ones (moved to the front first; the buffer doubles
+    /// only for a frame larger than it).
+    fn fill(&mut self) -> io::Result<()> {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
         }
-        self.stream.write_all(&self.out)
+        let n = self.stream.read(&mut self.buf[self.end..])?;
+        if n == 0 {
+            return Err(protocol_error("server closed the connection"));
+        }
+        self.end += n;
+        Ok(())
     }
 
     fn read_envelopes(&mut self, n: usize) -> io::Result<()> {
         let mut seen = 0;
         while seen < n {
-            let (frames, used) = server_frames(&self.buf);
-            for f in frames {
-                if is_envelope(f) {
-                    if f.starts_with(b"error") {
-                        return Err(protocol_error(&String::from_utf8_lossy(f)));
+            match server_frame(self.data()) {
+                Some((frame, used)) => {
+                    if is_envelope(frame) {
+                        if frame.starts_with(b"error") {
+                            return Err(protocol_error(&String::from_utf8_lossy(frame)));
+                        }
+                        seen += 1;
                     }
-                    seen += 1;
+                    self.start += used;
                 }
-            }
-            self.buf.drain(..used);
-            if seen < n {
-                self.fill()?;
+                None => self.fill()?,
             }
         }
         Ok(())
@@ -214,8 +240,13 @@ impl NunWs {
 
 impl Conn for NunWs {
     fn batch(&mut self, op: KvOp, keys: &[String], value: &str) -> io::Result<()> {
-        let commands: Vec<String> = keys.iter().map(|k| command(op, k, value)).collect();
-        self.send_all(&commands)?;
+        self.out.clear();
+        for k in keys {
+            self.line.clear();
+            command(op, k, value, &mut self.line);
+            client_frame_bytes(&self.line, &mut self.out);
+        }
+        self.stream.write_all(&self.out)?;
         self.read_envelopes(keys.len())
     }
 }
@@ -232,9 +263,10 @@ pub struct Redis {
 
 /// Encodes a RESP command.
 pub fn resp_command(out: &mut Vec<u8>, args: &[&str]) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    // Written straight into `out` (no string formatted per argument).
+    let _ = write!(out, "*{}\r\n", args.len());
     for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        let _ = write!(out, "${}\r\n", a.len());
         out.extend_from_slice(a.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
@@ -297,6 +329,54 @@ impl Redis {
         }
     }
 
+    /// Reads one RESP reply and drops it where it lies (a load row's replies: no copies).
+    fn skip_reply(&mut self) -> io::Result<()> {
+        self.line.clear();
+        if self.reader.read_until(b'\n', &mut self.line)? == 0 {
+            return Err(protocol_error("redis closed the connection"));
+        }
+        let kind = self.line.first().copied().unwrap_or(b'?');
+        let rest = self.line.get(1..).unwrap_or_default().trim_ascii();
+        let number = || -> io::Result<i64> {
+            std::str::from_utf8(rest)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| protocol_error("bad RESP length"))
+        };
+        match kind {
+            b'+' | b':' => Ok(()),
+            b'-' => Err(protocol_error(&String::from_utf8_lossy(rest))),
+            b'$' => {
+                let len = number()?;
+                if len >= 0 {
+                    self.discard(len as usize + 2)?;
+                }
+                Ok(())
+            }
+            b'*' => {
+                for _ in 0..number()?.max(0) {
+                    self.skip_reply()?;
+                }
+                Ok(())
+            }
+            _ => Err(protocol_error("unknown RESP reply")),
+        }
+    }
+
+    /// Drops the next `n` bytes of the stream.
+    fn discard(&mut self, mut n: usize) -> io::Result<()> {
+        while n > 0 {
+            let got = self.reader.fill_buf()?.len();
+            if got == 0 {
+                return Err(protocol_error("redis closed the connection"));
+            }
+            let used = got.min(n);
+            self.reader.consume(used);
+            n -= used;
+        }
+        Ok(())
+    }
+
     /// A second handle on the socket (to shut it down from another thread).
     pub fn stream_clone(&self) -> io::Result<TcpStream> {
         self.stream.try_clone()
@@ -327,11 +407,51 @@ impl Conn for Redis {
         }
         self.stream.write_all(&self.out)?;
         for _ in keys {
-            self.read_reply()?;
+            self.skip_reply()?;
             if waiting {
-                self.read_reply()?;
+                self.skip_reply()?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn redis_replies_are_skipped_whole_and_errors_reported() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"+OK\r\n$3\r\nabc\r\n$-1\r\n*2\r\n$1\r\na\r\n:5\r\n-ERR no\r\n+PONG\r\n")
+                .unwrap();
+        });
+        let mut redis = Redis::connect(&addr).unwrap();
+        for _ in 0..4 {
+            redis.skip_reply().unwrap();
+        }
+        assert_eq!(redis.skip_reply().unwrap_err().to_string(), "ERR no");
+        assert_eq!(redis.read_reply().unwrap(), vec![b"PONG".to_vec()]);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn server_frames_wait_for_whole_frames() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&[0x81, 4]);
+        buf.extend_from_slice(b"ok \n");
+        buf.extend_from_slice(&[0x81, 126, 0, 200]);
+        buf.extend_from_slice(&[b'x'; 200]);
+        assert_eq!(server_frame(&buf), Some((&b"ok \n"[..], 6)));
+        assert_eq!(
+            server_frame(&buf[6..]).map(|(p, n)| (p.len(), n)),
+            Some((200, 204))
+        );
+        assert_eq!(server_frame(&buf[6..buf.len() - 1]), None);
+        assert_eq!(server_frame(&buf[..1]), None);
     }
 }

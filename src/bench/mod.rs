@@ -276,25 +276,33 @@ fn load_slice(
     let ops = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(conns + 1));
     let value = Arc::new("v".repeat(opts.value_size));
+    let keyspace = opts.keyspace.max(1);
+    // Every key, then the first `pipeline` again, so any batch is one slice (no key is
+    // formatted while the clock runs).
+    let keys: Arc<Vec<String>> = Arc::new(
+        (0..keyspace + pipeline)
+            .map(|i| key(i % keyspace))
+            .collect(),
+    );
     let mut handles = Vec::new();
     for c in 0..conns {
         let mut conn = connect(opts, transport)?;
-        let (stop, ops, barrier, value) = (
+        let (stop, ops, barrier, value, all_keys) = (
             Arc::clone(&stop),
             Arc::clone(&ops),
             Arc::clone(&barrier),
             Arc::clone(&value),
+            Arc::clone(&keys),
         );
-        let keyspace = opts.keyspace.max(1);
         handles.push(std::thread::spawn(move || -> io::Result<Samples> {
             let mut samples = Samples::default();
             let mut next = c * 7919 % keyspace;
             barrier.wait();
             while !stop.load(Ordering::Relaxed) {
-                let keys: Vec<String> = (0..pipeline).map(|i| key((next + i) % keyspace)).collect();
+                let keys = &all_keys[next..next + pipeline];
                 next = (next + pipeline) % keyspace;
                 let t = Instant::now();
-                conn.batch(op, &keys, &value)?;
+                conn.batch(op, keys, &value)?;
                 samples.add_n(t.elapsed(), pipeline);
                 ops.fetch_add(pipeline as u64, Ordering::Relaxed);
             }
