@@ -180,6 +180,14 @@ fn words(text: &str, n: usize) -> (Vec<&str>, &str) {
     (out, rest)
 }
 
+/// True when `bytes` hold a `\n` or `\r`: one pass without early exit, which the compiler
+/// turns into wide compares (two memchr passes cost twice the reads).
+fn has_line_break(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .fold(false, |seen, &b| seen | (b == b'\n') | (b == b'\r'))
+}
+
 fn usage(text: &str) -> String {
     format!("Invalid command, usage: {text}")
 }
@@ -201,8 +209,7 @@ impl Command {
     /// Parses one command line (no trailing newline). The error is the message after `error `.
     pub fn parse(line: &str) -> Result<Command, String> {
         let line = line.trim_end_matches(['\r', '\n']);
-        // Two byte searches (memchr) rather than one char-by-char scan for either character.
-        if line.as_bytes().contains(&b'\n') || line.as_bytes().contains(&b'\r') {
+        if has_line_break(line.as_bytes()) {
             // A line break would let one command smuggle another into line-framed streams.
             return Err("Invalid command: line breaks are not allowed inside a command".into());
         }
@@ -551,6 +558,28 @@ mod tests {
                 key: "k".into(),
                 version: 2,
                 value: "v w".into()
+            }
+        );
+    }
+
+    #[test]
+    fn line_breaks_inside_a_command_are_refused_anywhere() {
+        let refused = "Invalid command: line breaks are not allowed inside a command";
+        let long = "v".repeat(300);
+        for value in ["a\rb", "a\nb", "\ra", "a\r\nb"] {
+            for line in [
+                format!("set k {value}"),
+                format!("set k {long}{value}{long}"),
+            ] {
+                assert_eq!(Command::parse(&line).unwrap_err(), refused, "{line:?}");
+            }
+        }
+        // At the very end they are a line ending, not part of the command.
+        assert_eq!(
+            Command::parse(&format!("set k {long}\r\n")).unwrap(),
+            Command::Set {
+                key: "k".into(),
+                value: long.clone()
             }
         );
     }

@@ -9,5 +9,5 @@ pub mod wire;
 
 pub use command::{Command, Strategy};
 pub use reply::{Outcome, Takeover, ERROR_PREFIX, OK};
-pub use split::{split_commands, VERBS};
+pub use split::{for_each_command, split_commands, VERBS};
 pub use wire::Framing;

@@ -51,6 +51,19 @@ fn starts_with_verb(text: &str) -> bool {
 /// value such as `a;b` survives. Surrounding whitespace is trimmed and empty commands are skipped.
 pub fn split_commands(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
+    for_each_command(text, |c| out.push(c));
+    out
+}
+
+/// Calls `f` with each command line of `text`, split as [`split_commands`] does (without
+/// collecting them: a WebSocket frame usually holds one).
+pub fn for_each_command<'a>(text: &'a str, mut f: impl FnMut(&'a str)) {
+    let mut emit = |part: &'a str| {
+        let part = part.trim_matches([' ', '\t', '\r', '\n']);
+        if !part.is_empty() {
+            f(part);
+        }
+    };
     let mut start = 0;
     for (i, _) in text.match_indices(';') {
         if i < start {
@@ -58,19 +71,11 @@ pub fn split_commands(text: &str) -> Vec<&str> {
         }
         let rest = &text[i + 1..];
         if starts_with_verb(rest) || rest.trim_matches([' ', ';']).is_empty() {
-            push_trimmed(&mut out, &text[start..i]);
+            emit(&text[start..i]);
             start = i + 1;
         }
     }
-    push_trimmed(&mut out, &text[start..]);
-    out
-}
-
-fn push_trimmed<'a>(out: &mut Vec<&'a str>, part: &'a str) {
-    let part = part.trim_matches([' ', '\t', '\r', '\n']);
-    if !part.is_empty() {
-        out.push(part);
-    }
+    emit(&text[start..]);
 }
 
 #[cfg(test)]

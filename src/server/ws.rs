@@ -12,7 +12,7 @@ use super::Server;
 use crate::db::outbox::Outbox;
 use crate::exec::{self, Session};
 use crate::protocol::wire::{self, Decoded, FrameError, Handshake};
-use crate::protocol::{split_commands, Framing, Outcome};
+use crate::protocol::{for_each_command, Framing, Outcome};
 
 /// How long a client may take to complete the WebSocket handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -195,9 +195,9 @@ fn run_message(session: &mut Session, payload: &[u8], batch: &mut Batch) {
         batch.push(Outcome::error("Invalid UTF-8 in command"));
         return;
     };
-    for command in split_commands(text) {
-        batch.push(exec::execute_line(session, command));
-    }
+    for_each_command(text, |command| {
+        batch.push(exec::execute_line(session, command))
+    });
 }
 
 /// Sends a close frame with `code` and `reason`, lets it drain, and shuts the session down.
