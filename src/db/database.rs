@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::{Bound, Not};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -177,11 +177,15 @@ impl std::fmt::Display for WriteError {
 #[derive(Debug)]
 pub struct Database {
     name: String,
-    strategy: RwLock<Strategy>,
+    /// The conflict strategy's [`Strategy::code`] (read by every write: no lock to share).
+    strategy: AtomicU8,
     /// Keys in order (sorted `keys` for free, no over-allocated hash table).
     pub(super) data: RwLock<BTreeMap<Box<str>, Entry>>,
     /// Per key, the sessions watching it by outbox id (O(1) watch and unwatch at any scale).
     watchers: Mutex<HashMap<String, HashMap<u64, Shared<Outbox>>>>,
+    /// Keys in `watchers`, kept under its lock: a write to a database nobody watches does not
+    /// take that lock.
+    watched: AtomicUsize,
     pub(super) arbiters: Mutex<Vec<Shared<Outbox>>>,
     /// When each conflict record was seen resolved here (for the retention sweep).
     pub(super) resolved_at: Mutex<HashMap<String, Instant>>,
@@ -228,9 +232,10 @@ impl Database {
         data.insert(Box::from(CONNECTIONS_KEY), Entry::live("0", 0));
         Database {
             name: name.to_string(),
-            strategy: RwLock::new(strategy),
+            strategy: AtomicU8::new(strategy_code(strategy)),
             data: RwLock::new(data),
             watchers: Mutex::new(HashMap::new()),
+            watched: AtomicUsize::new(0),
             arbiters: Mutex::new(Vec::new()),
             resolved_at: Mutex::new(HashMap::new()),
             tombstones: Mutex::new(VecDeque::new()),
@@ -252,7 +257,8 @@ impl Database {
 
     /// The conflict strategy.
     pub fn strategy(&self) -> Strategy {
-        *read(&self.strategy)
+        Strategy::from_code(i32::from(self.strategy.load(Ordering::Acquire)))
+            .unwrap_or(Strategy::None)
     }
 
     /// Marks the database deleted; sessions still holding it get `no-db-selected`.
@@ -537,7 +543,8 @@ impl Database {
                 }
             }
             self.retain_tombstones(tombstones);
-            *write(&self.strategy) = strategy;
+            self.strategy
+                .store(strategy_code(strategy), Ordering::Release);
             self.generation.fetch_add(1, Ordering::AcqRel);
             self.last_lsn.store(lsn, Ordering::Release);
             self.force_snapshot.store(true, Ordering::Release);
@@ -603,7 +610,11 @@ impl Database {
 
     /// Disconnects every session watching a key of this database.
     pub fn close_watchers(&self) {
-        let watchers = std::mem::take(&mut *lock(&self.watchers));
+        let watchers = {
+            let mut watchers = lock(&self.watchers);
+            self.watched.store(0, Ordering::Release);
+            std::mem::take(&mut *watchers)
+        };
         for outbox in watchers.values().flat_map(HashMap::values) {
             outbox.close();
         }
@@ -677,6 +688,7 @@ impl Database {
             .entry(key.to_string())
             .or_default()
             .insert(outbox.id(), outbox.clone());
+        self.watched.store(watchers.len(), Ordering::Release);
     }
 
     /// Removes the session's watcher of `key`.
@@ -686,6 +698,7 @@ impl Database {
             list.remove(&session_id);
             if list.is_empty() {
                 watchers.remove(key);
+                self.watched.store(watchers.len(), Ordering::Release);
             }
         }
     }
@@ -703,6 +716,9 @@ impl Database {
     /// Queues the push for `entry` to every watcher of `key`, dropping watchers that are gone
     /// or too slow. The push is only built when someone watches.
     fn notify(&self, key: &str, entry: &Entry, lsn: u64) {
+        if self.watched.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let mut watchers = lock(&self.watchers);
         let Some(list) = watchers.get_mut(key) else {
             return;
@@ -720,8 +736,14 @@ impl Database {
         crate::metrics::STATS.pushes.add(0, list.len() as u64);
         if list.is_empty() {
             watchers.remove(key);
+            self.watched.store(watchers.len(), Ordering::Release);
         }
     }
+}
+
+/// How a strategy is kept in [`Database`] (its `.madadata` code, which fits a byte).
+fn strategy_code(strategy: Strategy) -> u8 {
+    strategy.code() as u8
 }
 
 /// Version of a key after a write requested at `requested`, given the stored version (if any).
@@ -842,6 +864,47 @@ mod tests {
             got,
             vec!["changed a 1\n", "changed-version a 0 1\n", "removed a\n"]
         );
+    }
+
+    #[test]
+    fn watching_again_after_every_watcher_left_gets_pushes() {
+        let db = Database::new("t", Strategy::None);
+        let (first, first_got) = super::super::outbox::Collect::outbox(100, 1 << 20);
+        let (second, second_got) = super::super::outbox::Collect::outbox(100, 1 << 20);
+        db.write("a", WriteOp::Set("0")).unwrap();
+        db.watch("a", &first);
+        db.watch("b", &second);
+        db.write("a", WriteOp::Set("1")).unwrap();
+        db.unwatch("a", first.id());
+        db.write("a", WriteOp::Set("2")).unwrap();
+        db.unwatch("b", second.id());
+        assert_eq!(db.watch_count(), 0);
+        db.write("b", WriteOp::Set("1")).unwrap();
+        db.watch("b", &second);
+        db.write("b", WriteOp::Set("2")).unwrap();
+        super::super::outbox::take_touched().release();
+        assert_eq!(
+            first_got.take_lines(),
+            vec!["changed a 1\n", "changed-version a 1 1\n"]
+        );
+        assert_eq!(
+            second_got.take_lines(),
+            vec!["changed b 2\n", "changed-version b 1 2\n"]
+        );
+    }
+
+    #[test]
+    fn a_full_sync_changes_the_strategy() {
+        let db = Database::new("t", Strategy::None);
+        db.write("a", WriteOp::Set("1")).unwrap();
+        db.write("a", WriteOp::Set("2")).unwrap();
+        assert_eq!(
+            version(db.write("a", WriteOp::SetSafe(0, "x"))),
+            Err(WriteError::InvalidVersion)
+        );
+        db.replace(Strategy::Newer, vec![("a".into(), Entry::live("1", 5))], 9);
+        assert_eq!(db.strategy(), Strategy::Newer);
+        assert_eq!(version(db.write("a", WriteOp::SetSafe(0, "x"))), Ok(6));
     }
 
     #[test]
