@@ -359,9 +359,11 @@ impl Trimmer {
                     }
                 }
                 let before = resident_kb_and_threads().map_or(0, |r| r.0);
+                let started = std::time::Instant::now();
                 release_free_heap();
+                let took = started.elapsed();
                 let after = resident_kb_and_threads().map_or(0, |r| r.0);
-                log::debug!("heap trimmed: resident {before} -> {after} KiB");
+                log::debug!("heap trimmed in {took:?}: resident {before} -> {after} KiB");
                 // Threads that were still exiting free their caches after the last request:
                 // once things have settled, trim again (a new request starts a new round).
                 requested = match rx.recv_timeout(TRIM_SETTLE) {

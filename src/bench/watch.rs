@@ -290,29 +290,51 @@ fn read_all(
     result
 }
 
-/// One writer sends `board`'s writes one at a time, each once every watcher got the previous.
-fn write_all(opts: &BenchOptions, server: Server, board: &Board) -> io::Result<f64> {
-    let writes = board.sent_at.len();
-    let mut nun = match server {
-        Server::Nun => Some(NunTcp::connect(&opts.tcp, DB, TOKEN)?),
-        Server::Redis => None,
-    };
-    let mut redis = match server {
-        Server::Redis => Some(Redis::connect(opts.redis.as_deref().unwrap_or_default())?),
-        Server::Nun => None,
-    };
-    let started = Instant::now();
-    for seq in 0..writes {
-        board.sent_at[seq].store(board.start.elapsed().as_nanos() as u64, Ordering::Release);
+/// The one writer of a watch row.
+enum Writer {
+    /// Sets over our TCP protocol.
+    Nun(NunTcp),
+    /// PUBLISH to Redis.
+    Redis(Redis),
+}
+
+impl Writer {
+    fn connect(opts: &BenchOptions, server: Server) -> io::Result<Writer> {
+        Ok(match server {
+            Server::Nun => Writer::Nun(NunTcp::connect(&opts.tcp, DB, TOKEN)?),
+            Server::Redis => {
+                Writer::Redis(Redis::connect(opts.redis.as_deref().unwrap_or_default())?)
+            }
+        })
+    }
+
+    /// Sends write `seq` and reads its reply.
+    fn write(&mut self, seq: usize) -> io::Result<()> {
         let value = seq.to_string();
-        if let Some(w) = nun.as_mut() {
-            use super::conn::Conn;
-            w.batch(KvOp::Set, &[KEY.to_string()], &value)?;
+        match self {
+            Writer::Nun(w) => {
+                use super::conn::Conn;
+                w.batch(KvOp::Set, &[KEY.to_string()], &value)
+            }
+            Writer::Redis(w) => {
+                w.send(&["PUBLISH", KEY, &value])?;
+                w.read_reply().map(drop)
+            }
         }
-        if let Some(w) = redis.as_mut() {
-            w.send(&["PUBLISH", KEY, &value])?;
-            w.read_reply()?;
-        }
+    }
+}
+
+/// Sends `board`'s writes `seqs` one at a time, each once every watcher got the previous;
+/// returns the seconds taken.
+fn write_range(
+    writer: &mut Writer,
+    board: &Board,
+    seqs: std::ops::Range<usize>,
+) -> io::Result<f64> {
+    let started = Instant::now();
+    for seq in seqs {
+        board.sent_at[seq].store(board.start.elapsed().as_nanos() as u64, Ordering::Release);
+        writer.write(seq)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut done = board.completed.lock().unwrap_or_else(|e| e.into_inner());
         while *done <= seq {
@@ -352,19 +374,52 @@ fn results(board: &Board, elapsed: f64) -> WatchResult {
     r
 }
 
-fn measure(opts: &BenchOptions, server: Server, watchers: usize) -> io::Result<WatchResult> {
-    let board = Arc::new(Board::new(opts.watch_writes, watchers));
-    let open = Watchers::open(opts, server, watchers, &board)?;
-    let elapsed = write_all(opts, server, &board);
-    open.close()?;
-    Ok(results(&board, elapsed?))
+/// A row's writes go out in this many slices, taken in turn by each server (like the load
+/// rows), so a machine whose speed drifts weighs on both alike.
+const WATCH_SLICES: usize = 3;
+
+/// One watch row on each of `servers`: all their watchers open at once, the writes sent in
+/// [`WATCH_SLICES`] turns per server.
+fn measure(
+    opts: &BenchOptions,
+    servers: &[Server],
+    watchers: usize,
+) -> io::Result<Vec<WatchResult>> {
+    let writes = opts.watch_writes;
+    let mut rows = Vec::new();
+    for &server in servers {
+        let board = Arc::new(Board::new(writes, watchers));
+        let open = Watchers::open(opts, server, watchers, &board)?;
+        let writer = Writer::connect(opts, server)?;
+        rows.push((board, open, writer, 0.0));
+    }
+    let mut sent = Ok(());
+    'slices: for slice in 0..WATCH_SLICES {
+        let seqs = slice * writes / WATCH_SLICES..(slice + 1) * writes / WATCH_SLICES;
+        for (board, _, writer, elapsed) in rows.iter_mut() {
+            match write_range(writer, board, seqs.clone()) {
+                Ok(took) => *elapsed += took,
+                Err(e) => {
+                    sent = Err(e);
+                    break 'slices;
+                }
+            }
+        }
+    }
+    // Every reader stops, whatever happened to the writes.
+    let mut results_of = Vec::new();
+    for (board, open, _, elapsed) in rows {
+        open.close()?;
+        results_of.push(results(&board, elapsed));
+    }
+    sent.map(|()| results_of)
 }
 
 /// The watch table.
 pub fn report(opts: &BenchOptions) -> io::Result<String> {
     let mut out = format!(
-        "Watch fan-out: {} writes per row, one writer (TCP), watchers on WebSocket (Redis: SUBSCRIBE/PUBLISH), one epoll client thread reading all watchers. Latency from write sent to push received, µs.\n\n",
-        opts.watch_writes
+        "Watch fan-out: {} writes per row, one writer (TCP), watchers on WebSocket (Redis: SUBSCRIBE/PUBLISH), one epoll client thread per server reading all its watchers; the writes go in {} slices taken in turn by each server. Latency from write sent to push received, µs.\n\n",
+        opts.watch_writes, WATCH_SLICES
     );
     out.push_str("| watchers | first p50 | first p99 | last p50 | last p99 | deliveries/s |");
     if opts.redis.is_some() {
@@ -376,8 +431,16 @@ pub fn report(opts: &BenchOptions) -> io::Result<String> {
         out.push_str("---|---|---|---|---|---|");
     }
     out.push('\n');
+    let servers: &[Server] = if opts.redis.is_some() {
+        &[Server::Nun, Server::Redis]
+    } else {
+        &[Server::Nun]
+    };
     for &m in &opts.watchers {
-        let mut ours = measure(opts, Server::Nun, m)?;
+        let mut rows = measure(opts, servers, m)?.into_iter();
+        let Some(mut ours) = rows.next() else {
+            continue;
+        };
         out.push_str(&format!(
             "| {m} | {} | {} | {} | {} | {:.0} |",
             ours.first.percentile(50.0),
@@ -386,8 +449,7 @@ pub fn report(opts: &BenchOptions) -> io::Result<String> {
             ours.last.percentile(99.0),
             ours.deliveries_per_sec
         ));
-        if opts.redis.is_some() {
-            let mut r = measure(opts, Server::Redis, m)?;
+        if let Some(mut r) = rows.next() {
             let ratio = ours.first.percentile(99.0) as f64 / r.first.percentile(99.0).max(1) as f64;
             out.push_str(&format!(
                 " {} | {} | {} | {} | {:.0} | {:.2}× |",
@@ -442,7 +504,8 @@ fn connections_row(
     let open = Watchers::open(opts, server, n, &board)?;
     std::thread::sleep(SETTLE);
     let (connected_kb, threads) = pid.and_then(proc_status).unwrap_or((0, 0));
-    let elapsed = write_all(opts, server, &board);
+    let elapsed = Writer::connect(opts, server)
+        .and_then(|mut w| write_range(&mut w, &board, 0..opts.watch_writes));
     open.close()?;
     let elapsed = elapsed?;
     let left = Instant::now();
