@@ -180,22 +180,6 @@ fn words(text: &str, n: usize) -> (Vec<&str>, &str) {
     (out, rest)
 }
 
-/// True when `bytes` hold a `\n` or `\r`: one pass, 32 bytes at a time without a branch per
-/// byte (the compiler turns each block into wide compares).
-fn has_line_break(bytes: &[u8]) -> bool {
-    let mut blocks = bytes.chunks_exact(32);
-    for block in &mut blocks {
-        let mut hit = 0u8;
-        for &b in block {
-            hit |= u8::from(b == b'\n') | u8::from(b == b'\r');
-        }
-        if hit != 0 {
-            return true;
-        }
-    }
-    blocks.remainder().iter().any(|&b| b == b'\n' || b == b'\r')
-}
-
 fn usage(text: &str) -> String {
     format!("Invalid command, usage: {text}")
 }
@@ -217,7 +201,7 @@ impl Command {
     /// Parses one command line (no trailing newline). The error is the message after `error `.
     pub fn parse(line: &str) -> Result<Command, String> {
         let line = line.trim_end_matches(['\r', '\n']);
-        if has_line_break(line.as_bytes()) {
+        if super::scan::has_line_break(line.as_bytes()) {
             // A line break would let one command smuggle another into line-framed streams.
             return Err("Invalid command: line breaks are not allowed inside a command".into());
         }

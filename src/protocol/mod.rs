@@ -4,6 +4,7 @@
 
 mod command;
 mod reply;
+pub mod scan;
 mod split;
 pub mod wire;
 

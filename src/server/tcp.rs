@@ -10,7 +10,7 @@ use super::Server;
 use crate::cluster::replication;
 use crate::db::outbox::Outbox;
 use crate::exec::{self, Session};
-use crate::protocol::{Framing, Outcome, Takeover};
+use crate::protocol::{scan, Framing, Outcome, Takeover};
 
 /// Most commands run before their replies are sent when a client pipelines.
 const MAX_BATCH: usize = 1024;
@@ -37,7 +37,7 @@ pub fn serve(server: &Server, conn: Conn) {
     let max_line = node.config.max_line;
     loop {
         let data = conn.data();
-        let Some(end) = data.iter().position(|&b| b == b'\n') else {
+        let Some(end) = scan::find_newline(data) else {
             if data.len() > max_line || discarding {
                 discarding = true;
                 let n = data.len();
