@@ -15,18 +15,32 @@ fn block_has(block: &[u8], a: u8, b: u8) -> bool {
     hit != 0
 }
 
+/// Bit `i` set when byte `i` of the (32-byte) `block` is `byte`.
+#[inline]
+fn block_mask(block: &[u8], byte: u8) -> u32 {
+    let mut mask = 0u32;
+    for (i, &x) in block.iter().enumerate().take(BLOCK) {
+        mask |= u32::from(x == byte) << i;
+    }
+    mask
+}
+
 /// Position of the first `\n` in `bytes`.
 pub fn find_newline(bytes: &[u8]) -> Option<usize> {
+    let mut blocks = bytes.chunks_exact(BLOCK);
     let mut start = 0;
-    for block in bytes.chunks(BLOCK) {
-        if block.len() < BLOCK || block_has(block, b'\n', b'\n') {
-            if let Some(i) = block.iter().position(|&x| x == b'\n') {
-                return Some(start + i);
-            }
+    for block in &mut blocks {
+        let mask = block_mask(block, b'\n');
+        if mask != 0 {
+            return Some(start + mask.trailing_zeros() as usize);
         }
-        start += block.len();
+        start += BLOCK;
     }
-    None
+    blocks
+        .remainder()
+        .iter()
+        .position(|&x| x == b'\n')
+        .map(|i| start + i)
 }
 
 /// True when `bytes` hold a `\n` or `\r`.
