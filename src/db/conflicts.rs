@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::database::{lock, read, write};
+use super::key::Key;
 use super::outbox::{Outbox, Push};
 use super::{Database, Entry, WriteError, WriteOp, Written};
 use crate::packed::Shared;
@@ -56,7 +57,7 @@ fn is_pending(entry: &Entry) -> bool {
 }
 
 /// Pending conflict records, oldest first, of `key` (or of every key when `None`).
-fn pending(data: &BTreeMap<Box<str>, Entry>, key: Option<&str>) -> Vec<(u64, String)> {
+fn pending(data: &BTreeMap<Key, Entry>, key: Option<&str>) -> Vec<(u64, String)> {
     let prefix = match key {
         Some(k) => format!("{CONFLICTS_PREFIX}{k}_"),
         None => CONFLICTS_PREFIX.to_string(),

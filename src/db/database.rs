@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use super::key::Key;
 use super::outbox::{Outbox, Push};
 use crate::packed::Shared;
 use crate::protocol::Strategy;
@@ -49,18 +50,18 @@ pub fn is_floor_key(key: &str) -> bool {
 }
 
 /// Raises floor entry `floor` to at least `version`.
-fn raise_floor(data: &mut BTreeMap<Box<str>, Entry>, floor: &str, version: i32) {
+fn raise_floor(data: &mut BTreeMap<Key, Entry>, floor: &str, version: i32) {
     match data.get_mut(floor) {
         Some(e) => e.version = e.version.max(version),
         None => {
-            data.insert(Box::from(floor), Entry::removed(version));
+            data.insert(Key::from(floor), Entry::removed(version));
         }
     }
 }
 
 /// Puts a snapshot or full-sync entry into `data`; returns true for a tombstone (whose
 /// retention then starts).
-fn insert_loaded(data: &mut BTreeMap<Box<str>, Entry>, key: String, entry: Entry) -> bool {
+fn insert_loaded(data: &mut BTreeMap<Key, Entry>, key: String, entry: Entry) -> bool {
     if key == CONNECTIONS_KEY {
         return false;
     }
@@ -69,7 +70,7 @@ fn insert_loaded(data: &mut BTreeMap<Box<str>, Entry>, key: String, entry: Entry
         return false;
     }
     let tombstone = entry.deleted;
-    data.insert(key.into_boxed_str(), entry);
+    data.insert(Key::from(key), entry);
     tombstone
 }
 
@@ -180,7 +181,7 @@ pub struct Database {
     /// The conflict strategy's [`Strategy::code`] (read by every write: no lock to share).
     strategy: AtomicU8,
     /// Keys in order (sorted `keys` for free, no over-allocated hash table).
-    pub(super) data: RwLock<BTreeMap<Box<str>, Entry>>,
+    pub(super) data: RwLock<BTreeMap<Key, Entry>>,
     /// Per key, the sessions watching it by outbox id (O(1) watch and unwatch at any scale).
     watchers: Mutex<HashMap<String, HashMap<u64, Shared<Outbox>>>>,
     /// Keys in `watchers`, kept under its lock: a write to a database nobody watches does not
@@ -229,7 +230,7 @@ impl Database {
     /// An empty database whose changes are appended to `log`.
     pub fn with_log(name: &str, strategy: Strategy, log: Option<Arc<OpLog>>) -> Database {
         let mut data = BTreeMap::new();
-        data.insert(Box::from(CONNECTIONS_KEY), Entry::live("0", 0));
+        data.insert(Key::from(CONNECTIONS_KEY), Entry::live("0", 0));
         Database {
             name: name.to_string(),
             strategy: AtomicU8::new(strategy_code(strategy)),
@@ -309,7 +310,7 @@ impl Database {
     }
 
     /// Recounts the live keys after the map was filled wholesale (load, full sync).
-    fn recount(&self, data: &BTreeMap<Box<str>, Entry>) {
+    fn recount(&self, data: &BTreeMap<Key, Entry>) {
         let live = data.values().filter(|e| !e.deleted).count() as u64;
         self.live.store(live, Ordering::Relaxed);
     }
@@ -335,7 +336,7 @@ impl Database {
     /// [`Database::write`] with the data lock already held.
     pub(super) fn write_locked(
         &self,
-        data: &mut BTreeMap<Box<str>, Entry>,
+        data: &mut BTreeMap<Key, Entry>,
         key: &str,
         op: WriteOp<'_>,
     ) -> Result<Written, WriteError> {
@@ -469,7 +470,7 @@ impl Database {
 
     /// Inserts `entry` and queues its notification (sent once log record `lsn` is durable) to
     /// the key's watchers.
-    fn store(&self, data: &mut BTreeMap<Box<str>, Entry>, key: &str, entry: Entry, lsn: u64) {
+    fn store(&self, data: &mut BTreeMap<Key, Entry>, key: &str, entry: Entry, lsn: u64) {
         let conflict_record = self.announce(key, &entry, lsn);
         let now_live = !entry.deleted;
         let was_live = if conflict_record && entry.deleted {
@@ -479,7 +480,7 @@ impl Database {
         } else if let Some(slot) = data.get_mut(key) {
             std::mem::replace(slot, entry).deleted.not()
         } else {
-            data.insert(Box::from(key), entry);
+            data.insert(Key::from(key), entry);
             false
         };
         self.count_live(was_live, now_live);

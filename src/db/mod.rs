@@ -2,6 +2,7 @@
 
 pub mod conflicts;
 mod database;
+pub mod key;
 pub mod outbox;
 pub mod pattern;
 pub mod security;
