@@ -134,11 +134,7 @@ mod tests {
             let k = Key::from(t);
             assert_eq!(&*k, t);
             assert_eq!(Key::from(t.to_string()), k);
-            assert_eq!(
-                matches!(k, Key::Inline { .. }),
-                t.len() <= INLINE,
-                "{t:?}"
-            );
+            assert_eq!(matches!(k, Key::Inline { .. }), t.len() <= INLINE, "{t:?}");
             map.insert(k, t.len());
         }
         let mut sorted = texts.to_vec();
