@@ -301,8 +301,11 @@ pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
 /// for the log write (done by this thread, or by the one already writing) and the session goes
 /// on reading. Where it waits for a majority, the batch is handed to the thread that learns of
 /// the commit ([`Cluster::on_commit`]) and the session goes on reading; its next replies wait
-/// for that one. Either way its own pushes go first, then its replies, then the pushes to
-/// every other watcher. False when the session closed.
+/// for that one. Its own pushes always precede its replies. Acknowledged here, the outboxes
+/// are released in the order the batch first queued into them (so watchers of its changes
+/// usually get their pushes before it gets its replies, as Redis's subscribers do); after a
+/// majority commit, its own pushes and replies go first, then everyone else's pushes. False
+/// when the session closed.
 pub fn acknowledge_and_reply(
     session: &Session,
     outcomes: &mut Vec<Outcome>,
