@@ -681,7 +681,7 @@ impl OpLog {
 
     /// Runs `done` once log record `lsn` is durable per the policy, on whichever thread makes
     /// it so. A record not yet being written is flushed now by the caller. If a flush is under
-    /// way, the caller waits for it up to [`WRITE_WAIT`] (not with `always`: an fsync takes far
+    /// way, the caller waits for it up to 10 µs (not with `always`: an fsync takes far
     /// longer) and runs `done` itself if that flush covered the record; past the wait, the
     /// flushing thread runs `done` (flushing again if it must) when it finishes. A failed log
     /// runs it with `None`. Lets a session hand its reply over instead of sleeping until
