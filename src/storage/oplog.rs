@@ -742,14 +742,10 @@ impl OpLog {
                     }
                 }
             };
-            let ready: Vec<(u64, Completion)> = {
-                let mut waiting = lock(&self.completions);
-                let (ready, rest) = std::mem::take(&mut *waiting)
-                    .into_iter()
-                    .partition(|(l, _)| durable.is_none_or(|d| *l <= d));
-                *waiting = rest;
-                ready
-            };
+            // Taken out in place: the waiting list keeps its buffer for the next writes.
+            let ready: Vec<(u64, Completion)> = lock(&self.completions)
+                .extract_if(.., |(l, _)| durable.is_none_or(|d| *l <= d))
+                .collect();
             for (_, done) in ready {
                 done(durable);
             }
