@@ -248,10 +248,25 @@ fn load_rows(
     let slices = opts.duration.as_secs_f64() / SLICE.as_secs_f64();
     let slices = (slices.ceil() as u32).max(1);
     let slice = opts.duration / slices;
+    let keyspace = opts.keyspace.max(1);
+    // Every key, then the first `pipeline` again, so any batch is one slice (no key is
+    // formatted while the clock runs); made once for all the row's slices.
+    let keys: Arc<Vec<String>> = Arc::new(
+        (0..keyspace + pipeline)
+            .map(|i| key(i % keyspace))
+            .collect(),
+    );
     let mut totals: Vec<Totals> = transports.iter().map(|_| Totals::default()).collect();
     for _ in 0..slices {
         for (t, total) in transports.iter().zip(totals.iter_mut()) {
-            load_slice(opts, *t, op, conns, pipeline, slice, total)?;
+            let load = Load {
+                transport: *t,
+                op,
+                conns,
+                pipeline,
+                keys: &keys,
+            };
+            load_slice(opts, &load, slice, total)?;
         }
     }
     Ok(transports
@@ -261,29 +276,36 @@ fn load_rows(
         .collect())
 }
 
-/// Loads `transport` for `time` with `conns` connections each sending batches of `pipeline`
-/// commands, adding what they did to `total`.
-fn load_slice(
-    opts: &BenchOptions,
+/// What one slice loads: a target, an operation, how many connections and how deep they
+/// pipeline, over which keys (every key, then the first `pipeline` again).
+struct Load<'a> {
     transport: Transport,
     op: KvOp,
     conns: usize,
     pipeline: usize,
+    keys: &'a Arc<Vec<String>>,
+}
+
+/// Runs `load` for `time`, each connection sending batches of `pipeline` commands, adding what
+/// they did to `total`.
+fn load_slice(
+    opts: &BenchOptions,
+    load: &Load<'_>,
     time: Duration,
     total: &mut Totals,
 ) -> io::Result<()> {
+    let &Load {
+        transport,
+        op,
+        conns,
+        pipeline,
+        keys,
+    } = load;
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(conns + 1));
     let value = Arc::new("v".repeat(opts.value_size));
-    let keyspace = opts.keyspace.max(1);
-    // Every key, then the first `pipeline` again, so any batch is one slice (no key is
-    // formatted while the clock runs).
-    let keys: Arc<Vec<String>> = Arc::new(
-        (0..keyspace + pipeline)
-            .map(|i| key(i % keyspace))
-            .collect(),
-    );
+    let keyspace = keys.len() - pipeline;
     let mut handles = Vec::new();
     for c in 0..conns {
         let mut conn = connect(opts, transport)?;
@@ -292,7 +314,7 @@ fn load_slice(
             Arc::clone(&ops),
             Arc::clone(&barrier),
             Arc::clone(&value),
-            Arc::clone(&keys),
+            Arc::clone(keys),
         );
         handles.push(std::thread::spawn(move || -> io::Result<Samples> {
             let mut samples = Samples::default();

@@ -292,8 +292,8 @@ fn read_all(
 
 /// The one writer of a watch row.
 enum Writer {
-    /// Sets over our TCP protocol.
-    Nun(NunTcp),
+    /// Sets over our TCP protocol (with the key, made once).
+    Nun(NunTcp, [String; 1]),
     /// PUBLISH to Redis.
     Redis(Redis),
 }
@@ -301,7 +301,7 @@ enum Writer {
 impl Writer {
     fn connect(opts: &BenchOptions, server: Server) -> io::Result<Writer> {
         Ok(match server {
-            Server::Nun => Writer::Nun(NunTcp::connect(&opts.tcp, DB, TOKEN)?),
+            Server::Nun => Writer::Nun(NunTcp::connect(&opts.tcp, DB, TOKEN)?, [KEY.to_string()]),
             Server::Redis => {
                 Writer::Redis(Redis::connect(opts.redis.as_deref().unwrap_or_default())?)
             }
@@ -312,9 +312,9 @@ impl Writer {
     fn write(&mut self, seq: usize) -> io::Result<()> {
         let value = seq.to_string();
         match self {
-            Writer::Nun(w) => {
+            Writer::Nun(w, key) => {
                 use super::conn::Conn;
-                w.batch(KvOp::Set, &[KEY.to_string()], &value)
+                w.batch(KvOp::Set, key, &value)
             }
             Writer::Redis(w) => {
                 w.send(&["PUBLISH", KEY, &value])?;
