@@ -450,13 +450,13 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::UseDb { db, user, token } => {
             let database = node
                 .dbs
-                .get(&db)
+                .get(db)
                 .ok_or_else(|| Outcome::error("Not a valid database name"))?;
             let (stored, acting) = match &user {
                 None => (database.get(TOKEN_KEY), TOKEN_USER.to_string()),
-                Some(u) => (database.get(&db::user_key(u)), u.clone()),
+                Some(u) => (database.get(&db::user_key(u)), u.to_string()),
             };
-            let valid = stored.is_some_and(|(hash, _)| security::verify_secret(&token, &hash));
+            let valid = stored.is_some_and(|(hash, _)| security::verify_secret(token, &hash));
             if !valid {
                 return Err(Outcome::error("Invalid token"));
             }
@@ -469,12 +469,12 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             strategy,
         } => {
             require_admin(session)?;
-            if !db::valid_db_name(&name) {
+            if !db::valid_db_name(name) {
                 return Err(Outcome::error(format!("Invalid database name: {name}")));
             }
             match node
                 .dbs
-                .create(&name, &security::hash_secret(&token), strategy)
+                .create(name, &security::hash_secret(token), strategy)
             {
                 Ok(Some((_, lsn))) => Ok(Outcome {
                     lsn,
@@ -486,7 +486,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::DeleteDb { name } => {
             require_admin(session)?;
-            match node.dbs.delete(&name) {
+            match node.dbs.delete(name) {
                 Ok(Some(lsn)) => Ok(Outcome::written(lsn)),
                 Ok(None) => Err(Outcome::error("Not a valid database name")),
                 Err(e) => Err(Outcome::error(e.to_string())),
@@ -495,9 +495,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         Command::Get { key } => {
             let start = metrics::sample_due().then(Instant::now);
             let db = selected_db(session)?;
-            check_key(session, db, Access::Read, &key)?;
+            check_key(session, db, Access::Read, key)?;
             let message = committed_read(node, db, || {
-                db.get_with(&key, |value, _| reply_line("value ", None, value))
+                db.get_with(key, |value, _| reply_line("value ", None, value))
                     .unwrap_or_else(|| "value <Empty>".to_string())
             })?;
             if let Some(start) = start {
@@ -507,9 +507,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::GetSafe { key } => {
             let db = selected_db(session)?;
-            check_key(session, db, Access::Read, &key)?;
+            check_key(session, db, Access::Read, key)?;
             let message = committed_read(node, db, || {
-                db.get_with(&key, |v, version| {
+                db.get_with(key, |v, version| {
                     reply_line("value-version ", Some(version), v)
                 })
                 .unwrap_or_else(|| "value-version 1 <Empty>".to_string())
@@ -518,9 +518,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::Set { key, value } => {
             let db = selected_db(session)?;
-            check_key(session, db, Access::Write, &key)?;
-            check_writable(&key)?;
-            write_value(node, db, &key, WriteOp::Set(&stored_value(&key, &value)))
+            check_key(session, db, Access::Write, key)?;
+            check_writable(key)?;
+            write_value(node, db, key, WriteOp::Set(&stored_value(key, value)))
         }
         Command::SetSafe {
             key,
@@ -528,29 +528,29 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             value,
         } => {
             let db = selected_db(session)?;
-            check_key(session, db, Access::Write, &key)?;
-            check_writable(&key)?;
+            check_key(session, db, Access::Write, key)?;
+            check_writable(key)?;
             write_value(
                 node,
                 db,
-                &key,
-                WriteOp::SetSafe(version, &stored_value(&key, &value)),
+                key,
+                WriteOp::SetSafe(version, &stored_value(key, value)),
             )
         }
         Command::Increment { key, by } => {
             let db = selected_db(session)?;
-            check_key(session, db, Access::Increment, &key)?;
-            check_writable(&key)?;
-            write_result(db.write(&key, WriteOp::Increment(by)))
+            check_key(session, db, Access::Increment, key)?;
+            check_writable(key)?;
+            write_result(db.write(key, WriteOp::Increment(by)))
         }
         Command::Remove { key } => {
             let db = selected_db(session)?;
             if key == TOKEN_KEY {
                 return Err(Outcome::error("The $$token key can not be removed"));
             }
-            check_key(session, db, Access::Remove, &key)?;
-            check_writable(&key)?;
-            let written = db.write(&key, WriteOp::Remove);
+            check_key(session, db, Access::Remove, key)?;
+            check_writable(key)?;
+            let written = db.write(key, WriteOp::Remove);
             if let (Ok(w), Some(c)) = (&written, node.cluster()) {
                 if w.lsn == 0 {
                     c.confirm_leadership().map_err(Outcome::error)?;
@@ -563,7 +563,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             let admin = session.admin;
             let pattern = pattern.unwrap_or_default();
             let keys = committed_read(node, db, || {
-                db.keys(|k| (admin || !k.starts_with("$$")) && pattern::matches(&pattern, k))
+                db.keys(|k| (admin || !k.starts_with("$$")) && pattern::matches(pattern, k))
             })?;
             let mut line = String::from("keys ");
             for k in keys {
@@ -574,20 +574,20 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::Watch { key } => {
             let db = Arc::clone(selected_db(session)?);
-            check_key(session, &db, Access::Read, &key)?;
-            db.watch(&key, &session.outbox);
+            check_key(session, &db, Access::Read, key)?;
+            db.watch(key, &session.outbox);
             if !session
                 .watching
                 .iter()
                 .any(|(d, k)| Arc::ptr_eq(d, &db) && *k == key)
             {
-                session.watching.push((db, key));
+                session.watching.push((db, key.to_string()));
             }
             Ok(Outcome::ok())
         }
         Command::Unwatch { key } => {
             let db = Arc::clone(selected_db(session)?);
-            db.unwatch(&key, session.outbox.id());
+            db.unwatch(key, session.outbox.id());
             session
                 .watching
                 .retain(|(d, k)| !(Arc::ptr_eq(d, &db) && *k == key));
@@ -641,9 +641,9 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                     db.name()
                 )));
             }
-            check_key(session, db, Access::Write, &key)?;
-            check_writable(&key)?;
-            write_result(db.resolve(&key, &opp_id, &stored_value(&key, &value)))
+            check_key(session, db, Access::Write, key)?;
+            check_writable(key)?;
+            write_result(db.resolve(key, opp_id, &stored_value(key, value)))
         }
         Command::CreateUser { user, token } => {
             require_admin(session)?;
@@ -652,15 +652,15 @@ fn run(session: &mut Session, cmd: Command) -> Res {
             }
             let db = selected_db(session)?;
             write_result(db.write(
-                &db::user_key(&user),
-                WriteOp::Set(&security::hash_secret(&token)),
+                &db::user_key(user),
+                WriteOp::Set(&security::hash_secret(token)),
             ))
         }
         Command::SetPermissions { user, spec } => {
             require_admin(session)?;
             let db = selected_db(session)?;
-            Permissions::parse(&spec).map_err(Outcome::error)?;
-            write_result(db.write(&db::permission_key(&user), WriteOp::Set(&spec)))
+            Permissions::parse(spec).map_err(Outcome::error)?;
+            write_result(db.write(&db::permission_key(user), WriteOp::Set(spec)))
         }
         Command::ClusterState => {
             require_admin(session)?;
@@ -693,7 +693,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::Debug { sub } => {
             require_admin(session)?;
-            match sub.as_str() {
+            match sub {
                 "process-info" => {
                     let dbs = node.dbs.all();
                     let entries: usize = dbs.iter().map(|d| d.stored_entries()).sum();
@@ -726,28 +726,28 @@ fn run(session: &mut Session, cmd: Command) -> Res {
         }
         Command::Join { node: member } => {
             require_admin(session)?;
-            Ok(membership::change(node, session, &member, true))
+            Ok(membership::change(node, session, member, true))
         }
         Command::Leave { node: member } => {
             require_admin(session)?;
-            Ok(membership::change(node, session, &member, false))
+            Ok(membership::change(node, session, member, false))
         }
         Command::Election {
             term,
             candidate,
             last_term,
             last_lsn,
-        } => answer_candidate(session, false, term, &candidate, (last_term, last_lsn)),
+        } => answer_candidate(session, false, term, candidate, (last_term, last_lsn)),
         Command::PreVote {
             term,
             candidate,
             last_term,
             last_lsn,
-        } => answer_candidate(session, true, term, &candidate, (last_term, last_lsn)),
+        } => answer_candidate(session, true, term, candidate, (last_term, last_lsn)),
         Command::Victory { term, primary } => {
             require_admin(session)?;
             match node.cluster() {
-                Some(c) if c.handle_victory(term, &primary) => Ok(Outcome::ok()),
+                Some(c) if c.handle_victory(term, primary) => Ok(Outcome::ok()),
                 _ => Err(Outcome::error("Stale term")),
             }
         }
@@ -761,7 +761,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 takeover: Some(Takeover::Replicate {
                     after,
                     after_term,
-                    node: peer,
+                    node: peer.to_string(),
                 }),
                 ..Outcome::default()
             })
@@ -777,7 +777,7 @@ fn run(session: &mut Session, cmd: Command) -> Res {
                 return Err(Outcome::error("Not the primary"));
             }
             log::debug!("write forwarded by {origin}: {line}");
-            Ok(run_forwarded(node, &db, &user, &line))
+            Ok(run_forwarded(node, db, user, line))
         }
     }
 }
