@@ -166,15 +166,31 @@ pub fn decode_frame(buf: &mut [u8], max: usize) -> Result<Decoded, FrameError> {
     }
     let mask = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
     at += 4;
-    for (i, b) in buf[at..total].iter_mut().enumerate() {
-        *b ^= mask[i & 3];
-    }
+    unmask(&mut buf[at..total], mask);
     Ok(Decoded::Frame(FrameRef {
         fin,
         opcode,
         payload: at..total,
         len: total,
     }))
+}
+
+/// XORs `payload` with the repeated 4-byte `mask`, eight bytes at a time (a byte loop was 5%
+/// of the server under pipelined WebSocket sets).
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ word).to_ne_bytes());
+    }
+    // The tail starts at a multiple of 8, so the mask lines up from its first byte again.
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
 }
 
 /// Result of looking at the bytes of an HTTP upgrade request.
@@ -289,6 +305,21 @@ mod tests {
             assert_eq!(f.opcode, OP_TEXT);
             assert_eq!(&buf[f.payload.clone()], &payload[..]);
             assert_eq!(&buf[f.len..], b"next");
+        }
+    }
+
+    #[test]
+    fn unmasking_by_words_matches_the_byte_rule_at_every_length() {
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        for len in 0..=40usize {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
+            let mut payload: Vec<u8> = plain
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect();
+            unmask(&mut payload, mask);
+            assert_eq!(payload, plain, "length {len}");
         }
     }
 
