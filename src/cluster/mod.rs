@@ -213,6 +213,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The highest log position that at least `need` of `marks` have reached.
+fn reached_by(marks: impl Iterator<Item = u64> + Clone, need: usize) -> u64 {
+    marks
+        .clone()
+        .filter(|&mark| marks.clone().filter(|&m| m >= mark).count() >= need)
+        .max()
+        .unwrap_or(0)
+}
+
 impl Cluster {
     /// A cluster of `members` (this node is added if missing). A single member is primary at once.
     pub fn new(
@@ -571,14 +580,16 @@ impl Cluster {
             WriteQuorum::One => s.durable,
             WriteQuorum::Majority => {
                 let members = lock(&self.members);
-                let mut durable: Vec<u64> = members
+                // How far each member has the log: the others' acknowledgements and this
+                // node's own durable mark. Counted in place (a few members), not collected and
+                // sorted: this runs once per group flush.
+                let marks = members
                     .iter()
                     .filter(|m| **m != self.self_id)
                     .map(|m| s.acks.get(m).map_or(0, |a| a.0))
-                    .collect();
-                durable.push(s.durable);
-                durable.sort_unstable_by(|a, b| b.cmp(a));
-                durable[(members.len() / 2).min(durable.len() - 1)]
+                    .chain(std::iter::once(s.durable));
+                // A majority: members.len() / 2 + 1 of them (or all, when fewer are known).
+                reached_by(marks.clone(), (members.len() / 2 + 1).min(marks.count()))
             }
         };
         if candidate > s.commit && candidate >= s.term_start {
@@ -777,12 +788,12 @@ impl Cluster {
 
     /// Runs the work of [`Cluster::on_commit`] that is decided now.
     pub fn fire_commit_waits(&self) {
-        let now = Instant::now();
         let (ready, committed, leading) = {
             let mut waits = lock(&self.commit_waits.0);
             if waits.is_empty() {
                 return;
             }
+            let now = Instant::now();
             // Read under the list's lock: a commit stored after this fires the waits again.
             let committed = self.watch.committed.load(Ordering::Acquire);
             let leading = self.watch.leading.load(Ordering::Acquire);
@@ -987,6 +998,27 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_commit_point_is_the_highest_mark_a_majority_reached() {
+        assert_eq!(reached_by([7u64].into_iter(), 1), 7);
+        assert_eq!(reached_by([5u64, 9, 7].into_iter(), 2), 7);
+        assert_eq!(reached_by([0u64, 0, 4].into_iter(), 2), 0);
+        // The same as sorting the marks and taking the need-th highest, for every order.
+        for seed in 0..500u64 {
+            let n = (seed % 7 + 1) as usize;
+            let marks: Vec<u64> = (0..n as u64).map(|i| (seed * 31 + i * 17) % 9).collect();
+            for need in 1..=n {
+                let mut sorted = marks.clone();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                assert_eq!(
+                    reached_by(marks.iter().copied(), need),
+                    sorted[need - 1],
+                    "{marks:?} {need}"
+                );
+            }
+        }
+    }
 
     /// Member "a" of a, b, c, made primary of a term that started at `term_start`.
     fn primary_of_three(term_start: u64) -> Cluster {
