@@ -540,8 +540,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                     if replica.dbs.unapplied_from().is_none() {
                         replica.dbs.set_unapplied_from(Some(applied + 1));
                     }
-                    log.append(&mut r.clone())?;
-                    received = r.lsn;
+                    received = log.append_owned(r)?;
                 }
             }
             "commit" => {

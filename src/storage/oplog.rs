@@ -473,6 +473,31 @@ impl OpLog {
     pub fn append(&self, record: &mut Record) -> io::Result<u64> {
         self.check_failed()?;
         let mut inner = lock(&self.inner);
+        self.number(&inner, record)?;
+        let before = inner.buf.len();
+        record.encode(&mut inner.buf);
+        self.appended(&mut inner, record.lsn, record.term, before, || {
+            record.clone()
+        });
+        Ok(record.lsn)
+    }
+
+    /// [`OpLog::append`] of a record the caller gives up (a secondary's copy of the primary's
+    /// record): it moves into the replication backlog instead of being copied there.
+    pub fn append_owned(&self, mut record: Record) -> io::Result<u64> {
+        self.check_failed()?;
+        let mut inner = lock(&self.inner);
+        self.number(&inner, &mut record)?;
+        let before = inner.buf.len();
+        record.encode(&mut inner.buf);
+        let (lsn, term) = (record.lsn, record.term);
+        self.appended(&mut inner, lsn, term, before, move || record);
+        Ok(lsn)
+    }
+
+    /// Gives `record` the next LSN and the current term when its `lsn` is 0; otherwise checks
+    /// that its LSN comes after the last one.
+    fn number(&self, inner: &Inner, record: &mut Record) -> io::Result<()> {
         if record.lsn == 0 {
             record.lsn = inner.next_lsn;
             record.term = self.term();
@@ -482,12 +507,7 @@ impl OpLog {
                 record.lsn, inner.appended_lsn
             )));
         }
-        let before = inner.buf.len();
-        record.encode(&mut inner.buf);
-        self.appended(&mut inner, record.lsn, record.term, before, || {
-            record.clone()
-        });
-        Ok(record.lsn)
+        Ok(())
     }
 
     /// Appends a new record (next LSN, current term) encoded straight from borrowed fields:
@@ -1049,6 +1069,33 @@ mod tests {
         );
         assert_ne!(ran_on, me);
         assert_eq!(durable, Some(1));
+    }
+
+    #[test]
+    fn a_given_record_keeps_its_lsn_and_reaches_the_backlog_and_the_file() {
+        let dir = tmp("owned");
+        let log = OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap();
+        log.enable_backlog(1 << 20);
+        let mut r = rec("a");
+        r.lsn = 7;
+        r.term = 3;
+        assert_eq!(log.append_owned(r.clone()).unwrap(), 7);
+        let mut stale = rec("b");
+        stale.lsn = 7;
+        assert!(
+            log.append_owned(stale).is_err(),
+            "an LSN must come after the last"
+        );
+        let Tail::Records(kept) = log.records_after(6, 10) else {
+            panic!("the backlog reaches back to 7");
+        };
+        assert_eq!(
+            kept.iter().map(|k| (**k).clone()).collect::<Vec<_>>(),
+            [r.clone()]
+        );
+        log.write_now().unwrap();
+        assert_eq!(log.read_from(7).unwrap().unwrap(), [r]);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
