@@ -104,12 +104,17 @@ fn check_covered(config: &StorageConfig, floor: u64) -> Result<(), String> {
     ))
 }
 
+/// Where a new version of `path` is written before it is renamed over it.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
 /// Replaces `path` with `text` so that a crash leaves the old or the new contents, never a
 /// mix: a temporary file, fsynced, renamed over it, and the directory fsynced.
 pub fn write_durably(path: &Path, text: &str) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = tmp_path(path);
     std::fs::write(&tmp, text)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)?;

@@ -14,12 +14,12 @@ use crate::db::{Entry, TOKEN_KEY, USER_KEY_PREFIX};
 use crate::protocol::Strategy;
 
 use super::oplog::sync_dir;
+use super::tmp_path as tmp;
 
 const KEYS: &str = "-nun.data.keys";
 const VALUES: &str = "-nun.data.values";
 const META: &str = "-nun.madadata";
 const MANIFEST: &str = "-nun.snapshot";
-const TMP: &str = ".tmp";
 const MAGIC: &str = "nun-db-snapshot 1";
 
 /// Value status in the values file: a live value.
@@ -44,12 +44,6 @@ pub struct DbSnapshot {
 
 fn file(dir: &Path, db: &str, suffix: &str) -> PathBuf {
     dir.join(format!("{db}{suffix}"))
-}
-
-fn tmp(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(TMP);
-    PathBuf::from(s)
 }
 
 /// Writes data through a CRC while counting bytes.
@@ -141,11 +135,7 @@ pub fn write_chunks(
         strategy.name()
     );
     let manifest = format!("{body}crc {:08x}\n", crc32fast::hash(body.as_bytes()));
-    let mut m = File::create(tmp(&manifest_path))?;
-    m.write_all(manifest.as_bytes())?;
-    m.sync_all()?;
-    fs::rename(tmp(&manifest_path), &manifest_path)?;
-    sync_dir(dir)?;
+    super::write_durably(&manifest_path, &manifest)?;
     roll_forward(dir, name)?;
     Ok(())
 }
