@@ -433,6 +433,11 @@ impl Cluster {
         (s.role, s.term, s.primary.clone())
     }
 
+    /// True while this node takes `primary` for the primary.
+    pub fn follows(&self, primary: &str) -> bool {
+        lock(&self.state).primary.as_deref() == Some(primary)
+    }
+
     /// True when this node accepts writes.
     pub fn is_primary(&self) -> bool {
         self.watch.leading.load(Ordering::Acquire)

@@ -10,8 +10,10 @@
 //! sees a change a later primary could roll back. A promoted node applies what it inherited
 //! before taking writes ([`take_over`]).
 //!
-//! Lines from the primary: `rec <hex record>`, `full <base_lsn>` … `full-end`,
-//! `commit <lsn>`, `ping <term> <primary> <last_lsn>`. Lines from the secondary: `ack <lsn>`.
+//! Lines from the primary: `recs <length>` followed by that many bytes of records exactly as
+//! they are in the log (length, checksum, fields: the secondary appends them as they came),
+//! `full <base_lsn>` … `full-end`, `commit <lsn>`, `ping <term> <primary> <last_lsn>`. Lines
+//! from the secondary: `ack <lsn>`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -23,8 +25,8 @@ use super::Cluster;
 use crate::db::{outbox, Databases, Entry};
 use crate::os::spawn_small;
 use crate::protocol::Strategy;
-use crate::storage::oplog::{OpLog, Tail};
-use crate::storage::record::{decode, Decoded, Op, Record};
+use crate::storage::oplog::OpLog;
+use crate::storage::record::{view, Decoded, Op, Record};
 use crate::storage::Storage;
 
 /// What log shipping works on: the cluster's state, this node's storage and its databases.
@@ -47,83 +49,67 @@ impl Replica {
 /// How long a blocking write to a secondary may take before the stream is dropped.
 const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The lowercase hex digits of every byte value.
-const HEX_PAIRS: [[u8; 2]; 256] = {
-    let digits = b"0123456789abcdef";
-    let mut table = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        table[i] = [digits[i >> 4], digits[i & 15]];
-        i += 1;
-    }
-    table
-};
+/// Digits of a `recs` frame's length: a fixed width, so the length is written after the
+/// records are.
+const FRAME_DIGITS: usize = 10;
+/// Bytes of a `recs` frame's header line.
+const FRAME_HEADER: usize = b"recs ".len() + FRAME_DIGITS + 1;
 
-/// The value of each lowercase hex digit; 0xff for every other byte.
-const HEX_VALUES: [u8; 256] = {
-    let mut table = [0xffu8; 256];
-    let mut i = 0;
-    while i < 16 {
-        let digit = if i < 10 {
-            b'0' + i as u8
-        } else {
-            b'a' + i as u8 - 10
-        };
-        table[digit as usize] = i as u8;
-        i += 1;
-    }
-    table
-};
-
-/// Turns the last `n` bytes of `out` into their lowercase hex, in place (from the end, so no
-/// byte is overwritten before it is read).
-fn hex_tail(out: &mut Vec<u8>, n: usize) {
-    let start = out.len() - n;
-    out.resize(start + 2 * n, 0);
-    let tail = &mut out[start..];
-    for i in (0..n).rev() {
-        let [hi, lo] = HEX_PAIRS[usize::from(tail[i])];
-        tail[2 * i] = hi;
-        tail[2 * i + 1] = lo;
-    }
-}
-
-/// The bytes that lowercase hex `text` stands for; None if it is not such hex.
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    let b = text.as_bytes();
-    if !b.len().is_multiple_of(2) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(b.len() / 2);
-    for pair in b.chunks_exact(2) {
-        let (hi, lo) = (
-            HEX_VALUES[usize::from(pair[0])],
-            HEX_VALUES[usize::from(pair[1])],
-        );
-        if (hi | lo) > 15 {
-            return None;
-        }
-        out.push(hi << 4 | lo);
-    }
-    Some(out)
-}
-
-/// Appends the `rec <hex>` line of `r` to `out`.
-pub(super) fn record_line(r: &Record, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"rec ");
-    let before = out.len();
-    out.reserve(2 * r.encoded_len() + 1);
-    r.encode(out);
-    hex_tail(out, out.len() - before);
+/// Starts a `recs <length>` frame at the end of `out`; encoded records go after it, and
+/// [`close_frame`] writes its length.
+pub(super) fn open_frame(out: &mut Vec<u8>) -> usize {
+    let at = out.len();
+    out.extend_from_slice(b"recs ");
+    out.extend_from_slice(&[b'0'; FRAME_DIGITS]);
     out.push(b'\n');
+    at
 }
 
-/// The record a `rec` line carries (the text after `rec `).
-pub(super) fn parse_record(text: &str) -> Option<Record> {
-    match decode(&unhex(text)?) {
-        Decoded::Record(r, _) => Some(r),
-        _ => None,
+/// Ends the frame opened at `at`: writes its length, or takes it out when it holds nothing.
+pub(super) fn close_frame(out: &mut Vec<u8>, at: usize) {
+    let mut len = out.len() - at - FRAME_HEADER;
+    if len == 0 {
+        out.truncate(at);
+        return;
     }
+    for digit in out[at + 5..at + 5 + FRAME_DIGITS].iter_mut().rev() {
+        *digit = b'0' + (len % 10) as u8;
+        len /= 10;
+    }
+}
+
+/// Appends `records` to `out` as one `recs` frame (nothing if there are none).
+fn push_frame<'a>(records: impl IntoIterator<Item = &'a Record>, out: &mut Vec<u8>) {
+    let at = open_frame(out);
+    for r in records {
+        r.encode(out);
+    }
+    close_frame(out, at);
+}
+
+/// Reads the `len` bytes of a frame into `frame` (emptied first). `idle` runs when the read
+/// times out: it says whether to keep waiting.
+fn read_frame(
+    reader: &mut impl Read,
+    len: usize,
+    frame: &mut Vec<u8>,
+    mut idle: impl FnMut() -> io::Result<bool>,
+) -> io::Result<bool> {
+    frame.clear();
+    while frame.len() < len {
+        let want = (len - frame.len()) as u64;
+        match reader.by_ref().take(want).read_to_end(frame) {
+            Ok(0) => return Err(io::Error::other("primary closed the stream")),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !idle()? {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// The term of the record at `lsn` on this node, from memory or the log files.
@@ -246,10 +232,8 @@ pub fn serve_secondary(
         if composed == Composed::TooOld {
             match log.read_from(s.after + 1) {
                 Ok(Some(records)) => {
-                    for r in &records {
-                        record_line(r, &mut buf);
-                        s.after = r.lsn;
-                    }
+                    push_frame(&records, &mut buf);
+                    s.after = records.last().map_or(s.after, |r| r.lsn);
                 }
                 Ok(None) => {
                     if !buf.is_empty() && out.write_all(&buf).is_err() {
@@ -291,7 +275,7 @@ fn full_sync(replica: &Replica, out: &mut impl Write, after: &mut u64) -> io::Re
     let mut buf = Vec::with_capacity(1 << 20);
     // The member list in force: the log that said so may be gone from this node's files.
     let members = Record::cluster(Op::Members, replica.cluster.members().join(","));
-    record_line(&members, &mut buf);
+    push_frame([&members], &mut buf);
     for db in replica.dbs.all() {
         let create = Record {
             lsn: 0,
@@ -302,7 +286,7 @@ fn full_sync(replica: &Replica, out: &mut impl Write, after: &mut u64) -> io::Re
             version: 0,
             value: db.strategy().name().to_string(),
         };
-        record_line(&create, &mut buf);
+        push_frame([&create], &mut buf);
         let mut last_key: Option<String> = None;
         loop {
             let chunk = db.copy_chunk(last_key.as_deref(), 4096);
@@ -310,6 +294,7 @@ fn full_sync(replica: &Replica, out: &mut impl Write, after: &mut u64) -> io::Re
                 break;
             }
             last_key = chunk.last().map(|(k, _)| k.clone());
+            let frame = open_frame(&mut buf);
             for (key, entry) in chunk {
                 let r = Record {
                     lsn: 0,
@@ -320,8 +305,9 @@ fn full_sync(replica: &Replica, out: &mut impl Write, after: &mut u64) -> io::Re
                     version: entry.version,
                     value: entry.value.to_string(),
                 };
-                record_line(&r, &mut buf);
+                r.encode(&mut buf);
             }
+            close_frame(&mut buf, frame);
             out.write_all(&buf)?;
             buf.clear();
         }
@@ -377,8 +363,8 @@ fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
         }
     };
     match log.records_after(from - 1, usize::MAX) {
-        Tail::Records(records) => records.iter().for_each(|r| apply(r)),
-        Tail::TooOld => log
+        Some(records) => records.iter().for_each(apply),
+        None => log
             .read_from(from)
             .map_err(io::Error::other)?
             .unwrap_or_default()
@@ -437,7 +423,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| io::Error::other("cannot resolve primary"))?;
-    let following = || cluster.status().2.as_deref() == Some(primary);
+    let following = || cluster.follows(primary);
     // Short attempts, so a primary that changes meanwhile is followed at once.
     let tries = Instant::now();
     let stream = loop {
@@ -473,20 +459,28 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
     // `None` forces an ack (answering a heartbeat keeps the primary's majority view fresh).
     let mut acked: Option<u64> = None;
     let mut reported = 0;
+    let mut frame = Vec::new();
     cluster.set_applied(applied);
     cluster.note_primary_lsn(0);
+    // After a read timed out (EAGAIN; an aborted stream fails with ETIMEDOUT instead): false
+    // to stop following, an error when the primary has been silent too long.
+    let idle = |last_data: Instant| {
+        if !following() {
+            Ok(false)
+        } else if last_data.elapsed() > cluster.timeout {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "primary is silent"))
+        } else {
+            Ok(true)
+        }
+    };
     loop {
         line.clear();
         // A timed-out read keeps what it got of a line in `line`; the next read completes it.
         let read = loop {
             match reader.read_line(&mut line) {
-                // The read timeout (EAGAIN); an aborted stream fails with ETIMEDOUT instead.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !following() {
+                    if !idle(last_data)? {
                         return Ok(());
-                    }
-                    if last_data.elapsed() > cluster.timeout {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "primary is silent"));
                     }
                 }
                 other => break other?,
@@ -524,23 +518,35 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                 applied = base;
                 cluster.set_applied(applied);
             }
-            "rec" => {
-                let r = parse_record(rest).ok_or_else(|| io::Error::other("bad record"))?;
-                if let Some((_, staged)) = full.as_mut() {
-                    if r.op == Op::Members {
-                        full_members = Some(member_list(&r.value));
-                    } else {
-                        stage(staged, r);
+            "recs" => {
+                let len = rest.parse().map_err(|_| io::Error::other("bad recs"))?;
+                if !read_frame(&mut reader, len, &mut frame, || idle(last_data))? {
+                    return Ok(());
+                }
+                last_data = Instant::now();
+                let _guard = full.is_none().then(|| cluster.replica_guard());
+                if !following() {
+                    return Ok(());
+                }
+                let mut rest = &frame[..];
+                while !rest.is_empty() {
+                    let Decoded::Record(r, len) = view(rest) else {
+                        return Err(io::Error::other("bad record"));
+                    };
+                    let bytes = &rest[..len];
+                    rest = &rest[len..];
+                    if let Some((_, staged)) = full.as_mut() {
+                        if r.fields.op == Op::Members {
+                            full_members = Some(member_list(r.fields.value));
+                        } else {
+                            stage(staged, r.fields.to_owned(r.lsn, r.term));
+                        }
+                    } else if r.lsn > received {
+                        if replica.dbs.unapplied_from().is_none() {
+                            replica.dbs.set_unapplied_from(Some(applied + 1));
+                        }
+                        received = log.append_encoded(bytes)?;
                     }
-                } else if r.lsn > received {
-                    let _guard = cluster.replica_guard();
-                    if !following() {
-                        return Ok(());
-                    }
-                    if replica.dbs.unapplied_from().is_none() {
-                        replica.dbs.set_unapplied_from(Some(applied + 1));
-                    }
-                    received = log.append_owned(r)?;
                 }
             }
             "commit" => {
@@ -638,10 +644,32 @@ fn stage(staged: &mut Staged, r: Record) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::record::decode;
+
+    /// Gives its bytes in pieces of `piece`, timing out (WouldBlock) before each piece.
+    struct Stutter {
+        data: Vec<u8>,
+        at: usize,
+        piece: usize,
+        timed_out: bool,
+    }
+
+    impl Read for Stutter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.timed_out = !self.timed_out;
+            if self.timed_out {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.piece).min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
 
     #[test]
-    fn record_lines_round_trip() {
-        let r = Record {
+    fn frames_carry_records_as_logged_across_timed_out_reads() {
+        let a = Record {
             lsn: 9,
             term: 2,
             op: Op::Set,
@@ -650,24 +678,48 @@ mod tests {
             version: 3,
             value: "multi word; ü\nline".into(),
         };
-        let mut buf = Vec::new();
-        record_line(&r, &mut buf);
-        let line = String::from_utf8(buf).unwrap();
-        assert_eq!(
-            parse_record(line.trim_end().strip_prefix("rec ").unwrap()),
-            Some(r)
-        );
-        assert_eq!(parse_record("zz"), None);
-        assert_eq!(parse_record("abc"), None);
-        // Every byte value survives the hex round trip; only lowercase digits are hex.
-        let all: Vec<u8> = (0..=255).collect();
-        let mut hex = b"x".to_vec();
-        hex.extend_from_slice(&all);
-        hex_tail(&mut hex, all.len());
-        assert_eq!(&hex[..5], b"x0001");
-        assert_eq!(&hex[hex.len() - 4..], b"feff");
-        assert_eq!(unhex(std::str::from_utf8(&hex[1..]).unwrap()), Some(all));
-        assert_eq!(unhex("0A"), None);
-        assert_eq!(unhex("0g"), None);
+        let b = Record {
+            lsn: 10,
+            op: Op::Remove,
+            value: String::new(),
+            ..a.clone()
+        };
+        let mut logged = Vec::new();
+        a.encode(&mut logged);
+        b.encode(&mut logged);
+        let mut buf = b"commit 8\n".to_vec();
+        push_frame([&a, &b], &mut buf);
+        // An empty frame is left out.
+        push_frame([], &mut buf);
+        let header = format!("commit 8\nrecs {:010}\n", logged.len());
+        assert_eq!(&buf[..header.len()], header.as_bytes());
+        assert_eq!(&buf[header.len()..], &logged[..]);
+
+        // Read back through timeouts: every timeout asks whether to go on, and no byte is lost.
+        let mut reader = Stutter {
+            data: logged.clone(),
+            at: 0,
+            piece: 7,
+            timed_out: false,
+        };
+        let (mut frame, mut idles) = (Vec::new(), 0);
+        let whole = read_frame(&mut reader, logged.len(), &mut frame, || {
+            idles += 1;
+            Ok(true)
+        });
+        assert!(whole.unwrap());
+        assert_eq!(frame, logged);
+        assert_eq!(idles, logged.len().div_ceil(7));
+        let Decoded::Record(first, len) = view(&frame) else {
+            panic!("the first record reads back");
+        };
+        assert_eq!(first.fields.to_owned(first.lsn, first.term), a);
+        assert_eq!(decode(&frame[len..]), Decoded::Record(b, frame.len() - len));
+
+        // Told to stop at a timeout, it stops; a stream that ends mid-frame is an error.
+        reader.at = 0;
+        assert!(!read_frame(&mut reader, logged.len(), &mut frame, || Ok(false)).unwrap());
+        let mut short = io::Cursor::new(logged[..5].to_vec());
+        assert!(read_frame(&mut short, logged.len(), &mut frame, || Ok(true)).is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use super::replication::record_line;
+use super::replication::{close_frame, open_frame};
 use super::Cluster;
 use crate::os::send_now;
 use crate::storage::oplog::{OpLog, Tail};
@@ -114,27 +114,31 @@ impl Outgoing {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Appends to `buf` the commit line (when the commit point moved) and the backlog's records
-    /// after the stream's position, moving the position past them.
+    /// Appends to `buf` the commit line (when the commit point moved) and a frame of the
+    /// backlog's records after the stream's position, moving the position past them.
     pub fn compose(s: &mut Sending, log: &OpLog, cluster: &Cluster, buf: &mut Vec<u8>) -> Composed {
         let commit = cluster.committed();
         if commit > s.sent_commit {
             s.sent_commit = commit;
             buf.extend_from_slice(format!("commit {commit}\n").as_bytes());
         }
-        match log.records_after(s.after, BATCH) {
-            Tail::Records(records) => {
-                for r in &records {
-                    record_line(r, buf);
-                    s.after = r.lsn;
+        let frame = open_frame(buf);
+        match log.copy_after(s.after, BATCH, buf) {
+            Tail::Copied { count, last } => {
+                close_frame(buf, frame);
+                if count > 0 {
+                    s.after = last;
                 }
-                if records.len() == BATCH {
+                if count == BATCH {
                     Composed::More
                 } else {
                     Composed::CaughtUp
                 }
             }
-            Tail::TooOld => Composed::TooOld,
+            Tail::TooOld => {
+                buf.truncate(frame);
+                Composed::TooOld
+            }
         }
     }
 
@@ -254,11 +258,11 @@ impl Drop for Listed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::replication::parse_record;
     use crate::cluster::WriteQuorum;
     use crate::storage::oplog::{ship_later, take_owed_shipping, FsyncPolicy};
     use crate::storage::record::Record;
-    use std::io::{BufRead, BufReader, ErrorKind};
+    use crate::storage::record::{view, Decoded};
+    use std::io::{BufRead, BufReader, ErrorKind, Read};
     use std::net::TcpListener;
     use std::time::Duration;
 
@@ -266,34 +270,49 @@ mod tests {
         Record::test_set(key)
     }
 
-    /// The lines already in `reader`'s socket (none if nothing arrived).
-    fn arrived(reader: &mut BufReader<TcpStream>) -> Vec<String> {
-        reader.get_ref().set_nonblocking(true).unwrap();
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) => break,
-                Ok(_) => lines.push(line.trim_end().to_string()),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => panic!("read: {e}"),
-            }
-        }
-        reader.get_ref().set_nonblocking(false).unwrap();
-        lines
+    /// What the stream carried: a line, or a frame's records (their LSNs).
+    #[derive(Debug, PartialEq)]
+    enum Item {
+        Line(String),
+        Records(Vec<u64>),
     }
 
-    /// Reads one line, waiting for it.
-    fn next_line(reader: &mut BufReader<TcpStream>) -> String {
+    /// Reads one line or frame, waiting for it.
+    fn next_item(reader: &mut BufReader<TcpStream>) -> Item {
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
-        line.trim_end().to_string()
+        let line = line.trim_end();
+        let Some(len) = line.strip_prefix("recs ") else {
+            return Item::Line(line.to_string());
+        };
+        let mut frame = vec![0; len.parse().unwrap()];
+        reader.read_exact(&mut frame).unwrap();
+        let mut lsns = Vec::new();
+        let mut rest = &frame[..];
+        while let Decoded::Record(r, len) = view(rest) {
+            lsns.push(r.lsn);
+            rest = &rest[len..];
+        }
+        assert!(rest.is_empty(), "a frame holds whole records");
+        Item::Records(lsns)
     }
 
-    fn lsn_of(line: &str) -> u64 {
-        parse_record(line.strip_prefix("rec ").expect("a rec line"))
-            .expect("a record")
-            .lsn
+    /// The lines and frames already in `reader`'s socket (none if nothing arrived).
+    fn arrived(reader: &mut BufReader<TcpStream>) -> Vec<Item> {
+        let mut items = Vec::new();
+        loop {
+            reader.get_ref().set_nonblocking(true).unwrap();
+            let ready = match reader.fill_buf() {
+                Ok(b) => !b.is_empty(),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+                Err(e) => panic!("read: {e}"),
+            };
+            reader.get_ref().set_nonblocking(false).unwrap();
+            if !ready {
+                return items;
+            }
+            items.push(next_item(reader));
+        }
     }
 
     #[test]
@@ -336,8 +355,7 @@ mod tests {
         assert!(take_owed_shipping());
         assert!(!take_owed_shipping());
         cluster.ship(&log);
-        let lines = arrived(&mut secondary);
-        assert_eq!(lines.iter().map(|l| lsn_of(l)).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(arrived(&mut secondary), [Item::Records(vec![1, 2])]);
         assert_eq!(outgoing.shown(), 2);
 
         // Not acknowledged yet: the next record waits for the acknowledgement.
@@ -347,14 +365,14 @@ mod tests {
         }
         assert!(take_owed_shipping());
         cluster.ship(&log);
-        assert_eq!(arrived(&mut secondary), Vec::<String>::new());
+        assert_eq!(arrived(&mut secondary), []);
 
         // The acknowledgement (and the commit it brought) ships it, commit line first.
         outgoing.note_ack(2);
         cluster.set_commit(2);
         cluster.ship(&log);
-        assert_eq!(next_line(&mut secondary), "commit 2");
-        assert_eq!(lsn_of(&next_line(&mut secondary)), 3);
+        assert_eq!(next_item(&mut secondary), Item::Line("commit 2".into()));
+        assert_eq!(next_item(&mut secondary), Item::Records(vec![3]));
         assert_eq!(outgoing.shown(), 3);
         let _ = std::fs::remove_dir_all(&dir);
     }

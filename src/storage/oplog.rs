@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::record::{decode, Decoded, Record, RecordRef, HEADER};
+use super::record::{self, decode, Decoded, Record, RecordRef, HEADER};
 use crate::sync::Condition;
 
 /// When appended records are forced to disk.
@@ -115,21 +115,34 @@ pub struct OpLog {
 /// the whole group's one after another (50 connections × 1 set: +13% in alternating runs).
 const WRITE_WAIT: Duration = Duration::from_micros(10);
 
-/// The most recent records in memory, so replication usually streams without reading files.
+/// The most recent records in memory, each as its bytes in the log, so replication usually
+/// streams without reading files and sends them as they are.
 #[derive(Default)]
 struct Backlog {
-    records: std::collections::VecDeque<Arc<Record>>,
+    records: std::collections::VecDeque<Box<[u8]>>,
     bytes: usize,
 }
 
-/// Approximate memory of a backlog entry beyond its encoded bytes (struct, Arc, strings).
-const BACKLOG_OVERHEAD: usize = 96;
+/// Approximate memory of a backlog entry beyond its encoded bytes (its box and the allocator's
+/// header).
+const BACKLOG_OVERHEAD: usize = 32;
 
-/// What [`OpLog::records_after`] found.
-#[derive(Debug)]
+/// LSN of a backlog entry.
+fn lsn_of(encoded: &[u8]) -> u64 {
+    record::position(encoded).0
+}
+
+/// What [`OpLog::copy_after`] found.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Tail {
-    /// Records after the requested LSN (possibly none, after waiting).
-    Records(Vec<Arc<Record>>),
+    /// `count` records after the requested LSN were copied, the last of them `last` (no
+    /// record: `count` 0 and `last` 0).
+    Copied {
+        /// Records copied.
+        count: usize,
+        /// LSN of the last record copied.
+        last: u64,
+    },
     /// The requested LSN is older than the in-memory backlog.
     TooOld,
 }
@@ -476,22 +489,20 @@ impl OpLog {
         self.number(&inner, record)?;
         let before = inner.buf.len();
         record.encode(&mut inner.buf);
-        self.appended(&mut inner, record.lsn, record.term, before, || {
-            record.clone()
-        });
+        self.appended(&mut inner, record.lsn, record.term, before);
         Ok(record.lsn)
     }
 
-    /// [`OpLog::append`] of a record the caller gives up (a secondary's copy of the primary's
-    /// record): it moves into the replication backlog instead of being copied there.
-    pub fn append_owned(&self, mut record: Record) -> io::Result<u64> {
+    /// Appends a record another node encoded (a secondary's copy of the primary's record,
+    /// checked with [`record::view`]) byte for byte, under the LSN and term it carries.
+    pub fn append_encoded(&self, bytes: &[u8]) -> io::Result<u64> {
         self.check_failed()?;
+        let (lsn, term) = record::position(bytes);
         let mut inner = lock(&self.inner);
-        self.number(&inner, &mut record)?;
+        Self::check_after(&inner, lsn)?;
         let before = inner.buf.len();
-        record.encode(&mut inner.buf);
-        let (lsn, term) = (record.lsn, record.term);
-        self.appended(&mut inner, lsn, term, before, move || record);
+        inner.buf.extend_from_slice(bytes);
+        self.appended(&mut inner, lsn, term, before);
         Ok(lsn)
     }
 
@@ -501,10 +512,18 @@ impl OpLog {
         if record.lsn == 0 {
             record.lsn = inner.next_lsn;
             record.term = self.term();
-        } else if record.lsn < inner.next_lsn {
+            Ok(())
+        } else {
+            Self::check_after(inner, record.lsn)
+        }
+    }
+
+    /// An error unless `lsn` comes after the last appended record.
+    fn check_after(inner: &Inner, lsn: u64) -> io::Result<()> {
+        if lsn < inner.next_lsn {
             return Err(io::Error::other(format!(
-                "LSN {} is not after {}",
-                record.lsn, inner.appended_lsn
+                "LSN {lsn} is not after {}",
+                inner.appended_lsn
             )));
         }
         Ok(())
@@ -518,20 +537,14 @@ impl OpLog {
         let (lsn, term) = (inner.next_lsn, self.term());
         let before = inner.buf.len();
         record.encode(lsn, term, &mut inner.buf);
-        self.appended(&mut inner, lsn, term, before, || record.to_owned(lsn, term));
+        self.appended(&mut inner, lsn, term, before);
         Ok(lsn)
     }
 
     /// Bookkeeping after a record was encoded at `inner.buf[before..]`: positions, counters,
-    /// the replication backlog (an owned copy, only when there is a backlog) and its waiters.
-    fn appended(
-        &self,
-        inner: &mut Inner,
-        lsn: u64,
-        term: u64,
-        before: usize,
-        owned: impl FnOnce() -> Record,
-    ) {
+    /// the replication backlog (a copy of those bytes, only when there is a backlog) and its
+    /// waiters.
+    fn appended(&self, inner: &mut Inner, lsn: u64, term: u64, before: usize) {
         let encoded = inner.buf.len() - before;
         inner.next_lsn = lsn + 1;
         inner.appended_lsn = lsn;
@@ -540,16 +553,14 @@ impl OpLog {
         self.count.fetch_add(1, Ordering::Relaxed);
         let limit = self.backlog_limit.load(Ordering::Relaxed);
         if limit > 0 {
-            let record = Arc::new(owned());
+            let record: Box<[u8]> = inner.buf[before..].into();
             {
                 let mut backlog = lock(&self.backlog);
                 backlog.records.push_back(record);
                 backlog.bytes += encoded + BACKLOG_OVERHEAD;
                 while backlog.bytes > limit && backlog.records.len() > 1 {
                     if let Some(old) = backlog.records.pop_front() {
-                        backlog.bytes = backlog
-                            .bytes
-                            .saturating_sub(old.encoded_len() + BACKLOG_OVERHEAD);
+                        backlog.bytes = backlog.bytes.saturating_sub(old.len() + BACKLOG_OVERHEAD);
                     }
                 }
             }
@@ -590,14 +601,15 @@ impl OpLog {
         }
     }
 
-    /// Records with LSN > `after` from the in-memory backlog (at most `max`). `TooOld` when the
-    /// backlog no longer reaches back to `after`.
-    pub fn records_after(&self, after: u64, max: usize) -> Tail {
+    /// Appends to `out` the encoded records with LSN > `after` from the in-memory backlog (at
+    /// most `max`), exactly as they are in the log. `TooOld` when the backlog no longer reaches
+    /// back to `after`.
+    pub fn copy_after(&self, after: u64, max: usize, out: &mut Vec<u8>) -> Tail {
         // Read before taking the backlog lock (append takes inner, then backlog); a record
         // appended since then is visible in the backlog itself.
         let last = self.last_lsn();
         let backlog = lock(&self.backlog);
-        let first = backlog.records.front().map(|r| r.lsn);
+        let first = backlog.records.front().map(|r| lsn_of(r));
         let missing = match first {
             Some(first) => first > after.saturating_add(1),
             None => after < last,
@@ -605,27 +617,42 @@ impl OpLog {
         if missing {
             return Tail::TooOld;
         }
-        let start = backlog.records.partition_point(|r| r.lsn <= after);
-        Tail::Records(
-            backlog
-                .records
-                .iter()
-                .skip(start)
-                .take(max)
-                .cloned()
-                .collect(),
-        )
+        let start = backlog.records.partition_point(|r| lsn_of(r) <= after);
+        let (mut count, mut last) = (0, 0);
+        for r in backlog.records.iter().skip(start).take(max) {
+            out.extend_from_slice(r);
+            count += 1;
+            last = lsn_of(r);
+        }
+        Tail::Copied { count, last }
+    }
+
+    /// The records with LSN > `after` in the in-memory backlog (at most `max`), decoded; None
+    /// when the backlog no longer reaches back to `after`.
+    pub fn records_after(&self, after: u64, max: usize) -> Option<Vec<Record>> {
+        let mut bytes = Vec::new();
+        if self.copy_after(after, max, &mut bytes) == Tail::TooOld {
+            return None;
+        }
+        let mut records = Vec::new();
+        let mut rest = &bytes[..];
+        while let Decoded::Record(r, len) = decode(rest) {
+            records.push(r);
+            rest = &rest[len..];
+        }
+        Some(records)
     }
 
     /// The term of the record at `lsn`, if it is still in the backlog.
     pub fn term_at(&self, lsn: u64) -> Option<u64> {
         let backlog = lock(&self.backlog);
-        let i = backlog.records.partition_point(|r| r.lsn < lsn);
+        let i = backlog.records.partition_point(|r| lsn_of(r) < lsn);
         backlog
             .records
             .get(i)
-            .filter(|r| r.lsn == lsn)
-            .map(|r| r.term)
+            .map(|r| record::position(r))
+            .filter(|&(at, _)| at == lsn)
+            .map(|(_, term)| term)
     }
 
     /// Returns once `lsn` is written to the file (and fsynced, for `always`).
@@ -1072,29 +1099,50 @@ mod tests {
     }
 
     #[test]
-    fn a_given_record_keeps_its_lsn_and_reaches_the_backlog_and_the_file() {
-        let dir = tmp("owned");
+    fn an_encoded_record_keeps_its_bytes_in_the_backlog_and_the_file() {
+        let dir = tmp("encoded");
         let log = OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap();
         log.enable_backlog(1 << 20);
         let mut r = rec("a");
         r.lsn = 7;
         r.term = 3;
-        assert_eq!(log.append_owned(r.clone()).unwrap(), 7);
+        let mut bytes = Vec::new();
+        r.encode(&mut bytes);
+        assert_eq!(log.append_encoded(&bytes).unwrap(), 7);
+        assert_eq!(log.last_position(), (3, 7));
+        assert_eq!(log.term_at(7), Some(3));
         let mut stale = rec("b");
         stale.lsn = 7;
+        let mut stale_bytes = Vec::new();
+        stale.encode(&mut stale_bytes);
         assert!(
-            log.append_owned(stale).is_err(),
+            log.append_encoded(&stale_bytes).is_err(),
             "an LSN must come after the last"
         );
-        let Tail::Records(kept) = log.records_after(6, 10) else {
-            panic!("the backlog reaches back to 7");
-        };
+        // A record this node numbers follows it, and both are copied out as they were logged.
+        let mut next = rec("c");
+        assert_eq!(log.append(&mut next).unwrap(), 8);
+        let mut copied = b"x".to_vec();
         assert_eq!(
-            kept.iter().map(|k| (**k).clone()).collect::<Vec<_>>(),
-            [r.clone()]
+            log.copy_after(6, 10, &mut copied),
+            Tail::Copied { count: 2, last: 8 }
         );
+        let mut expected = b"x".to_vec();
+        expected.extend_from_slice(&bytes);
+        next.encode(&mut expected);
+        assert_eq!(copied, expected);
+        assert_eq!(
+            log.copy_after(7, 10, &mut Vec::new()),
+            Tail::Copied { count: 1, last: 8 }
+        );
+        assert_eq!(
+            log.copy_after(8, 10, &mut Vec::new()),
+            Tail::Copied { count: 0, last: 0 }
+        );
+        assert_eq!(log.copy_after(5, 10, &mut Vec::new()), Tail::TooOld);
+        assert_eq!(log.records_after(6, 1), Some(vec![r.clone()]));
         log.write_now().unwrap();
-        assert_eq!(log.read_from(7).unwrap().unwrap(), [r]);
+        assert_eq!(log.read_from(7).unwrap().unwrap(), [r, next]);
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -96,7 +96,7 @@ impl Record {
 }
 
 /// A record's fields before it has an LSN, borrowed from the write that makes it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordRef<'a> {
     /// The operation.
     pub op: Op,
@@ -148,13 +148,24 @@ impl RecordRef<'_> {
 
 /// Result of decoding the record at the start of a buffer.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decoded {
+pub enum Decoded<R = Record> {
     /// A valid record and its total encoded length.
-    Record(Record, usize),
+    Record(R, usize),
     /// The buffer ends before the record does (a torn tail, or simply the end).
     Incomplete,
     /// The record is complete but its checksum or contents are wrong.
     Corrupt(String),
+}
+
+/// A valid record read in place: its position and its fields, borrowed from the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Viewed<'a> {
+    /// Its log sequence number.
+    pub lsn: u64,
+    /// Its term.
+    pub term: u64,
+    /// Its fields.
+    pub fields: RecordRef<'a>,
 }
 
 struct Cursor<'a> {
@@ -186,14 +197,13 @@ impl<'a> Cursor<'a> {
             u64::from_le_bytes(a)
         })
     }
-    fn string(&mut self, n: usize) -> Option<Result<String, ()>> {
-        self.take(n)
-            .map(|b| String::from_utf8(b.to_vec()).map_err(|_| ()))
+    fn str(&mut self, n: usize) -> Option<&'a str> {
+        std::str::from_utf8(self.take(n)?).ok()
     }
 }
 
-/// Decodes the record at the start of `buf`.
-pub fn decode(buf: &[u8]) -> Decoded {
+/// Reads the record at the start of `buf` in place, checking its length, checksum and fields.
+pub fn view(buf: &[u8]) -> Decoded<Viewed<'_>> {
     if buf.len() < HEADER {
         return Decoded::Incomplete;
     }
@@ -214,26 +224,49 @@ pub fn decode(buf: &[u8]) -> Decoded {
         let term = c.u64()?;
         let op = Op::from_u8(c.u8()?)?;
         let db_len = c.u16()? as usize;
-        let db = c.string(db_len)?.ok()?;
+        let db = c.str(db_len)?;
         let key_len = c.u32()? as usize;
-        let key = c.string(key_len)?.ok()?;
+        let key = c.str(key_len)?;
         let version = c.u32()? as i32;
         let value_len = c.u32()? as usize;
-        let value = c.string(value_len)?.ok()?;
-        (c.pos == payload.len()).then_some(Record {
+        let value = c.str(value_len)?;
+        (c.pos == payload.len()).then_some(Viewed {
             lsn,
             term,
-            op,
-            db,
-            key,
-            version,
-            value,
+            fields: RecordRef {
+                op,
+                db,
+                key,
+                version,
+                value,
+            },
         })
     })();
     match parsed {
-        Some(r) => Decoded::Record(r, HEADER + len),
+        Some(v) => Decoded::Record(v, HEADER + len),
         None => Decoded::Corrupt("malformed record".into()),
     }
+}
+
+/// Decodes the record at the start of `buf` into an owned [`Record`].
+pub fn decode(buf: &[u8]) -> Decoded {
+    match view(buf) {
+        Decoded::Record(v, len) => Decoded::Record(v.fields.to_owned(v.lsn, v.term), len),
+        Decoded::Incomplete => Decoded::Incomplete,
+        Decoded::Corrupt(why) => Decoded::Corrupt(why),
+    }
+}
+
+/// The LSN and term of an encoded record already checked by [`view`] (read from its payload's
+/// first two fields); zeros when `bytes` is too short to hold them.
+pub fn position(bytes: &[u8]) -> (u64, u64) {
+    let field = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    (field(HEADER), field(HEADER + 8))
 }
 
 /// Records for tests.
@@ -275,6 +308,14 @@ mod tests {
         sample().encode(&mut buf);
         assert_eq!(buf.len(), sample().encoded_len());
         assert_eq!(decode(&buf), Decoded::Record(sample(), buf.len()));
+        assert_eq!(position(&buf), (42, 3));
+        let Decoded::Record(v, len) = view(&buf) else {
+            panic!("the record reads in place");
+        };
+        assert_eq!(
+            (v.lsn, v.term, v.fields, len),
+            (42, 3, sample().as_ref(), buf.len())
+        );
     }
 
     #[test]
