@@ -25,8 +25,8 @@ use super::Cluster;
 use crate::db::{outbox, Databases, Entry};
 use crate::os::spawn_small;
 use crate::protocol::Strategy;
-use crate::storage::oplog::OpLog;
-use crate::storage::record::{view, Decoded, Op, Record};
+use crate::storage::oplog::{OpLog, Tail};
+use crate::storage::record::{view, Decoded, Op, Record, Viewed};
 use crate::storage::Storage;
 
 /// What log shipping works on: the cluster's state, this node's storage and its databases.
@@ -356,20 +356,25 @@ fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
     if upto < from {
         return Ok(());
     }
-    let apply = |r: &Record| {
+    let apply = |r: Viewed<'_>| {
         if r.lsn <= upto {
             apply_members(&replica.cluster, r);
             replica.dbs.apply_record(r);
         }
     };
-    match log.records_after(from - 1, usize::MAX) {
-        Some(records) => records.iter().for_each(apply),
-        None => log
-            .read_from(from)
-            .map_err(io::Error::other)?
+    let mut logged = Vec::new();
+    if log.copy_after(from - 1, usize::MAX, &mut logged) == Tail::TooOld {
+        let records = log.read_from(from).map_err(io::Error::other)?;
+        records
             .unwrap_or_default()
             .iter()
-            .for_each(apply),
+            .for_each(|r| apply(r.viewed()));
+    } else {
+        let mut rest = &logged[..];
+        while let Decoded::Record(r, len) = view(rest) {
+            apply(r);
+            rest = &rest[len..];
+        }
     }
     let last = log.last_lsn();
     replica
@@ -380,9 +385,9 @@ fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
 }
 
 /// Applies the member list a committed `members` or term-start record carries.
-fn apply_members(cluster: &Cluster, r: &Record) {
-    if matches!(r.op, Op::Members | Op::TermStart) && !r.value.is_empty() {
-        cluster.set_members(member_list(&r.value));
+fn apply_members(cluster: &Cluster, r: Viewed<'_>) {
+    if matches!(r.fields.op, Op::Members | Op::TermStart) && !r.fields.value.is_empty() {
+        cluster.set_members(member_list(r.fields.value));
     }
 }
 

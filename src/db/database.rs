@@ -13,7 +13,7 @@ use super::outbox::{Outbox, Push};
 use crate::packed::Shared;
 use crate::protocol::Strategy;
 use crate::storage::oplog::OpLog;
-use crate::storage::record::{Op, Record, RecordRef};
+use crate::storage::record::{Op, RecordRef, Viewed};
 
 /// The key holding the number of sessions using the database.
 pub const CONNECTIONS_KEY: &str = "$connections";
@@ -444,28 +444,19 @@ impl Database {
 
     /// Applies a record that is already in the log (start-up replay, replication): stores the
     /// entry it describes and notifies watchers. Records at or below the last LSN are skipped.
-    pub fn apply_record(&self, record: &Record) {
-        let _ = self.apply_logged(record, None);
-    }
-
-    /// Applies a record received through replication, appending it to `log` under the same
-    /// lock (as a primary's write does), so a snapshot never sees one without the other.
-    pub fn apply_logged(&self, record: &Record, log: Option<&OpLog>) -> std::io::Result<()> {
+    pub fn apply_record(&self, record: Viewed<'_>) {
         let mut data = write(&self.data);
         if record.lsn != 0 && record.lsn <= self.last_lsn.load(Ordering::Acquire) {
-            return Ok(());
+            return;
         }
-        let entry = match record.op {
-            Op::Set => Entry::live(&record.value, record.version),
-            Op::Remove => Entry::removed(record.version),
-            Op::CreateDb | Op::DeleteDb | Op::TermStart | Op::Members => return Ok(()),
+        let fields = record.fields;
+        let entry = match fields.op {
+            Op::Set => Entry::live(fields.value, fields.version),
+            Op::Remove => Entry::removed(fields.version),
+            Op::CreateDb | Op::DeleteDb | Op::TermStart | Op::Members => return,
         };
-        if let Some(log) = log {
-            log.append(&mut record.clone())?;
-        }
         self.last_lsn.store(record.lsn, Ordering::Release);
-        self.store(&mut data, &record.key, entry, record.lsn);
-        Ok(())
+        self.store(&mut data, fields.key, entry, record.lsn);
     }
 
     /// Inserts `entry` and queues its notification (sent once log record `lsn` is durable) to

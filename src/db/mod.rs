@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::protocol::Strategy;
 use crate::storage::oplog::OpLog;
-use crate::storage::record::{Op, Record};
+use crate::storage::record::{Op, Record, Viewed};
 
 /// Prefix of keys holding a user's hashed token.
 pub const USER_KEY_PREFIX: &str = "$$user_";
@@ -197,61 +197,34 @@ impl Databases {
     }
 
     /// Applies a record already in the log (replay or replication), without logging it again.
-    pub fn apply_record(&self, record: &Record) {
-        let _ = self.apply_logged(record, None);
-    }
-
-    /// Applies a record received through replication, appending it to `log` under the lock
-    /// that also covers its effect.
-    pub fn apply_logged(&self, record: &Record, log: Option<&OpLog>) -> std::io::Result<()> {
-        let append = |r: &Record| -> std::io::Result<()> {
-            if let Some(log) = log {
-                log.append(&mut r.clone())?;
-            }
-            Ok(())
-        };
-        match record.op {
+    pub fn apply_record(&self, record: Viewed<'_>) {
+        let (lsn, r) = (record.lsn, record.fields);
+        match r.op {
             Op::CreateDb => {
-                let exists = self
-                    .get(&record.db)
-                    .is_some_and(|db| db.last_lsn() >= record.lsn);
+                let exists = self.get(r.db).is_some_and(|db| db.last_lsn() >= lsn);
                 if !exists {
                     let mut map = self.write_map();
-                    append(record)?;
-                    let strategy = Strategy::parse(&record.value).unwrap_or(Strategy::None);
-                    let db = Arc::new(Database::with_log(
-                        &record.db,
-                        strategy,
-                        self.log.get().cloned(),
-                    ));
-                    db.load(Vec::new(), record.lsn);
-                    map.insert(record.db.clone(), db);
+                    let strategy = Strategy::parse(r.value).unwrap_or(Strategy::None);
+                    let db = Arc::new(Database::with_log(r.db, strategy, self.log.get().cloned()));
+                    db.load(Vec::new(), lsn);
+                    map.insert(r.db.to_string(), db);
                 }
             }
             Op::DeleteDb => {
                 let mut map = self.write_map();
-                if map
-                    .get(&record.db)
-                    .is_some_and(|db| db.last_lsn() < record.lsn)
-                {
-                    append(record)?;
-                    if let Some(db) = map.remove(&record.db) {
+                if map.get(r.db).is_some_and(|db| db.last_lsn() < lsn) {
+                    if let Some(db) = map.remove(r.db) {
                         db.mark_dropped();
                     }
                 }
             }
             // The cluster applies member lists (`cluster::replication`).
             Op::TermStart | Op::Members => {}
-            Op::Set | Op::Remove => match self.get(&record.db) {
-                Some(db) => db.apply_logged(record, log)?,
-                None => log::warn!(
-                    "log record {} for unknown database {} skipped",
-                    record.lsn,
-                    record.db
-                ),
+            Op::Set | Op::Remove => match self.get(r.db) {
+                Some(db) => db.apply_record(record),
+                None => log::warn!("log record {lsn} for unknown database {} skipped", r.db),
             },
         }
-        Ok(())
     }
 
     /// Sorted database names.

@@ -142,7 +142,7 @@ impl Storage {
         check_covered(&config, floor)?;
         let mut replayed = 0u64;
         let log = OpLog::open(&log_dir(&config.dir), config.fsync, floor, &mut |record| {
-            dbs.apply_record(&record);
+            dbs.apply_record(record.viewed());
             replayed += 1;
             Ok(())
         })?;

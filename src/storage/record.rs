@@ -78,6 +78,15 @@ impl Record {
         self.as_ref().encode(self.lsn, self.term, out);
     }
 
+    /// The record with its fields borrowed, as [`view`] reads it.
+    pub fn viewed(&self) -> Viewed<'_> {
+        Viewed {
+            lsn: self.lsn,
+            term: self.term,
+            fields: self.as_ref(),
+        }
+    }
+
     /// The record's fields, borrowed.
     pub fn as_ref(&self) -> RecordRef<'_> {
         RecordRef {
