@@ -346,9 +346,10 @@ pub fn start_receiver(replica: &Replica) -> io::Result<()> {
 type Staged = Vec<crate::db::StagedDb>;
 
 /// Applies logged records up to `upto` that this node has received but not applied yet
-/// (they are committed, or this node is taking over as primary). Callers hold
-/// [`super::Cluster::replica_guard`].
-fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
+/// (they are committed, or this node is taking over as primary), copying them out of the
+/// backlog into `logged` (kept by the caller: a buffer that grows and shrinks each time costs
+/// page faults). Callers hold [`super::Cluster::replica_guard`].
+fn apply_received(replica: &Replica, upto: u64, logged: &mut Vec<u8>) -> io::Result<()> {
     let log = replica.log();
     let Some(from) = replica.dbs.unapplied_from() else {
         return Ok(());
@@ -362,8 +363,8 @@ fn apply_received(replica: &Replica, upto: u64) -> io::Result<()> {
             replica.dbs.apply_record(r);
         }
     };
-    let mut logged = Vec::new();
-    if log.copy_after(from - 1, usize::MAX, &mut logged) == Tail::TooOld {
+    logged.clear();
+    if log.copy_after(from - 1, upto, usize::MAX, logged) == Tail::TooOld {
         let records = log.read_from(from).map_err(io::Error::other)?;
         records
             .unwrap_or_default()
@@ -407,7 +408,7 @@ pub fn member_list(value: &str) -> Vec<String> {
 pub fn take_over(replica: &Replica, term: u64) -> Result<u64, String> {
     let (cluster, log) = (&replica.cluster, replica.log());
     let _guard = cluster.replica_guard();
-    apply_received(replica, log.last_lsn()).map_err(|e| e.to_string())?;
+    apply_received(replica, log.last_lsn(), &mut Vec::new()).map_err(|e| e.to_string())?;
     // The term starts by stating its member list (with any change it inherited applied), so
     // every follower holds the list this primary counts majorities in.
     let mut start = Record {
@@ -464,7 +465,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
     // `None` forces an ack (answering a heartbeat keeps the primary's majority view fresh).
     let mut acked: Option<u64> = None;
     let mut reported = 0;
-    let mut frame = Vec::new();
+    let (mut frame, mut logged) = (Vec::new(), Vec::new());
     cluster.set_applied(applied);
     cluster.note_primary_lsn(0);
     // After a read timed out (EAGAIN; an aborted stream fails with ETIMEDOUT instead): false
@@ -595,7 +596,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                 if !following() {
                     return Ok(());
                 }
-                apply_received(replica, upto)?;
+                apply_received(replica, upto, &mut logged)?;
                 applied = upto;
                 // Committed, and durable here since the ack above: the pushes may go.
                 outbox::take_touched().release();

@@ -123,7 +123,7 @@ impl Outgoing {
             buf.extend_from_slice(format!("commit {commit}\n").as_bytes());
         }
         let frame = open_frame(buf);
-        match log.copy_after(s.after, BATCH, buf) {
+        match log.copy_after(s.after, u64::MAX, BATCH, buf) {
             Tail::Copied { count, last } => {
                 close_frame(buf, frame);
                 if count > 0 {

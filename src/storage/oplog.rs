@@ -601,10 +601,10 @@ impl OpLog {
         }
     }
 
-    /// Appends to `out` the encoded records with LSN > `after` from the in-memory backlog (at
-    /// most `max`), exactly as they are in the log. `TooOld` when the backlog no longer reaches
-    /// back to `after`.
-    pub fn copy_after(&self, after: u64, max: usize, out: &mut Vec<u8>) -> Tail {
+    /// Appends to `out` the encoded records with `after` < LSN <= `through` from the in-memory
+    /// backlog (at most `max`), exactly as they are in the log. `TooOld` when the backlog no
+    /// longer reaches back to `after`.
+    pub fn copy_after(&self, after: u64, through: u64, max: usize, out: &mut Vec<u8>) -> Tail {
         // Read before taking the backlog lock (append takes inner, then backlog); a record
         // appended since then is visible in the backlog itself.
         let last = self.last_lsn();
@@ -619,7 +619,8 @@ impl OpLog {
         }
         let start = backlog.records.partition_point(|r| lsn_of(r) <= after);
         let (mut count, mut last) = (0, 0);
-        for r in backlog.records.iter().skip(start).take(max) {
+        let records = backlog.records.iter().skip(start).take(max);
+        for r in records.take_while(|r| lsn_of(r) <= through) {
             out.extend_from_slice(r);
             count += 1;
             last = lsn_of(r);
@@ -1108,7 +1109,7 @@ mod tests {
         assert_eq!(log.append(&mut next).unwrap(), 8);
         let mut copied = b"x".to_vec();
         assert_eq!(
-            log.copy_after(6, 10, &mut copied),
+            log.copy_after(6, u64::MAX, 10, &mut copied),
             Tail::Copied { count: 2, last: 8 }
         );
         let mut expected = b"x".to_vec();
@@ -1116,17 +1117,26 @@ mod tests {
         next.encode(&mut expected);
         assert_eq!(copied, expected);
         assert_eq!(
-            log.copy_after(7, 10, &mut Vec::new()),
+            log.copy_after(7, u64::MAX, 10, &mut Vec::new()),
             Tail::Copied { count: 1, last: 8 }
         );
         assert_eq!(
-            log.copy_after(8, 10, &mut Vec::new()),
+            log.copy_after(8, u64::MAX, 10, &mut Vec::new()),
             Tail::Copied { count: 0, last: 0 }
         );
-        assert_eq!(log.copy_after(5, 10, &mut Vec::new()), Tail::TooOld);
+        assert_eq!(
+            log.copy_after(5, u64::MAX, 10, &mut Vec::new()),
+            Tail::TooOld
+        );
         let mut first = Vec::new();
-        log.copy_after(6, 1, &mut first);
+        log.copy_after(6, u64::MAX, 1, &mut first);
         assert_eq!(first, bytes);
+        let mut through_7 = Vec::new();
+        assert_eq!(
+            log.copy_after(6, 7, 10, &mut through_7),
+            Tail::Copied { count: 1, last: 7 }
+        );
+        assert_eq!(through_7, bytes);
         log.write_now().unwrap();
         assert_eq!(log.read_from(7).unwrap().unwrap(), [r, next]);
         let _ = fs::remove_dir_all(&dir);
