@@ -226,11 +226,13 @@ impl Node {
     }
 
     /// Ships to the secondaries the records this thread appended under a
-    /// [`crate::storage::oplog::ShipLater`] scope (a session's batch), if any.
+    /// [`crate::storage::oplog::ShipLater`] scope (a session's batch), if any, then makes the
+    /// replication backlog's next block if it wants one (this thread holds no lock here).
     pub fn ship_owed(&self) {
         if crate::storage::oplog::take_owed_shipping() {
             if let (Some(c), Some(log)) = (self.cluster(), self.log()) {
                 c.ship(log);
+                log.refill_backlog();
             }
         }
     }

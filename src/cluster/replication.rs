@@ -25,7 +25,8 @@ use super::Cluster;
 use crate::db::{outbox, Databases, Entry};
 use crate::os::spawn_small;
 use crate::protocol::Strategy;
-use crate::storage::oplog::{OpLog, Tail};
+use crate::storage::backlog::Tail;
+use crate::storage::oplog::OpLog;
 use crate::storage::record::{view, Decoded, Op, Record, Viewed};
 use crate::storage::Storage;
 
@@ -530,7 +531,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                     return Ok(());
                 }
                 last_data = Instant::now();
-                let _guard = full.is_none().then(|| cluster.replica_guard());
+                let guard = full.is_none().then(|| cluster.replica_guard());
                 if !following() {
                     return Ok(());
                 }
@@ -554,6 +555,8 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                         received = log.append_encoded(bytes)?;
                     }
                 }
+                drop(guard);
+                log.refill_backlog();
             }
             "commit" => {
                 let lsn = rest.parse().map_err(|_| io::Error::other("bad commit"))?;

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use super::replication::{close_frame, open_frame};
 use super::Cluster;
 use crate::os::send_now;
-use crate::storage::oplog::{OpLog, Tail};
+use crate::storage::backlog::Tail;
+use crate::storage::oplog::OpLog;
 
 /// Records taken from the log's backlog per composition.
 const BATCH: usize = 1024;

@@ -4,6 +4,7 @@
 //! NunDB data files found in the data dir. The snapshotter thread periodically (or when the log
 //! grows past its limit) rolls the log, writes changed databases and drops the covered segments.
 
+pub mod backlog;
 pub mod oplog;
 pub mod record;
 pub mod s3;

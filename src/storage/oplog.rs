@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::backlog::{self, Backlog, Tail};
 use super::record::{self, decode, Decoded, Record, RecordRef, HEADER};
 use crate::sync::Condition;
 
@@ -99,6 +100,8 @@ pub struct OpLog {
     /// Keep recent records in memory for replication (only cluster members need it).
     /// Bytes of recent records kept in memory for replication (0: no backlog).
     backlog_limit: std::sync::atomic::AtomicUsize,
+    /// The backlog asked for its next block ([`OpLog::refill_backlog`] makes it).
+    block_wanted: std::sync::atomic::AtomicBool,
     /// Bumped by [`OpLog::wake`] so tail readers notice news other than new records.
     wakes: AtomicU64,
     /// Completions waiting for their record to be durable (see [`OpLog::on_durable`]).
@@ -114,38 +117,6 @@ pub struct OpLog {
 /// Each thread then sends its own replies, in parallel, instead of the writing thread sending
 /// the whole group's one after another (50 connections × 1 set: +13% in alternating runs).
 const WRITE_WAIT: Duration = Duration::from_micros(10);
-
-/// The most recent records in memory, each as its bytes in the log, so replication usually
-/// streams without reading files and sends them as they are.
-#[derive(Default)]
-struct Backlog {
-    records: std::collections::VecDeque<Box<[u8]>>,
-    bytes: usize,
-}
-
-/// Approximate memory of a backlog entry beyond its encoded bytes (its box and the allocator's
-/// header).
-const BACKLOG_OVERHEAD: usize = 32;
-
-/// LSN of a backlog entry.
-fn lsn_of(encoded: &[u8]) -> u64 {
-    record::position(encoded).0
-}
-
-/// What [`OpLog::copy_after`] found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Tail {
-    /// `count` records after the requested LSN were copied, the last of them `last` (no
-    /// record: `count` 0 and `last` 0).
-    Copied {
-        /// Records copied.
-        count: usize,
-        /// LSN of the last record copied.
-        last: u64,
-    },
-    /// The requested LSN is older than the in-memory backlog.
-    TooOld,
-}
 
 impl std::fmt::Debug for OpLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -404,6 +375,7 @@ impl OpLog {
             appended: Condition::new(),
             failed: std::sync::atomic::AtomicBool::new(false),
             backlog_limit: std::sync::atomic::AtomicUsize::new(0),
+            block_wanted: std::sync::atomic::AtomicBool::new(false),
             wakes: AtomicU64::new(0),
             completions: Mutex::new(Vec::new()),
             writing: std::sync::atomic::AtomicBool::new(false),
@@ -459,8 +431,7 @@ impl OpLog {
         self.size.store(0, Ordering::Relaxed);
         self.count.store(0, Ordering::Relaxed);
         let mut backlog = lock(&self.backlog);
-        backlog.records.clear();
-        backlog.bytes = 0;
+        backlog.clear();
         drop((backlog, inner, state));
         // Records still awaited were replaced by the primary's: they will never be durable here.
         let orphans = std::mem::take(&mut *lock(&self.completions));
@@ -551,17 +522,12 @@ impl OpLog {
         inner.appended_term = term;
         self.size.fetch_add(encoded as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
-        let limit = self.backlog_limit.load(Ordering::Relaxed);
-        if limit > 0 {
-            let record: Box<[u8]> = inner.buf[before..].into();
+        if self.backlog_limit.load(Ordering::Relaxed) > 0 {
             {
                 let mut backlog = lock(&self.backlog);
-                backlog.records.push_back(record);
-                backlog.bytes += encoded + BACKLOG_OVERHEAD;
-                while backlog.bytes > limit && backlog.records.len() > 1 {
-                    if let Some(old) = backlog.records.pop_front() {
-                        backlog.bytes = backlog.bytes.saturating_sub(old.len() + BACKLOG_OVERHEAD);
-                    }
+                backlog.push(lsn, &inner.buf[before..]);
+                if backlog.wants_block() {
+                    self.block_wanted.store(true, Ordering::Relaxed);
                 }
             }
             // After the lock is released: a sender woken while it is held would only block on
@@ -575,7 +541,23 @@ impl OpLog {
     /// Starts keeping about `bytes` of recent records in memory, so secondaries catch up
     /// without reading the files (older positions read the log, or get a full sync).
     pub fn enable_backlog(&self, bytes: usize) {
-        self.backlog_limit.store(bytes.max(1), Ordering::Relaxed);
+        let bytes = bytes.max(1);
+        lock(&self.backlog).set_limit(bytes);
+        self.backlog_limit.store(bytes, Ordering::Relaxed);
+        self.block_wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// Makes the backlog's next block when it asked for one, touching its pages here rather
+    /// than under the log's locks. Writers call it once they hold no lock (a primary's session
+    /// after its batch, a secondary after each frame); without it the backlog allocates the
+    /// block itself, under the lock.
+    pub fn refill_backlog(&self) {
+        if !self.block_wanted.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let size = lock(&self.backlog).block_size();
+        let block = backlog::new_block(size);
+        lock(&self.backlog).give_block(block);
     }
 
     /// Wakes every [`OpLog::wait_for_wake`] waiter (replication senders).
@@ -608,36 +590,12 @@ impl OpLog {
         // Read before taking the backlog lock (append takes inner, then backlog); a record
         // appended since then is visible in the backlog itself.
         let last = self.last_lsn();
-        let backlog = lock(&self.backlog);
-        let first = backlog.records.front().map(|r| lsn_of(r));
-        let missing = match first {
-            Some(first) => first > after.saturating_add(1),
-            None => after < last,
-        };
-        if missing {
-            return Tail::TooOld;
-        }
-        let start = backlog.records.partition_point(|r| lsn_of(r) <= after);
-        let (mut count, mut last) = (0, 0);
-        let records = backlog.records.iter().skip(start).take(max);
-        for r in records.take_while(|r| lsn_of(r) <= through) {
-            out.extend_from_slice(r);
-            count += 1;
-            last = lsn_of(r);
-        }
-        Tail::Copied { count, last }
+        lock(&self.backlog).copy_after(after, through, max, last, out)
     }
 
     /// The term of the record at `lsn`, if it is still in the backlog.
     pub fn term_at(&self, lsn: u64) -> Option<u64> {
-        let backlog = lock(&self.backlog);
-        let i = backlog.records.partition_point(|r| lsn_of(r) < lsn);
-        backlog
-            .records
-            .get(i)
-            .map(|r| record::position(r))
-            .filter(|&(at, _)| at == lsn)
-            .map(|(_, term)| term)
+        lock(&self.backlog).term_at(lsn)
     }
 
     /// Returns once `lsn` is written to the file (and fsynced, for `always`).
