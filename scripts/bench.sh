@@ -5,11 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=""
-DUR=3
+# Seconds per load row, cut into 1 s slices taken in turn by ours and the peer. Six, not three:
+# this machine's speed swings by a fifth within seconds, and rows near parity (cluster quorum 1,
+# WebSocket without pipelining) read 0.87-1.46x in runs of the same binaries with three slices.
+DUR=6
 [ "${1:-}" = "--quick" ] && QUICK="--quick" && DUR=0.5
-# Cluster rows run twice as long: six processes share the two cores, and their ratio swung
-# most from run to run (one 1 s slice per target is a coin toss on this machine).
-CLUSTER_DUR=$(python3 -c "print($DUR * 2)")
 BIN=./target/release/nun-db
 WORK=$(mktemp -d)
 PIDS=()
@@ -48,9 +48,9 @@ for _ in $(seq 200); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
 
 # 1,000 writes per watch row: the p99 of 300 is their third-worst sample, and the same two
 # binaries gave first-p99 ratios from 0.64x to 1.31x at one watcher.
-CMD="nun-db bench --tcp <nun-db tcp> --ws <nun-db ws> --target redis://127.0.0.1:$REDIS_PORT --watch-writes 1000 $QUICK"
+CMD="nun-db bench --tcp <nun-db tcp> --ws <nun-db ws> --target redis://127.0.0.1:$REDIS_PORT --watch-writes 1000 --duration $DUR $QUICK"
 start_nun "$WORK/main" NUN_FSYNC=everysec
-MAIN=$(bench --target "redis://127.0.0.1:$REDIS_PORT" --watch-writes 1000 $QUICK)
+MAIN=$(bench --target "redis://127.0.0.1:$REDIS_PORT" --watch-writes 1000 --duration "$DUR" $QUICK)
 stop_nun
 
 # The same set/get rows against Redis with persistence off (its defaults minus RDB); nun-db
@@ -61,7 +61,8 @@ redis-server --port "$NOPERSIST_PORT" --bind 127.0.0.1 --dir "$WORK" --save '' -
 NOPERSIST_PID=$!; PIDS+=("$NOPERSIST_PID")
 for _ in $(seq 200); do redis-cli -p "$NOPERSIST_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
 start_nun "$WORK/nopersist" NUN_FSYNC=everysec
-NOPERSIST=$(bench --target "redis://127.0.0.1:$NOPERSIST_PORT" --ops set,get --watchers none $QUICK)
+NOPERSIST=$(bench --target "redis://127.0.0.1:$NOPERSIST_PORT" --ops set,get --watchers none \
+  --duration "$DUR" $QUICK)
 stop_nun
 kill "$NOPERSIST_PID" 2>/dev/null || true
 
@@ -174,7 +175,7 @@ cluster_rows() {
   local ws; ws=$(grep -o 'ws=[^ ]*' "$WORK/c$quorum$CPRIMARY.out" | cut -d= -f2)
   local wait=0; [ "$quorum" = majority ] && wait=1
   "$BIN" -u admin -p bench bench --tcp "127.0.0.1:${ports[$CPRIMARY]}" --ws "$ws" --ops set \
-    --transports tcp --conns 1,50 --pipeline 1 --watchers none --duration "$CLUSTER_DUR" \
+    --transports tcp --conns 1,50 --pipeline 1 --watchers none --duration "$DUR" \
     --target "redis://127.0.0.1:$RREPL_PORT" --redis-wait "$wait" \
     | grep '^| set | tcp' | sed "s/^| set | tcp |/| $quorum |/"
   if [ "$quorum" = majority ]; then
@@ -242,7 +243,7 @@ RSS_RATIO=$(python3 -c "print(f'{$RSS_KB*1024/($N*116):.2f}')")
   echo "Plain sets on the primary over TCP, no pipelining. The peer is Redis with two replicas: for"
   echo "\`majority\` each SET is followed by \`WAIT 1 0\` (on 2 of 3 servers before the reply, like ours);"
   echo "for \`1\` plain SETs (Redis replicates asynchronously; we still stream every write at once)."
-  echo "Each row runs ${CLUSTER_DUR} s, in 1 s slices taken in turn by ours and Redis."
+  echo "Each row runs ${DUR} s, in 1 s slices taken in turn by ours and Redis."
   echo
   echo "| NUN_WRITE_QUORUM | conns | pipeline | ops/s | p50 µs | p99 µs | p99.9 µs | redis ops/s | redis p50 | redis p99 | redis p99.9 | ours/redis |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
