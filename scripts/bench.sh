@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 QUICK=""
 # Seconds per load row, cut into 1 s slices taken in turn by ours and the peer. Six, not three:
-# this machine's speed swings by a fifth within seconds, and rows near parity (cluster quorum 1,
-# WebSocket without pipelining) read 0.87-1.46x in runs of the same binaries with three slices.
+# this machine's speed swings by a fifth within seconds. Rows near parity moved a lot between
+# runs of the same code: cluster quorum 1 with one connection 0.87-1.46x (5 s runs), get over
+# WebSocket with 50 connections 1.10x and 0.93x in two `make bench` runs.
 DUR=6
 [ "${1:-}" = "--quick" ] && QUICK="--quick" && DUR=0.5
 BIN=./target/release/nun-db
