@@ -226,14 +226,20 @@ impl Node {
     }
 
     /// Ships to the secondaries the records this thread appended under a
-    /// [`crate::storage::oplog::ShipLater`] scope (a session's batch), if any, then makes the
-    /// replication backlog's next block if it wants one (this thread holds no lock here).
+    /// [`crate::storage::oplog::ShipLater`] scope (a session's batch), if any.
     pub fn ship_owed(&self) {
         if crate::storage::oplog::take_owed_shipping() {
             if let (Some(c), Some(log)) = (self.cluster(), self.log()) {
                 c.ship(log);
-                log.refill_backlog();
             }
+        }
+    }
+
+    /// Makes the replication backlog's next block if it wants one. Called once a batch is
+    /// answered (or handed over): the thread holds no lock, and no reply waits for it.
+    pub fn refill_backlog(&self) {
+        if let Some(log) = self.log() {
+            log.refill_backlog();
         }
     }
 

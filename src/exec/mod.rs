@@ -294,6 +294,7 @@ pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
     node.ship_owed();
     make_durable(node, outcomes);
     node.deliver(outbox::take_touched());
+    node.refill_backlog();
 }
 
 /// [`acknowledge`] for a session's batch, with `encode` framing its replies for the transport.
@@ -307,6 +308,17 @@ pub fn acknowledge(node: &Node, outcomes: &mut [Outcome]) {
 /// majority commit, its own pushes and replies go first, then everyone else's pushes. False
 /// when the session closed.
 pub fn acknowledge_and_reply(
+    session: &Session,
+    outcomes: &mut Vec<Outcome>,
+    encode: impl FnOnce(&[Outcome]) -> Vec<u8> + Send + 'static,
+) -> bool {
+    let sent = answer(session, outcomes, encode);
+    session.node().refill_backlog();
+    sent
+}
+
+/// [`acknowledge_and_reply`] up to the replies being queued or handed over.
+fn answer(
     session: &Session,
     outcomes: &mut Vec<Outcome>,
     encode: impl FnOnce(&[Outcome]) -> Vec<u8> + Send + 'static,

@@ -33,6 +33,13 @@ impl Block {
         &self.bytes[start..end]
     }
 
+    /// Empties the block for reuse, keeping its buffers.
+    fn emptied(mut self) -> Block {
+        self.bytes.clear();
+        self.starts.clear();
+        self
+    }
+
     /// Memory the block holds (its buffers' capacities).
     fn size(&self) -> usize {
         self.bytes.capacity() + self.starts.capacity() * std::mem::size_of::<(u64, usize)>()
@@ -129,12 +136,10 @@ impl Backlog {
             self.bytes += block.size();
             self.blocks.push_back(block);
             while self.bytes > self.limit && self.blocks.len() > 1 {
-                if let Some(mut old) = self.blocks.pop_front() {
+                if let Some(old) = self.blocks.pop_front() {
                     self.bytes -= old.size();
                     if self.spare.is_none() && old.bytes.capacity() == self.block_size() {
-                        old.bytes.clear();
-                        old.starts.clear();
-                        self.spare = Some(old);
+                        self.spare = Some(old.emptied());
                     }
                 }
             }
@@ -149,10 +154,8 @@ impl Backlog {
 
     /// Forgets every record (keeps a block as the spare).
     pub fn clear(&mut self) {
-        if let Some(mut block) = self.blocks.pop_back() {
-            block.bytes.clear();
-            block.starts.clear();
-            self.spare.get_or_insert(block);
+        if let Some(block) = self.blocks.pop_back() {
+            self.spare.get_or_insert(block.emptied());
         }
         self.blocks.clear();
         self.bytes = 0;

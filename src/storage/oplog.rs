@@ -97,9 +97,9 @@ pub struct OpLog {
     /// Set when a write to the log failed: records may be missing, so nothing more is
     /// acknowledged until the node restarts (and recovery cuts the damaged tail).
     failed: std::sync::atomic::AtomicBool,
-    /// Keep recent records in memory for replication (only cluster members need it).
-    /// Bytes of recent records kept in memory for replication (0: no backlog).
-    backlog_limit: std::sync::atomic::AtomicUsize,
+    /// Recent records are kept in memory for replication (only cluster members need it):
+    /// checked without the backlog's lock, which holds the limit itself.
+    keeps_backlog: std::sync::atomic::AtomicBool,
     /// The backlog asked for its next block ([`OpLog::refill_backlog`] makes it).
     block_wanted: std::sync::atomic::AtomicBool,
     /// Bumped by [`OpLog::wake`] so tail readers notice news other than new records.
@@ -374,7 +374,7 @@ impl OpLog {
             backlog: Mutex::new(Backlog::default()),
             appended: Condition::new(),
             failed: std::sync::atomic::AtomicBool::new(false),
-            backlog_limit: std::sync::atomic::AtomicUsize::new(0),
+            keeps_backlog: std::sync::atomic::AtomicBool::new(false),
             block_wanted: std::sync::atomic::AtomicBool::new(false),
             wakes: AtomicU64::new(0),
             completions: Mutex::new(Vec::new()),
@@ -522,7 +522,7 @@ impl OpLog {
         inner.appended_term = term;
         self.size.fetch_add(encoded as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
-        if self.backlog_limit.load(Ordering::Relaxed) > 0 {
+        if self.keeps_backlog.load(Ordering::Relaxed) {
             {
                 let mut backlog = lock(&self.backlog);
                 backlog.push(lsn, &inner.buf[before..]);
@@ -541,9 +541,8 @@ impl OpLog {
     /// Starts keeping about `bytes` of recent records in memory, so secondaries catch up
     /// without reading the files (older positions read the log, or get a full sync).
     pub fn enable_backlog(&self, bytes: usize) {
-        let bytes = bytes.max(1);
-        lock(&self.backlog).set_limit(bytes);
-        self.backlog_limit.store(bytes, Ordering::Relaxed);
+        lock(&self.backlog).set_limit(bytes.max(1));
+        self.keeps_backlog.store(true, Ordering::Relaxed);
         self.block_wanted.store(true, Ordering::Relaxed);
     }
 
