@@ -608,6 +608,10 @@ impl SmallBatch {
 /// How many outboxes ahead a fan-out asks the CPU to load.
 const PREFETCH_AHEAD: usize = 4;
 
+/// A fan-out to more outboxes than this yields the CPU once after its first write, so the first
+/// watcher's reader does not wait behind the other writes when it was woken onto this core.
+const YIELD_BEFORE: usize = 8;
+
 /// Outboxes this thread queued pushes into since it last called [`take_touched`], and the
 /// highest LSN among those pushes. The thread that made the changes must wait until that LSN
 /// is durable and committed, then [`Touched::release`] them (or [`Touched::abandon`] them if
@@ -670,6 +674,12 @@ impl Touched {
                 ahead.prefetch();
             }
             outbox.release(self.lsn);
+            if i == 0 && self.outboxes.len() > YIELD_BEFORE {
+                // The first write woke its reader, and the kernel may have queued that reader
+                // on this core expecting the waker to sleep soon (a socket wakeup is a "sync"
+                // one). This thread has many writes left: let it run first.
+                std::thread::yield_now();
+            }
         }
     }
 
