@@ -61,7 +61,14 @@ pub struct Config {
     pub s3: S3Config,
     /// How long an HTTP request may take to arrive, head and body (NUN_HTTP_TIMEOUT, seconds).
     pub http_timeout: Duration,
+    /// How long a session polls its socket for the next command before blocking, when its
+    /// client is quick and no other session is working (NUN_SPIN_US, microseconds; 0: never).
+    pub spin: Duration,
 }
+
+/// Default for [`Config::spin`]: longer than a client on the same machine takes to read a reply
+/// and send its next command, short enough that a wasted poll costs little.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// Default TCP address.
 pub const DEFAULT_TCP_ADDR: &str = "0.0.0.0:3014";
@@ -98,6 +105,7 @@ impl Default for Config {
             storage_write: Place::Disk,
             s3: S3Config::default(),
             http_timeout: Duration::from_secs(10),
+            spin: DEFAULT_SPIN,
         }
     }
 }

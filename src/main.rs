@@ -302,6 +302,10 @@ struct StartArgs {
         default_value_t = 10.0
     )]
     http_timeout: f64,
+    /// Microseconds a session polls its socket for the next command before blocking (only while
+    /// its client is that quick and no other session is working); 0 turns polling off.
+    #[arg(long = "spin-us", env = "NUN_SPIN_US", default_value_t = 50)]
+    spin_us: u64,
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -583,6 +587,7 @@ fn start(cli: &Cli, args: &StartArgs) -> ExitCode {
     };
     let config = Config {
         http_timeout: Duration::from_secs_f64(args.http_timeout.max(0.05)),
+        spin: Duration::from_micros(args.spin_us.min(10_000)),
         storage_read,
         storage_write,
         s3,

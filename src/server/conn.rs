@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::flusher::Flusher;
+use super::spin::{self, Spin};
 use crate::db::outbox::{Outbox, Sink};
 use crate::os::{self, Trimmer};
 use crate::packed::Shared;
@@ -80,12 +81,14 @@ pub struct Conn {
     /// A read timeout means the session is idle (false: it is an error, e.g. in a handshake).
     pub idles: bool,
     trimmer: Trimmer,
+    spin: Spin,
 }
 
 impl Conn {
     /// Wraps an accepted socket: no Nagle delay, and reads that time out into the idle state
-    /// (which asks `trimmer` to give freed memory back).
-    pub fn new(stream: TcpStream, trimmer: Trimmer) -> Conn {
+    /// (which asks `trimmer` to give freed memory back); between commands the socket is polled
+    /// for up to `spin` before the thread blocks ([`Spin`]).
+    pub fn new(stream: TcpStream, trimmer: Trimmer, spin: Duration) -> Conn {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(IDLE_AFTER));
         Conn {
@@ -95,6 +98,7 @@ impl Conn {
             end: 0,
             idles: true,
             trimmer,
+            spin: Spin::new(spin),
         }
     }
 
@@ -134,7 +138,12 @@ impl Conn {
         let need = need.max(self.end - self.start + 1);
         while self.end - self.start < need {
             self.make_room(need);
-            let n = match (&*self.stream).read(&mut self.buf[self.end..]) {
+            let stream = &*self.stream;
+            let n = match self
+                .spin
+                .wait(stream.as_raw_fd(), &mut self.buf[self.end..], |b| {
+                    (&*stream).read(b)
+                }) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
@@ -179,12 +188,12 @@ impl Conn {
         self.trimmer.request();
         self.stream.set_read_timeout(None)?;
         let mut first = [0u8; 64];
-        let n = loop {
+        let n = spin::blocked(|| loop {
             match (&*self.stream).read(&mut first) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other?,
+                other => break other,
             }
-        };
+        })?;
         self.stream.set_read_timeout(Some(IDLE_AFTER))?;
         if n == 0 {
             return Ok(None);
@@ -222,7 +231,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        let mut conn = Conn::new(server, Trimmer::start().unwrap());
+        let mut conn = Conn::new(server, Trimmer::start().unwrap(), Duration::ZERO);
         let big = vec![b'x'; 100_000];
         client.write_all(&big).unwrap();
         assert!(conn.fill(big.len()).unwrap());

@@ -10,6 +10,7 @@ pub mod flusher;
 pub mod http;
 pub mod pool;
 pub mod prometheus;
+mod spin;
 pub mod tcp;
 pub mod ws;
 
@@ -140,7 +141,7 @@ impl Server {
             let mut admitted = admitted;
             if let Some(stream) = admitted.stream.take() {
                 let server = &admitted.server;
-                let conn = Conn::new(stream, server.trimmer.clone());
+                let conn = Conn::new(stream, server.trimmer.clone(), server.node.config.spin);
                 match admitted.transport {
                     Transport::Tcp => tcp::serve(server, conn),
                     Transport::Ws => ws::serve(server, conn),

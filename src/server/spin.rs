@@ -1,0 +1,170 @@
+//! Waiting for a session's next command by polling its socket for a moment before blocking.
+//! A thread that blocks in `read` is descheduled, and its core may halt; waking both costs more
+//! than a command (on a virtual machine, where a halted core is woken through the host, several
+//! times more). A client that sends its next command right after reading a reply (a loop of
+//! requests, a writer feeding watchers) is better met by a thread still running.
+//!
+//! Polling only pays when it finds something, and it takes a core others may need, so a session
+//! polls only when all of these hold: polling is on (`--spin-us`), the last wait was shorter
+//! than the window (a client that paused longer is not polled for until it is quick again), and
+//! no other session is working (under load the cores are busy and nobody needs waking up).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Sessions not blocked in a read, on a cache line of their own (every session updates it).
+#[repr(align(64))]
+struct Counter(AtomicUsize);
+
+static WORKING: Counter = Counter(AtomicUsize::new(0));
+
+/// Sessions working right now (not blocked waiting for their client).
+fn others_working() -> bool {
+    WORKING.0.load(Ordering::Relaxed) > 1
+}
+
+/// A session's share of [`WORKING`] (counted while it exists, except inside [`blocked`]) and
+/// what it knows about its client's pace.
+#[derive(Debug)]
+pub struct Spin {
+    window: Duration,
+    /// The last wait for the client was within the window.
+    quick: bool,
+}
+
+impl Spin {
+    /// A session that polls for up to `window` (zero: never) before blocking.
+    pub fn new(window: Duration) -> Spin {
+        WORKING.0.fetch_add(1, Ordering::Relaxed);
+        Spin {
+            window,
+            quick: false,
+        }
+    }
+
+    /// Reads what the client sends next into `buf`: polls `fd` first when that is likely to
+    /// pay, then calls `block` (a blocking read) as [`blocked`].
+    pub fn wait(
+        &mut self,
+        fd: RawFd,
+        buf: &mut [u8],
+        block: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let started = Instant::now();
+        if self.quick && !others_working() {
+            if let Some(got) = poll(fd, buf, started, self.window) {
+                return got;
+            }
+        }
+        let got = blocked(|| block(buf));
+        self.quick = started.elapsed() <= self.window;
+        got
+    }
+}
+
+/// Runs `f`, a blocking wait for the client, with this session out of the working count.
+pub fn blocked<R>(f: impl FnOnce() -> R) -> R {
+    WORKING.0.fetch_sub(1, Ordering::Relaxed);
+    let r = f();
+    WORKING.0.fetch_add(1, Ordering::Relaxed);
+    r
+}
+
+impl Drop for Spin {
+    fn drop(&mut self) {
+        WORKING.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Non-blocking reads of `fd` until something arrives (or the end of stream, or an error), the
+/// window since `started` passes, or another session starts working. `None`: nothing came.
+fn poll(
+    fd: RawFd,
+    buf: &mut [u8],
+    started: Instant,
+    window: Duration,
+) -> Option<io::Result<usize>> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `fd` is the session's socket,
+        // open for as long as the session that owns it.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if let Ok(n) = usize::try_from(n) {
+            return Some(Ok(n));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
+            _ => return Some(Err(e)),
+        }
+        if started.elapsed() >= window || others_working() {
+            return None;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn a_poll_returns_bytes_already_there_the_end_of_stream_or_nothing() {
+        let (mut client, server) = pair();
+        let mut buf = [0u8; 16];
+        let fd = server.as_raw_fd();
+        let window = Duration::from_millis(1);
+        assert!(poll(fd, &mut buf, Instant::now(), window).is_none());
+        client.write_all(b"get k\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            if let Some(got) = poll(fd, &mut buf, Instant::now(), window) {
+                break got.unwrap();
+            }
+            assert!(Instant::now() < deadline, "the bytes never arrived");
+        };
+        assert_eq!(&buf[..got], b"get k\n");
+        drop(client);
+        let end = loop {
+            if let Some(got) = poll(fd, &mut buf, Instant::now(), window) {
+                break got.unwrap();
+            }
+            assert!(Instant::now() < deadline, "the end of stream never arrived");
+        };
+        assert_eq!(end, 0);
+    }
+
+    #[test]
+    fn a_session_polls_only_after_a_quick_wait_and_reads_the_same_bytes() {
+        let (mut client, server) = pair();
+        let fd = server.as_raw_fd();
+        let mut spin = Spin::new(Duration::from_secs(5));
+        let mut buf = [0u8; 16];
+        // Nothing known about the client yet: straight to the blocking read.
+        client.write_all(b"a\n").unwrap();
+        let n = spin.wait(fd, &mut buf, |b| (&server).read(b)).unwrap();
+        assert_eq!(&buf[..n], b"a\n");
+        assert!(spin.quick);
+        // Quick last time: it may poll, and the bytes are the same whichever way they come.
+        client.write_all(b"b\n").unwrap();
+        let n = spin.wait(fd, &mut buf, |b| (&server).read(b)).unwrap();
+        assert_eq!(&buf[..n], b"b\n");
+        // A wait longer than the window: no polling next time.
+        let mut strict = Spin::new(Duration::from_nanos(1));
+        client.write_all(b"c\n").unwrap();
+        let n = strict.wait(fd, &mut buf, |b| (&server).read(b)).unwrap();
+        assert_eq!(&buf[..n], b"c\n");
+        assert!(!strict.quick);
+    }
+}
