@@ -124,8 +124,10 @@ impl Conn {
         }
     }
 
-    /// Takes every unconsumed byte (the connection is handed to something else).
+    /// Takes every unconsumed byte (the connection is handed to something else, which waits
+    /// on the socket its own way: the session stops counting as working, see [`Spin`]).
     pub fn take_rest(&mut self) -> Vec<u8> {
+        self.spin.hand_over();
         let rest = self.data().to_vec();
         self.consume(rest.len());
         rest

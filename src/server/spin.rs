@@ -32,6 +32,8 @@ pub struct Spin {
     window: Duration,
     /// The last wait for the client was within the window.
     quick: bool,
+    /// This session is in [`WORKING`] (until its socket is handed over).
+    counted: bool,
 }
 
 impl Spin {
@@ -41,7 +43,18 @@ impl Spin {
         Spin {
             window,
             quick: false,
+            counted: true,
         }
+    }
+
+    /// The socket was handed over to something else (a replication stream), which waits on it
+    /// its own way: this session no longer counts as working, nor polls.
+    pub fn hand_over(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            WORKING.0.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.window = Duration::ZERO;
+        self.quick = false;
     }
 
     /// Reads what the client sends next into `buf`: polls `fd` first when that is likely to
@@ -74,7 +87,9 @@ pub fn blocked<R>(f: impl FnOnce() -> R) -> R {
 
 impl Drop for Spin {
     fn drop(&mut self) {
-        WORKING.0.fetch_sub(1, Ordering::Relaxed);
+        if self.counted {
+            WORKING.0.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -166,5 +181,28 @@ mod tests {
         let n = strict.wait(fd, &mut buf, |b| (&server).read(b)).unwrap();
         assert_eq!(&buf[..n], b"c\n");
         assert!(!strict.quick);
+    }
+
+    #[test]
+    fn a_handed_over_session_never_polls_and_leaves_the_working_count_once() {
+        let (mut client, server) = pair();
+        let fd = server.as_raw_fd();
+        let mut spin = Spin::new(Duration::from_secs(5));
+        spin.quick = true;
+        spin.hand_over();
+        assert!(!spin.counted);
+        spin.hand_over();
+        client.write_all(b"x\n").unwrap();
+        let mut read_blocking = false;
+        let mut buf = [0u8; 4];
+        let n = spin
+            .wait(fd, &mut buf, |b| {
+                read_blocking = true;
+                (&server).read(b)
+            })
+            .unwrap();
+        assert!(read_blocking, "a handed-over session must not poll");
+        assert_eq!(&buf[..n], b"x\n");
+        assert!(!spin.quick);
     }
 }
