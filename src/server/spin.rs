@@ -20,7 +20,7 @@ struct Counter(AtomicUsize);
 
 static WORKING: Counter = Counter(AtomicUsize::new(0));
 
-/// Sessions working right now (not blocked waiting for their client).
+/// True when a session other than the caller is working (not blocked waiting for its client).
 fn others_working() -> bool {
     WORKING.0.load(Ordering::Relaxed) > 1
 }
@@ -66,7 +66,7 @@ impl Spin {
         block: impl FnOnce(&mut [u8]) -> io::Result<usize>,
     ) -> io::Result<usize> {
         let started = Instant::now();
-        if self.quick && !others_working() {
+        if self.quick && !self.window.is_zero() && !others_working() {
             if let Some(got) = poll(fd, buf, started, self.window) {
                 return got;
             }
