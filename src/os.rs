@@ -162,6 +162,24 @@ pub fn send_now(fd: RawFd, parts: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// Reads what the socket holds right now into `buf`, never blocking: `Some(0)` at the end of
+/// stream, `None` when nothing is there yet.
+pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into a live, writable slice.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// [`send_now`] of one buffer: `send` is a little cheaper than `sendmsg`.
 fn send_one(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {

@@ -14,6 +14,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::os;
+
 /// Sessions not blocked in a read, on a cache line of their own (every session updates it).
 #[repr(align(64))]
 struct Counter(AtomicUsize);
@@ -54,7 +56,6 @@ impl Spin {
             WORKING.0.fetch_sub(1, Ordering::Relaxed);
         }
         self.window = Duration::ZERO;
-        self.quick = false;
     }
 
     /// Reads what the client sends next into `buf`: polls `fd` first when that is likely to
@@ -102,16 +103,8 @@ fn poll(
     window: Duration,
 ) -> Option<io::Result<usize>> {
     loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `fd` is the session's socket,
-        // open for as long as the session that owns it.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if let Ok(n) = usize::try_from(n) {
-            return Some(Ok(n));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
-            _ => return Some(Err(e)),
+        if let Some(got) = os::recv_now(fd, buf).transpose() {
+            return Some(got);
         }
         if started.elapsed() >= window || others_working() {
             return None;
