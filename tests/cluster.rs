@@ -658,3 +658,44 @@ fn pipelined_majority_writes_and_reads_do_not_wait_for_a_heartbeat() {
     assert!(took < Duration::from_secs(2), "ten batches took {took:?}");
     assert!(converged(&c, "k", Some((9, "10"))));
 }
+
+/// With `NUN_WRITE_QUORUM=1` the secondaries acknowledge lazily (at most every 50 ms, and
+/// every heartbeat: 1 s here), and the primary does not hold single writes for those
+/// acknowledgements: a watcher on a secondary gets each write at once (a primary that held
+/// each write for the last one's acknowledgement took 3 s for ten; here twenty take
+/// milliseconds). The acknowledgements still come: the primary's lag figure returns to zero.
+#[test]
+fn quorum_one_secondaries_get_single_writes_at_once_and_acknowledge_lazily() {
+    let c = TestCluster::start(
+        3,
+        &[("NUN_ELECTION_TIMEOUT", "4000"), ("NUN_WRITE_QUORUM", "1")],
+    );
+    let p = c.primary().unwrap();
+    setup(&c, p);
+    let mut watcher = use_db(c.client((p + 1) % 3));
+    watcher.watch("w").unwrap();
+    let mut writer = use_db(c.client(p));
+    // The first write also waits for the secondaries' streams to be in place.
+    writer.set("warm", "0").unwrap();
+    assert!(converged(&c, "warm", Some((0, "0"))));
+    let started = Instant::now();
+    for i in 0..20 {
+        writer.set("w", &i.to_string()).unwrap();
+        match watcher.next_event().unwrap() {
+            nundb::client::Event::Changed { version, value, .. } => {
+                assert_eq!((version, value), (i, i.to_string()));
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "twenty writes took {took:?}");
+    let mut admin = c.client(p);
+    admin.auth(ADMIN, ADMIN_PWD).unwrap();
+    assert!(eventually(LONG, || admin
+        .call("metrics-state")
+        .unwrap()
+        .messages
+        .remove(0)
+        .ends_with(", replication_lag: 0")));
+}

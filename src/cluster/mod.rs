@@ -774,6 +774,13 @@ impl Cluster {
         format!("Write not confirmed by a majority ({have} of {needed} members)")
     }
 
+    /// True when secondaries' acknowledgements move the commit point (majority writes), so
+    /// each frame must be acknowledged at once. With `NUN_WRITE_QUORUM=1` the commit follows
+    /// this node's own log, and acknowledgements only report progress and liveness.
+    pub fn commits_on_acks(&self) -> bool {
+        self.quorum == WriteQuorum::Majority
+    }
+
     /// True when a write is acknowledged once a majority has it (not `NUN_WRITE_QUORUM=1`,
     /// and this node has peers).
     pub fn waits_for_majority(&self) -> bool {

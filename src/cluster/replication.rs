@@ -3,7 +3,9 @@
 //! record after it (from memory, else from log files, else a full sync of all data), with
 //! heartbeats when idle. New records and commit points are usually written to the stream by the
 //! thread that made them (`shipping.rs`); the sender thread does the rest. The receiver appends each record to its own log under the same LSN,
-//! applies it (notifying local watchers) and acknowledges the LSN once durable.
+//! applies it (notifying local watchers) and acknowledges the LSN once durable: at once where
+//! acknowledgements move the commit point (majority writes), else ([`LAZY_ACKS_OK`]) at most
+//! every [`LAZY_ACK_EVERY`] and on every heartbeat, as Redis replicas do.
 //!
 //! Receiving is not applying: a secondary applies records to memory (and so notifies its
 //! watchers) only once the primary reports them committed (`commit <lsn>`), so no watcher ever
@@ -12,15 +14,15 @@
 //!
 //! Lines from the primary: `recs <length>` followed by that many bytes of records exactly as
 //! they are in the log (length, checksum, fields: the secondary appends them as they came),
-//! `full <base_lsn>` … `full-end`, `commit <lsn>`, `ping <term> <primary> <last_lsn>`. Lines
-//! from the secondary: `ack <lsn>`.
+//! `ok` or `ok lazy-acks` (the answer to `repl-sync`), `full <base_lsn>` … `full-end`,
+//! `commit <lsn>`, `ping <term> <primary> <last_lsn>`. Lines from the secondary: `ack <lsn>`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::shipping::{Composed, Outgoing};
+use super::shipping::{Composed, Outgoing, ACKED_AT_ONCE};
 use super::Cluster;
 use crate::db::{outbox, Databases, Entry};
 use crate::os::spawn_small;
@@ -49,6 +51,16 @@ impl Replica {
 
 /// How long a blocking write to a secondary may take before the stream is dropped.
 const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The primary's answer to `repl-sync` when its commit point does not follow acknowledgements
+/// (`NUN_WRITE_QUORUM=1`): the secondary may acknowledge lazily. Older secondaries read any
+/// `ok` line alike, and acknowledge every frame.
+const LAZY_ACKS_OK: &[u8] = b"ok lazy-acks\n";
+
+/// How often a secondary told to acknowledge lazily acknowledges while records keep coming
+/// (it always answers a heartbeat): often enough for lag figures, rarely enough that the
+/// primary's acknowledgement readers sleep through a busy stream.
+const LAZY_ACK_EVERY: Duration = Duration::from_millis(50);
 
 /// Digits of a `recs` frame's length: a fixed width, so the length is written after the
 /// records are.
@@ -141,11 +153,13 @@ pub fn serve_secondary(
         let _ = out.write_all(b"error Not the primary \n");
         return;
     }
-    if out.write_all(b"ok \n").is_err() {
+    let every_ack = cluster.commits_on_acks();
+    let ok: &[u8] = if every_ack { b"ok \n" } else { LAZY_ACKS_OK };
+    if out.write_all(ok).is_err() {
         return;
     }
     log::info!("replicating to {peer} from LSN {after}");
-    let outgoing = Arc::new(Outgoing::new(Arc::clone(&stream)));
+    let outgoing = Arc::new(Outgoing::new(Arc::clone(&stream), !every_ack));
     {
         let cluster = Arc::clone(cluster);
         let log = Arc::clone(log);
@@ -196,8 +210,11 @@ pub fn serve_secondary(
     if !consistent && full_sync(replica, &mut out, &mut after).is_err() {
         return;
     }
-    outgoing.show(after);
-    outgoing.lock().after = after;
+    {
+        let mut s = outgoing.lock();
+        s.after = after;
+        outgoing.show(&s);
+    }
     // From here on, writes ship to this stream themselves; this thread sends heartbeats and
     // arbiter confirmations, and takes over when they cannot finish (see shipping.rs).
     let _listed = cluster.streams().list(&outgoing);
@@ -234,7 +251,8 @@ pub fn serve_secondary(
             match log.read_from(s.after + 1) {
                 Ok(Some(records)) => {
                     push_frame(&records, &mut buf);
-                    s.after = records.last().map_or(s.after, |r| r.lsn);
+                    let last = records.last().map_or(s.after, |r| r.lsn);
+                    s.framed(records.len(), last);
                 }
                 Ok(None) => {
                     if !buf.is_empty() && out.write_all(&buf).is_err() {
@@ -252,7 +270,7 @@ pub fn serve_secondary(
             }
         }
         // Published before the write: an ack for these records can only follow it.
-        outgoing.show(s.after);
+        outgoing.show(&s);
         if !buf.is_empty() && out.write_all(&buf).is_err() {
             break;
         }
@@ -463,9 +481,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
     let mut full_members: Option<Vec<String>> = None;
     let mut received = last_lsn;
     let mut applied = replica.dbs.unapplied_from().map_or(last_lsn, |f| f - 1);
-    // `None` forces an ack (answering a heartbeat keeps the primary's majority view fresh).
-    let mut acked: Option<u64> = None;
-    let mut reported = 0;
+    let mut acks = Acks::new(Instant::now());
     let (mut frame, mut logged) = (Vec::new(), Vec::new());
     cluster.set_applied(applied);
     cluster.note_primary_lsn(0);
@@ -500,7 +516,8 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
         let text = line.trim_end_matches('\n');
         let (verb, rest) = text.split_once(' ').unwrap_or((text, ""));
         match verb {
-            "valid" | "ok" => {}
+            "valid" => {}
+            "ok" => acks.told(line.as_bytes()),
             "error" | "invalid" => return Err(io::Error::other(text.to_string())),
             "full" => {
                 let base: u64 = rest.parse().map_err(|_| io::Error::other("bad full"))?;
@@ -535,8 +552,9 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                 if !following() {
                     return Ok(());
                 }
-                let mut rest = &frame[..];
+                let (mut rest, mut count) = (&frame[..], 0);
                 while !rest.is_empty() {
+                    count += 1;
                     let Decoded::Record(r, len) = view(rest) else {
                         return Err(io::Error::other("bad record"));
                     };
@@ -556,6 +574,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                     }
                 }
                 drop(guard);
+                acks.framed(count);
                 log.refill_backlog();
             }
             "commit" => {
@@ -577,23 +596,26 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                 if let Some(lsn) = p.next().and_then(|l| l.parse().ok()) {
                     cluster.note_primary_lsn(lsn);
                 }
-                acked = None;
+                acks.heartbeat();
             }
             _ => return Err(io::Error::other(format!("unexpected line: {text}"))),
         }
         if reader.buffer().is_empty() && full.is_none() {
-            if acked != Some(received) {
+            let upto = cluster.commit().min(received);
+            let generation = cluster.arbiter_gen();
+            let ack = acks.due(received, generation, Instant::now());
+            if ack.is_some() || upto > applied {
                 log.wait_durable(received)?;
+            }
+            if let Some(report) = ack {
                 // Answering a heartbeat also renews this node's arbiter report.
                 let mut reply = format!("ack {received}\n");
-                if acked.is_none() || cluster.arbiter_gen() != reported {
-                    reported = cluster.arbiter_gen();
-                    reply.push_str(&arbiter_report(&replica.dbs, reported));
+                if report {
+                    reply.push_str(&arbiter_report(&replica.dbs, generation));
                 }
                 out.write_all(reply.as_bytes())?;
-                acked = Some(received);
+                acks.sent(received, report.then_some(generation), Instant::now());
             }
-            let upto = cluster.commit().min(received);
             if upto > applied {
                 let _guard = cluster.replica_guard();
                 if !following() {
@@ -601,13 +623,79 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                 }
                 apply_received(replica, upto, &mut logged)?;
                 applied = upto;
-                // Committed, and durable here since the ack above: the pushes may go.
+                // Committed, and durable here (above): the pushes may go.
                 outbox::take_touched().release();
             }
         }
         if !following() {
             return Ok(());
         }
+    }
+}
+
+/// When a secondary acknowledges what it received: once it read all that arrived, if it got
+/// something new since its last acknowledgement and the primary wants it now (every frame, a
+/// heartbeat, a frame of [`ACKED_AT_ONCE`] records, a new arbiter report, or
+/// [`LAZY_ACK_EVERY`] passed when acknowledging lazily).
+#[derive(Debug)]
+struct Acks {
+    /// Last LSN acknowledged; `None` forces the next acknowledgement (a heartbeat to answer,
+    /// which keeps the primary's majority view fresh).
+    acked: Option<u64>,
+    /// The arbiter report generation last sent.
+    reported: u64,
+    /// The primary said acknowledgements may be lazy ([`LAZY_ACKS_OK`]).
+    lazy: bool,
+    /// When the last acknowledgement went.
+    at: Instant,
+    /// A frame since then asked for one at once.
+    asked: bool,
+}
+
+impl Acks {
+    /// Nothing acknowledged yet, as of `now`: the first chance acknowledges.
+    fn new(now: Instant) -> Acks {
+        Acks {
+            acked: None,
+            reported: 0,
+            lazy: false,
+            at: now,
+            asked: false,
+        }
+    }
+
+    /// The primary's `ok` line answering `repl-sync`.
+    fn told(&mut self, ok_line: &[u8]) {
+        self.lazy = ok_line == LAZY_ACKS_OK;
+    }
+
+    /// A frame of `count` records arrived.
+    fn framed(&mut self, count: usize) {
+        self.asked |= count >= ACKED_AT_ONCE;
+    }
+
+    /// A heartbeat arrived: it is answered.
+    fn heartbeat(&mut self) {
+        self.acked = None;
+    }
+
+    /// Whether to acknowledge `received` at `now` (with this node's arbiter report generation
+    /// `generation`): `Some(true)` with the arbiter report, `Some(false)` without.
+    fn due(&self, received: u64, generation: u64, now: Instant) -> Option<bool> {
+        let report = self.acked.is_none() || generation != self.reported;
+        let now_wanted = !self.lazy
+            || self.asked
+            || report
+            || now.saturating_duration_since(self.at) >= LAZY_ACK_EVERY;
+        (self.acked != Some(received) && now_wanted).then_some(report)
+    }
+
+    /// The acknowledgement of `received` went at `now`, with the arbiter report of `reported`.
+    fn sent(&mut self, received: u64, reported: Option<u64>, now: Instant) {
+        self.acked = Some(received);
+        self.reported = reported.unwrap_or(self.reported);
+        self.at = now;
+        self.asked = false;
     }
 }
 
@@ -730,5 +818,50 @@ mod tests {
         assert!(!read_frame(&mut reader, logged.len(), &mut frame, || Ok(false)).unwrap());
         let mut short = io::Cursor::new(logged[..5].to_vec());
         assert!(read_frame(&mut short, logged.len(), &mut frame, || Ok(true)).is_err());
+    }
+
+    #[test]
+    fn a_secondary_acknowledges_every_frame_unless_told_to_be_lazy() {
+        let t0 = Instant::now();
+        let later = |ms| t0 + Duration::from_millis(ms);
+
+        // Told nothing (`ok`): every new LSN is acknowledged, the first with the arbiter
+        // report; nothing new, nothing to say.
+        let mut acks = Acks::new(t0);
+        acks.told(b"ok \n");
+        assert_eq!(acks.due(1, 0, t0), Some(true));
+        acks.sent(1, Some(0), t0);
+        assert_eq!(acks.due(1, 0, t0), None);
+        acks.framed(1);
+        assert_eq!(acks.due(2, 0, t0), Some(false));
+        acks.sent(2, None, t0);
+
+        // Lazily: the first acknowledgement still goes (it carries the arbiter report).
+        let mut acks = Acks::new(t0);
+        acks.told(LAZY_ACKS_OK);
+        assert_eq!(acks.due(5, 0, t0), Some(true));
+        acks.sent(5, Some(0), t0);
+        // Single writes wait until LAZY_ACK_EVERY passed since the last acknowledgement.
+        acks.framed(1);
+        assert_eq!(acks.due(6, 0, later(1)), None);
+        acks.framed(1);
+        assert_eq!(acks.due(7, 0, later(49)), None);
+        assert_eq!(acks.due(7, 0, later(50)), Some(false));
+        acks.sent(7, None, later(50));
+        // A frame of several records is acknowledged at once, and only that once.
+        acks.framed(ACKED_AT_ONCE);
+        assert_eq!(acks.due(9, 0, later(51)), Some(false));
+        acks.sent(9, None, later(51));
+        acks.framed(1);
+        assert_eq!(acks.due(10, 0, later(52)), None);
+        // So is a heartbeat's answer, and a new arbiter report, each with the report.
+        acks.heartbeat();
+        assert_eq!(acks.due(10, 0, later(53)), Some(true));
+        acks.sent(10, Some(0), later(53));
+        acks.framed(1);
+        assert_eq!(acks.due(11, 3, later(54)), Some(true));
+        acks.sent(11, Some(3), later(54));
+        acks.framed(1);
+        assert_eq!(acks.due(12, 3, later(55)), None);
     }
 }

@@ -21,6 +21,12 @@ use crate::storage::oplog::OpLog;
 /// Records taken from the log's backlog per composition.
 const BATCH: usize = 1024;
 
+/// A frame of at least this many records is acknowledged at once even by a secondary that
+/// acknowledges lazily: several writes met in one frame, so writes come faster than frames
+/// go, and holding the next ones for that acknowledgement batches them ([`Outgoing::ship`]).
+/// Both ends count the same way.
+pub const ACKED_AT_ONCE: usize = 2;
+
 /// Where one secondary's stream stands. Held while its next bytes are composed and written,
 /// so the stream stays in LSN order whoever writes it.
 #[derive(Debug, Default)]
@@ -29,6 +35,11 @@ pub struct Sending {
     pub after: u64,
     /// Last commit point written to the stream.
     pub sent_commit: u64,
+    /// Last LSN of a frame the secondary acknowledges at once (every frame, unless it
+    /// acknowledges lazily: then those of [`ACKED_AT_ONCE`] records or more).
+    pub asked: u64,
+    /// The secondary acknowledges lazily (`NUN_WRITE_QUORUM=1`).
+    lazy_acks: bool,
     /// Bytes composed but not taken by the socket yet: the sender thread writes them first.
     pub unsent: Vec<u8>,
     /// Only the sender thread may write now (unsent bytes, or records no longer in memory).
@@ -61,19 +72,40 @@ pub struct Outgoing {
     shown: AtomicU64,
     /// Highest LSN the secondary acknowledged on this stream.
     acked: AtomicU64,
+    /// [`Sending::asked`], published with [`Outgoing::show`]: new records wait while an
+    /// acknowledgement up to it is due ([`Outgoing::ship`]).
+    asked: AtomicU64,
     /// The acknowledgement reader saw the stream end.
     closed: AtomicBool,
 }
 
+impl Sending {
+    /// Notes a frame of `count` records up to `last` written after the stream's position.
+    pub fn framed(&mut self, count: usize, last: u64) {
+        if count == 0 {
+            return;
+        }
+        self.after = last;
+        if !self.lazy_acks || count >= ACKED_AT_ONCE {
+            self.asked = last;
+        }
+    }
+}
+
 impl Outgoing {
-    /// A stream over `stream`, not yet positioned (nothing shown).
-    pub fn new(stream: Arc<TcpStream>) -> Outgoing {
+    /// A stream over `stream`, not yet positioned (nothing shown); `lazy_acks` when its
+    /// secondary was told to acknowledge lazily.
+    pub fn new(stream: Arc<TcpStream>, lazy_acks: bool) -> Outgoing {
         Outgoing {
             stream,
-            sending: Mutex::new(Sending::default()),
+            sending: Mutex::new(Sending {
+                lazy_acks,
+                ..Sending::default()
+            }),
             pending: AtomicBool::new(false),
             shown: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            asked: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         }
     }
@@ -95,9 +127,11 @@ impl Outgoing {
         self.shown.load(Ordering::Acquire)
     }
 
-    /// Publishes that the stream shows everything up to `lsn` (call before writing it).
-    pub fn show(&self, lsn: u64) {
-        self.shown.store(lsn, Ordering::Release);
+    /// Publishes that the stream shows everything up to its position, and the acknowledgement
+    /// it asks for (call before writing it).
+    pub fn show(&self, s: &Sending) {
+        self.asked.store(s.asked, Ordering::SeqCst);
+        self.shown.store(s.after, Ordering::Release);
     }
 
     /// The secondary acknowledged `lsn` (at most [`Outgoing::shown`]).
@@ -127,9 +161,7 @@ impl Outgoing {
         match log.copy_after(s.after, u64::MAX, BATCH, buf) {
             Tail::Copied { count, last } => {
                 close_frame(buf, frame);
-                if count > 0 {
-                    s.after = last;
-                }
+                s.framed(count, last);
                 if count == BATCH {
                     Composed::More
                 } else {
@@ -147,12 +179,14 @@ impl Outgoing {
     /// False when the sender thread must take over: the socket would not take it all, or the
     /// records are no longer in memory.
     ///
-    /// While records sent earlier are not acknowledged, nothing is sent: that acknowledgement
-    /// ships everything appended meanwhile in one write (as Nagle's algorithm does), so a busy
-    /// primary sends one batch per round trip instead of one per write.
+    /// While a frame sent earlier waits for its acknowledgement, nothing is sent: that
+    /// acknowledgement ships everything appended meanwhile in one write (as Nagle's algorithm
+    /// does), so a busy primary sends one batch per round trip instead of one per write. A
+    /// secondary that acknowledges lazily does not acknowledge single writes: each goes at once,
+    /// and only frames that met several writes start holding the next ones.
     fn ship(&self, log: &OpLog, cluster: &Cluster) -> bool {
         // Appended before this check; an acknowledgement stored after it ships them.
-        if self.shown() > self.acked.load(Ordering::SeqCst) {
+        if self.asked.load(Ordering::SeqCst) > self.acked.load(Ordering::SeqCst) {
             return true;
         }
         self.pending.store(true, Ordering::SeqCst);
@@ -171,7 +205,7 @@ impl Outgoing {
             let mut buf = std::mem::take(&mut s.scratch);
             buf.clear();
             let composed = Self::compose(&mut s, log, cluster, &mut buf);
-            self.show(s.after);
+            self.show(&s);
             let sent = if buf.is_empty() {
                 Ok(0)
             } else {
@@ -316,8 +350,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_writer_ships_its_records_and_holds_the_next_ones_until_the_acknowledgement() {
+    /// A log with a backlog, a cluster of three led by "a" with `quorum`, and one stream to a
+    /// secondary (told to acknowledge lazily with `NUN_WRITE_QUORUM=1`), with its far end.
+    fn one_stream(
+        quorum: WriteQuorum,
+    ) -> (
+        std::path::PathBuf,
+        OpLog,
+        Cluster,
+        Arc<Outgoing>,
+        BufReader<TcpStream>,
+    ) {
         let dir = std::env::temp_dir().join(format!("nundb-ship-{}", rand::random::<u32>()));
         let log = OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap();
         log.enable_backlog(1 << 20);
@@ -327,7 +370,7 @@ mod tests {
             &members,
             ("u".into(), "p".into()),
             Duration::from_secs(1),
-            WriteQuorum::Majority,
+            quorum,
             None,
         );
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -335,9 +378,15 @@ mod tests {
         secondary
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
-        let mut secondary = BufReader::new(secondary);
         let (primary_side, _) = listener.accept().unwrap();
-        let outgoing = Arc::new(Outgoing::new(Arc::new(primary_side)));
+        let lazy = !cluster.commits_on_acks();
+        let outgoing = Arc::new(Outgoing::new(Arc::new(primary_side), lazy));
+        (dir, log, cluster, outgoing, BufReader::new(secondary))
+    }
+
+    #[test]
+    fn a_writer_ships_its_records_and_holds_the_next_ones_until_the_acknowledgement() {
+        let (dir, log, cluster, outgoing, mut secondary) = one_stream(WriteQuorum::Majority);
         let _listed = cluster.streams().list(&outgoing);
 
         // Outside a ShipLater scope an append wakes the sender threads, and nothing is owed.
@@ -375,6 +424,39 @@ mod tests {
         assert_eq!(next_item(&mut secondary), Item::Line("commit 2".into()));
         assert_eq!(next_item(&mut secondary), Item::Records(vec![3]));
         assert_eq!(outgoing.shown(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lazily_acknowledged_stream_sends_single_writes_at_once_and_holds_after_a_batch() {
+        let (dir, log, cluster, outgoing, mut secondary) = one_stream(WriteQuorum::One);
+        let _listed = cluster.streams().list(&outgoing);
+
+        // Single writes are not acknowledged at once: each goes without waiting.
+        log.append(&mut rec("a")).unwrap();
+        cluster.ship(&log);
+        assert_eq!(arrived(&mut secondary), [Item::Records(vec![1])]);
+        log.append(&mut rec("b")).unwrap();
+        cluster.ship(&log);
+        assert_eq!(arrived(&mut secondary), [Item::Records(vec![2])]);
+
+        // A frame that met several writes is acknowledged at once: the next write waits for it.
+        log.append(&mut rec("c")).unwrap();
+        log.append(&mut rec("d")).unwrap();
+        cluster.ship(&log);
+        assert_eq!(arrived(&mut secondary), [Item::Records(vec![3, 4])]);
+        log.append(&mut rec("e")).unwrap();
+        cluster.ship(&log);
+        assert_eq!(arrived(&mut secondary), []);
+
+        // An acknowledgement short of the batch keeps holding; the batch's own one ships.
+        outgoing.note_ack(3);
+        cluster.ship(&log);
+        assert_eq!(arrived(&mut secondary), []);
+        outgoing.note_ack(4);
+        cluster.ship(&log);
+        assert_eq!(arrived(&mut secondary), [Item::Records(vec![5])]);
+        assert_eq!(outgoing.shown(), 5);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
