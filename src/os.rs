@@ -162,6 +162,21 @@ pub fn send_now(fd: RawFd, parts: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// The CPU this thread runs on now (0 if the kernel will not say): for per-CPU counters,
+/// which only need it to be usually right.
+pub fn current_cpu() -> usize {
+    // SAFETY: no arguments; returns a CPU number or -1.
+    usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0)
+}
+
+/// The number of CPUs configured (at least 1): every [`current_cpu`] is below it.
+pub fn configured_cpus() -> usize {
+    // SAFETY: sysconf reads a system constant.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) })
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// Reads what the socket holds right now into `buf`, never blocking: `Some(0)` at the end of
 /// stream, `None` when nothing is there yet.
 pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {

@@ -12,19 +12,55 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::os;
 
-/// Sessions not blocked in a read, on a cache line of their own (every session updates it).
-#[repr(align(64))]
-struct Counter(AtomicUsize);
+/// CPUs that get a stripe of [`WORKING`] of their own (beyond, they share).
+const STRIPES: usize = 64;
 
-static WORKING: Counter = Counter(AtomicUsize::new(0));
+/// One CPU's share of the working count, on a cache line of its own. A thread may block on one
+/// CPU and wake on another, so a stripe can wrap below zero: only the sum means anything.
+#[repr(align(64))]
+struct Stripe(AtomicUsize);
+
+/// Sessions not blocked in a read, counted per CPU: every session updates the count around each
+/// blocking read, and a single shared cache line moved between cores each time (1.4% of the
+/// server under 50 connections, on two cores).
+struct Working([Stripe; STRIPES]);
+
+static WORKING: Working = Working([const { Stripe(AtomicUsize::new(0)) }; STRIPES]);
+
+impl Working {
+    /// The stripe of the CPU this thread runs on.
+    fn here(&self) -> &AtomicUsize {
+        &self.0[os::current_cpu() % STRIPES].0
+    }
+
+    /// One more session working.
+    fn add(&self) {
+        self.here().fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One session fewer working.
+    fn sub(&self) {
+        self.here().fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Sessions working, summed over the stripes CPUs use.
+    fn count(&self) -> usize {
+        static USED: OnceLock<usize> = OnceLock::new();
+        let used = *USED.get_or_init(|| os::configured_cpus().min(STRIPES));
+        self.0[..used]
+            .iter()
+            .fold(0, |sum, s| sum.wrapping_add(s.0.load(Ordering::Relaxed)))
+    }
+}
 
 /// True when a session other than the caller is working (not blocked waiting for its client).
 fn others_working() -> bool {
-    WORKING.0.load(Ordering::Relaxed) > 1
+    WORKING.count() > 1
 }
 
 /// A session's share of [`WORKING`] (counted while it exists, except inside [`blocked`]) and
@@ -41,7 +77,7 @@ pub struct Spin {
 impl Spin {
     /// A session that polls for up to `window` (zero: never) before blocking.
     pub fn new(window: Duration) -> Spin {
-        WORKING.0.fetch_add(1, Ordering::Relaxed);
+        WORKING.add();
         Spin {
             window,
             quick: false,
@@ -53,7 +89,7 @@ impl Spin {
     /// its own way: this session no longer counts as working, nor polls.
     pub fn hand_over(&mut self) {
         if std::mem::take(&mut self.counted) {
-            WORKING.0.fetch_sub(1, Ordering::Relaxed);
+            WORKING.sub();
         }
         self.window = Duration::ZERO;
     }
@@ -80,16 +116,16 @@ impl Spin {
 
 /// Runs `f`, a blocking wait for the client, with this session out of the working count.
 pub fn blocked<R>(f: impl FnOnce() -> R) -> R {
-    WORKING.0.fetch_sub(1, Ordering::Relaxed);
+    WORKING.sub();
     let r = f();
-    WORKING.0.fetch_add(1, Ordering::Relaxed);
+    WORKING.add();
     r
 }
 
 impl Drop for Spin {
     fn drop(&mut self) {
         if self.counted {
-            WORKING.0.fetch_sub(1, Ordering::Relaxed);
+            WORKING.sub();
         }
     }
 }
@@ -199,5 +235,24 @@ mod tests {
         assert!(read_blocking, "a handed-over session must not poll");
         assert_eq!(&buf[..n], b"x\n");
         assert!(!spin.quick);
+    }
+
+    #[test]
+    fn the_working_count_sums_stripes_a_thread_left_and_came_back_on() {
+        let w = Working([const { Stripe(AtomicUsize::new(0)) }; STRIPES]);
+        w.add();
+        w.add();
+        assert_eq!(w.count(), 2);
+        w.sub();
+        assert_eq!(w.count(), 1);
+        // Blocked on the last CPU, woken on the first: that stripe wraps, the sum holds.
+        let last = (os::configured_cpus() - 1).min(STRIPES - 1);
+        w.0[last].0.fetch_add(1, Ordering::Relaxed);
+        w.0[0].0.fetch_sub(3, Ordering::Relaxed);
+        w.0[last].0.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(w.count(), 0);
+        w.sub();
+        w.add();
+        assert_eq!(w.count(), 0);
     }
 }

@@ -551,7 +551,11 @@ impl OpLog {
     /// after its batch, a secondary after each frame); without it the backlog allocates the
     /// block itself, under the lock.
     pub fn refill_backlog(&self) {
-        if !self.block_wanted.swap(false, Ordering::Relaxed) {
+        // Read before the swap: every batch of every session calls this, and a read leaves the
+        // flag's cache line shared where a swap would move it between cores each time.
+        if !self.block_wanted.load(Ordering::Relaxed)
+            || !self.block_wanted.swap(false, Ordering::Relaxed)
+        {
             return;
         }
         let size = lock(&self.backlog).block_size();
