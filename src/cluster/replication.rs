@@ -4,8 +4,9 @@
 //! heartbeats when idle. New records and commit points are usually written to the stream by the
 //! thread that made them (`shipping.rs`); the sender thread does the rest. The receiver appends each record to its own log under the same LSN,
 //! applies it (notifying local watchers) and acknowledges the LSN once durable: at once where
-//! acknowledgements move the commit point (majority writes), else ([`LAZY_ACKS_OK`]) at most
-//! every [`LAZY_ACK_EVERY`] and on every heartbeat, as Redis replicas do.
+//! acknowledgements move the commit point (majority writes), else (`ok lazy-acks`) a frame of
+//! several records at once and others at most every 50 ms and on every heartbeat, as Redis
+//! replicas do.
 //!
 //! Receiving is not applying: a secondary applies records to memory (and so notifies its
 //! watchers) only once the primary reports them committed (`commit <lsn>`), so no watcher ever

@@ -23,7 +23,7 @@ const BATCH: usize = 1024;
 
 /// A frame of at least this many records is acknowledged at once even by a secondary that
 /// acknowledges lazily: several writes met in one frame, so writes come faster than frames
-/// go, and holding the next ones for that acknowledgement batches them ([`Outgoing::ship`]).
+/// go, and holding the next ones for that acknowledgement batches them (see `Outgoing::ship`).
 /// Both ends count the same way.
 pub const ACKED_AT_ONCE: usize = 2;
 
