@@ -604,7 +604,8 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
         if reader.buffer().is_empty() && full.is_none() {
             let upto = cluster.commit().min(received);
             let generation = cluster.arbiter_gen();
-            let ack = acks.due(received, generation, Instant::now());
+            // The clock as read for the data just handled: no second read per frame.
+            let ack = acks.due(received, generation, last_data);
             if ack.is_some() || upto > applied {
                 log.wait_durable(received)?;
             }
@@ -615,7 +616,7 @@ fn follow(replica: &Replica, primary: &str) -> io::Result<()> {
                     reply.push_str(&arbiter_report(&replica.dbs, generation));
                 }
                 out.write_all(reply.as_bytes())?;
-                acks.sent(received, report.then_some(generation), Instant::now());
+                acks.sent(received, report.then_some(generation), last_data);
             }
             if upto > applied {
                 let _guard = cluster.replica_guard();
