@@ -7,14 +7,13 @@
 //! ones to an arbiter that registers later. `resolve` writes the key and turns the record into
 //! `resolved <value>` under one lock, so a repeated answer changes nothing.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::database::{lock, read, write};
-use super::key::Key;
+use super::database::{lock, write};
 use super::outbox::{Outbox, Push};
+use super::shards::Map;
 use super::{Database, Entry, WriteError, WriteOp, Written};
 use crate::packed::Shared;
 
@@ -44,7 +43,7 @@ pub fn record_key(key: &str, opp_id: u64) -> String {
 }
 
 /// (key, opp_id) of a conflict record key.
-fn parse_record_key(record: &str) -> Option<(&str, u64)> {
+pub(super) fn parse_record_key(record: &str) -> Option<(&str, u64)> {
     let (key, opp) = record.strip_prefix(CONFLICTS_PREFIX)?.rsplit_once('_')?;
     if key.is_empty() || opp.is_empty() || !opp.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -56,8 +55,9 @@ fn is_pending(entry: &Entry) -> bool {
     !entry.deleted && !entry.value.starts_with(RESOLVED)
 }
 
-/// Pending conflict records, oldest first, of `key` (or of every key when `None`).
-fn pending(data: &BTreeMap<Key, Entry>, key: Option<&str>) -> Vec<(u64, String)> {
+/// Pending conflict records, oldest first, of `key` (or of every key when `None`) in shard `data`
+/// (a key's records are all in its shard).
+fn pending(data: &Map, key: Option<&str>) -> Vec<(u64, String)> {
     let prefix = match key {
         Some(k) => format!("{CONFLICTS_PREFIX}{k}_"),
         None => CONFLICTS_PREFIX.to_string(),
@@ -79,7 +79,11 @@ fn pending(data: &BTreeMap<Key, Entry>, key: Option<&str>) -> Vec<(u64, String)>
 impl Database {
     /// Conflict records waiting for an arbiter's answer.
     pub fn open_conflicts(&self) -> usize {
-        pending(&read(&self.data), None).len()
+        self.data
+            .read_all()
+            .iter()
+            .map(|shard| pending(shard, None).len())
+            .sum()
     }
 
     /// A value write (`set` or `set-safe`) to a database with the `arbiter` strategy. A stale
@@ -91,7 +95,7 @@ impl Database {
         op: WriteOp<'_>,
         online: bool,
     ) -> Result<Written, WriteError> {
-        let mut data = write(&self.data);
+        let mut data = write(self.data.of(key));
         let queued = pending(&data, Some(key));
         let live = data.get(key).filter(|e| !e.deleted).cloned();
         let (stale, value) = match op {
@@ -131,7 +135,7 @@ impl Database {
         let no_conflict = || WriteError::NoConflict(opp_id.chars().take(32).collect());
         let opp: u64 = opp_id.parse().map_err(|_| no_conflict())?;
         let record = record_key(key, opp);
-        let mut data = write(&self.data);
+        let mut data = write(self.data.of(key));
         let entry = data
             .get(record.as_str())
             .filter(|e| !e.deleted)
@@ -162,13 +166,22 @@ impl Database {
                 arbiters.push(outbox.clone());
             }
         }
-        let data = read(&self.data);
-        pending(&data, None)
-            .into_iter()
-            .filter_map(|(_, record)| {
-                let entry = data.get(record.as_str())?;
-                resolve_message(self.name(), &record, &entry.value)
+        let data = self.data.read_all();
+        let mut found: Vec<(u64, String, &Entry)> = data
+            .iter()
+            .flat_map(|shard| {
+                pending(shard, None)
+                    .into_iter()
+                    .filter_map(|(opp, record)| {
+                        let entry = shard.get(record.as_str())?;
+                        Some((opp, record, entry))
+                    })
             })
+            .collect();
+        found.sort_unstable_by_key(|(opp, _, _)| *opp);
+        found
+            .into_iter()
+            .filter_map(|(_, record, entry)| resolve_message(self.name(), &record, &entry.value))
             .collect()
     }
 
@@ -184,7 +197,7 @@ impl Database {
         !arbiters.is_empty()
     }
 
-    /// Called under the data lock when conflict record `record` takes `entry`: offers a new
+    /// Called under its shard's lock when conflict record `record` takes `entry`: offers a new
     /// conflict to the arbiters (once `lsn` is committed), or notes when it was resolved.
     pub(super) fn conflict_stored(&self, record: &str, entry: &Entry, lsn: u64) {
         if entry.deleted {
@@ -203,13 +216,14 @@ impl Database {
     /// removals replicate). Returns how many were removed.
     pub fn sweep_resolved(&self, retention: Duration) -> usize {
         let expired: Vec<String> = {
-            let data = read(&self.data);
+            let data = self.data.read_all();
             let mut seen = lock(&self.resolved_at);
             // Records loaded from disk or a full sync start their retention now.
-            for (k, e) in data
-                .range::<str, _>((Bound::Included(CONFLICTS_PREFIX), Bound::Unbounded))
-                .take_while(|(k, _)| k.starts_with(CONFLICTS_PREFIX))
-            {
+            for (k, e) in data.iter().flat_map(|shard| {
+                shard
+                    .range::<str, _>((Bound::Included(CONFLICTS_PREFIX), Bound::Unbounded))
+                    .take_while(|(k, _)| k.starts_with(CONFLICTS_PREFIX))
+            }) {
                 if !e.deleted && !is_pending(e) && !seen.contains_key(&**k) {
                     seen.insert(k.to_string(), Instant::now());
                 }

@@ -1,8 +1,9 @@
 //! One database: its keys with values and versions, the sessions watching them, and its arbiters.
-//! Every change happens under the data write lock and its notifications are queued before the
-//! lock is released, so each watcher sees a key's versions in order, without gaps.
+//! Every change happens under the write lock of the key's shard and its notifications are
+//! queued before the lock is released, so each watcher sees a key's versions in order, without
+//! gaps.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::ops::{Bound, Not};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::key::Key;
 use super::outbox::{Outbox, Push};
+use super::shards::{self, Map, Shards};
 use crate::packed::Shared;
 use crate::protocol::Strategy;
 use crate::storage::oplog::OpLog;
@@ -27,10 +29,9 @@ pub const TOKEN_KEY: &str = "$$token";
 /// versions never go back for watchers and `set-safe`.
 pub const FLOOR_PREFIX: &str = "$$version-floor/";
 /// How many version floors a database has at most.
-const FLOOR_BUCKETS: u64 = 64;
+pub(super) const FLOOR_BUCKETS: u64 = 64;
 
-/// The floor entry that `key`'s versions must stay above (FNV-1a of the name, so every node
-/// and every restart picks the same one).
+/// The floor entry that `key`'s versions must stay above (the one of its [`shards::bucket`]).
 fn floor_key(key: &str) -> &'static str {
     static KEYS: OnceLock<Vec<String>> = OnceLock::new();
     let keys = KEYS.get_or_init(|| {
@@ -38,10 +39,7 @@ fn floor_key(key: &str) -> &'static str {
             .map(|b| format!("{FLOOR_PREFIX}{b:02}"))
             .collect()
     });
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    &keys[(hash % FLOOR_BUCKETS) as usize]
+    &keys[shards::bucket(key)]
 }
 
 /// True for the reserved version-floor keys (never written by clients, never listed).
@@ -50,7 +48,7 @@ pub fn is_floor_key(key: &str) -> bool {
 }
 
 /// Raises floor entry `floor` to at least `version`.
-fn raise_floor(data: &mut BTreeMap<Key, Entry>, floor: &str, version: i32) {
+fn raise_floor(data: &mut Map, floor: &str, version: i32) {
     match data.get_mut(floor) {
         Some(e) => e.version = e.version.max(version),
         None => {
@@ -59,9 +57,10 @@ fn raise_floor(data: &mut BTreeMap<Key, Entry>, floor: &str, version: i32) {
     }
 }
 
-/// Puts a snapshot or full-sync entry into `data`; returns true for a tombstone (whose
-/// retention then starts).
-fn insert_loaded(data: &mut BTreeMap<Key, Entry>, key: String, entry: Entry) -> bool {
+/// Puts a snapshot or full-sync entry into its shard of `data`; returns true for a tombstone
+/// (whose retention then starts).
+fn insert_loaded(data: &mut [RwLockWriteGuard<'_, Map>], key: String, entry: Entry) -> bool {
+    let data = &mut *data[shards::index(&key)];
     if key == CONNECTIONS_KEY {
         return false;
     }
@@ -180,8 +179,9 @@ pub struct Database {
     name: String,
     /// The conflict strategy's [`Strategy::code`] (read by every write: no lock to share).
     strategy: AtomicU8,
-    /// Keys in order (sorted `keys` for free, no over-allocated hash table).
-    pub(super) data: RwLock<BTreeMap<Key, Entry>>,
+    /// Keys in order in each shard (sorted `keys` at the cost of a merge, no over-allocated
+    /// hash table).
+    pub(super) data: Shards,
     /// Per key, the sessions watching it by outbox id (O(1) watch and unwatch at any scale).
     watchers: Mutex<HashMap<String, HashMap<u64, Shared<Outbox>>>>,
     /// Keys in `watchers`, kept under its lock: a write to a database nobody watches does not
@@ -229,12 +229,12 @@ impl Database {
 
     /// An empty database whose changes are appended to `log`.
     pub fn with_log(name: &str, strategy: Strategy, log: Option<Arc<OpLog>>) -> Database {
-        let mut data = BTreeMap::new();
-        data.insert(Key::from(CONNECTIONS_KEY), Entry::live("0", 0));
+        let data = Shards::default();
+        write(data.of(CONNECTIONS_KEY)).insert(Key::from(CONNECTIONS_KEY), Entry::live("0", 0));
         Database {
             name: name.to_string(),
             strategy: AtomicU8::new(strategy_code(strategy)),
-            data: RwLock::new(data),
+            data,
             watchers: Mutex::new(HashMap::new()),
             watched: AtomicUsize::new(0),
             arbiters: Mutex::new(Vec::new()),
@@ -289,7 +289,7 @@ impl Database {
     /// Calls `f` with the live value and version of `key` under the read lock (no copy of the
     /// value is made unless `f` makes one).
     pub fn get_with<T>(&self, key: &str, f: impl FnOnce(&str, i32) -> T) -> Option<T> {
-        read(&self.data)
+        read(self.data.of(key))
             .get(key)
             .filter(|e| !e.deleted)
             .map(|e| f(&e.value, e.version))
@@ -297,11 +297,15 @@ impl Database {
 
     /// Sorted live keys matching `filter`.
     pub fn keys(&self, filter: impl Fn(&str) -> bool) -> Vec<String> {
-        read(&self.data)
+        let data = self.data.read_all();
+        let mut keys: Vec<&Key> = data
             .iter()
+            .flat_map(|shard| shard.iter())
             .filter(|(k, e)| !e.deleted && filter(k))
-            .map(|(k, _)| k.to_string())
-            .collect()
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort_unstable();
+        keys.into_iter().map(Key::to_string).collect()
     }
 
     /// Number of live keys.
@@ -310,14 +314,18 @@ impl Database {
     }
 
     /// Recounts the live keys after the map was filled wholesale (load, full sync).
-    fn recount(&self, data: &BTreeMap<Key, Entry>) {
-        let live = data.values().filter(|e| !e.deleted).count() as u64;
+    fn recount(&self, data: &[RwLockWriteGuard<'_, Map>]) {
+        let live = data
+            .iter()
+            .flat_map(|shard| shard.values())
+            .filter(|e| !e.deleted)
+            .count() as u64;
         self.live.store(live, Ordering::Relaxed);
     }
 
     /// Number of stored entries, version floors included (what the map holds in memory).
     pub fn stored_entries(&self) -> usize {
-        read(&self.data).len()
+        self.data.read_all().iter().map(|shard| shard.len()).sum()
     }
 
     /// True when the database holds no live key.
@@ -326,17 +334,17 @@ impl Database {
     }
 
     /// Applies a write: computes the new entry, appends it to the operation log (if any), stores
-    /// it and notifies watchers, all under the data lock. Returns the new version and the LSN to
+    /// it and notifies watchers, all under the lock of the key's shard. Returns the new version and the LSN to
     /// wait on before acknowledging (0 when nothing was logged).
     pub fn write(&self, key: &str, op: WriteOp<'_>) -> Result<Written, WriteError> {
-        let mut data = write(&self.data);
+        let mut data = write(self.data.of(key));
         self.write_locked(&mut data, key, op)
     }
 
-    /// [`Database::write`] with the data lock already held.
+    /// [`Database::write`] with the lock of the key's shard already held (`data` is that shard).
     pub(super) fn write_locked(
         &self,
-        data: &mut BTreeMap<Key, Entry>,
+        data: &mut Map,
         key: &str,
         op: WriteOp<'_>,
     ) -> Result<Written, WriteError> {
@@ -435,7 +443,8 @@ impl Database {
                         value: &entry.value,
                     })
                     .map_err(|e| WriteError::Storage(e.to_string()))?;
-                self.last_lsn.store(lsn, Ordering::Release);
+                // Writers of other shards append concurrently: the highest LSN wins.
+                self.last_lsn.fetch_max(lsn, Ordering::AcqRel);
                 Ok(lsn)
             }
             _ => Ok(0),
@@ -445,23 +454,23 @@ impl Database {
     /// Applies a record that is already in the log (start-up replay, replication): stores the
     /// entry it describes and notifies watchers. Records at or below the last LSN are skipped.
     pub fn apply_record(&self, record: Viewed<'_>) {
-        let mut data = write(&self.data);
+        let fields = record.fields;
+        let mut data = write(self.data.of(fields.key));
         if record.lsn != 0 && record.lsn <= self.last_lsn.load(Ordering::Acquire) {
             return;
         }
-        let fields = record.fields;
         let entry = match fields.op {
             Op::Set => Entry::live(fields.value, fields.version),
             Op::Remove => Entry::removed(fields.version),
             Op::CreateDb | Op::DeleteDb | Op::TermStart | Op::Members => return,
         };
-        self.last_lsn.store(record.lsn, Ordering::Release);
+        self.last_lsn.fetch_max(record.lsn, Ordering::AcqRel);
         self.store(&mut data, fields.key, entry, record.lsn);
     }
 
     /// Inserts `entry` and queues its notification (sent once log record `lsn` is durable) to
     /// the key's watchers.
-    fn store(&self, data: &mut BTreeMap<Key, Entry>, key: &str, entry: Entry, lsn: u64) {
+    fn store(&self, data: &mut Map, key: &str, entry: Entry, lsn: u64) {
         let conflict_record = self.announce(key, &entry, lsn);
         let now_live = !entry.deleted;
         let was_live = if conflict_record && entry.deleted {
@@ -506,7 +515,7 @@ impl Database {
 
     /// Replaces the contents with snapshot entries taken at `lsn`.
     pub fn load(&self, entries: Vec<(String, Entry)>, lsn: u64) {
-        let mut data = write(&self.data);
+        let mut data = self.data.write_all();
         let mut tombstones = Vec::new();
         for (key, entry) in entries {
             let version = entry.version;
@@ -525,8 +534,10 @@ impl Database {
     /// clients must watch again: the jump may skip versions they would otherwise have seen.
     pub fn replace(&self, strategy: Strategy, entries: Vec<(String, Entry)>, lsn: u64) {
         {
-            let mut data = write(&self.data);
-            data.retain(|k, _| &**k == CONNECTIONS_KEY);
+            let mut data = self.data.write_all();
+            for shard in data.iter_mut() {
+                shard.retain(|k, _| &**k == CONNECTIONS_KEY);
+            }
             let mut tombstones = Vec::new();
             for (key, entry) in entries {
                 let version = entry.version;
@@ -564,7 +575,7 @@ impl Database {
     pub fn expire_tombstones(&self, retention: Duration) -> usize {
         let mut dropped = 0;
         loop {
-            let mut data = write(&self.data);
+            let mut data = self.data.write_all();
             let mut queue = lock(&self.tombstones);
             let mut slice = 0;
             while slice < 4096 {
@@ -583,12 +594,13 @@ impl Database {
                 };
                 slice += 1;
                 // Only the tombstone made then: the key may have been written since.
+                let data = &mut *data[shards::index(&key)];
                 if data
                     .get(&*key)
                     .is_some_and(|e| e.deleted && e.version == version)
                 {
                     data.remove(&*key);
-                    raise_floor(&mut data, floor_key(&key), version);
+                    raise_floor(data, floor_key(&key), version);
                     dropped += 1;
                 }
             }
@@ -622,11 +634,11 @@ impl Database {
         self.last_lsn.load(Ordering::Acquire)
     }
 
-    /// Whether a snapshot is needed and the LSN it would cover, read under the data lock so a
-    /// write that has appended its record is also visible (its `last_lsn` is stored before the
-    /// lock is released).
+    /// Whether a snapshot is needed and the LSN it would cover, read with every shard locked so
+    /// a write that has appended its record is also visible (its `last_lsn` is stored before
+    /// its shard's lock is released).
     pub fn snapshot_point(&self) -> (bool, u64) {
-        let _data = read(&self.data);
+        let _data = self.data.read_all();
         (self.changed_since_snapshot(), self.last_lsn())
     }
 
@@ -639,14 +651,22 @@ impl Database {
     /// Copies up to `max` entries (version floors included, `$connections` excluded) ordered after
     /// `after`. Snapshots stream a database in such chunks, so writers wait only for one chunk.
     pub fn copy_chunk(&self, after: Option<&str>, max: usize) -> Vec<(String, Entry)> {
-        let data = read(&self.data);
-        let range = match after {
-            Some(k) => data.range::<str, _>((Bound::Excluded(k), Bound::Unbounded)),
-            None => data.range::<str, _>((Bound::Unbounded, Bound::Unbounded)),
-        };
-        range
-            .filter(|(k, _)| &***k != CONNECTIONS_KEY)
-            .take(max)
+        let data = self.data.read_all();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        // The first `max` of each shard hold the first `max` of the whole map.
+        let mut chunk: Vec<(&Key, &Entry)> = data
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .range::<str, _>((from, Bound::Unbounded))
+                    .filter(|(k, _)| &***k != CONNECTIONS_KEY)
+                    .take(max)
+            })
+            .collect();
+        chunk.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        chunk.truncate(max);
+        chunk
+            .into_iter()
             .map(|(k, e)| (k.to_string(), e.clone()))
             .collect()
     }
@@ -791,6 +811,30 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_chunks_page_through_every_shard_in_key_order() {
+        let db = Database::new("t", Strategy::None);
+        let mut want: Vec<String> = (0..300)
+            .map(|i| format!("key-{}", i * 7919 % 1000))
+            .collect();
+        for k in &want {
+            db.write(k, WriteOp::Set("v")).unwrap();
+        }
+        want.sort();
+        assert_eq!(db.keys(|k| k.starts_with("key-")), want);
+        let mut paged = Vec::new();
+        loop {
+            let chunk = db.copy_chunk(paged.last().map(String::as_str), 7);
+            if chunk.is_empty() {
+                break;
+            }
+            assert!(chunk.len() == 7 || paged.len() + chunk.len() == want.len());
+            paged.extend(chunk.into_iter().map(|(k, _)| k));
+        }
+        assert_eq!(paged, want);
+        assert_eq!(db.stored_entries(), want.len() + 1, "and $connections");
+    }
+
+    #[test]
     fn newer_strategy_accepts_stale() {
         let db = Database::new("t", Strategy::Newer);
         db.write("a", WriteOp::Set("1")).unwrap();
@@ -841,6 +885,83 @@ mod tests {
             version(db.write("s", WriteOp::Increment(1))),
             Err(WriteError::NotNumeric)
         );
+    }
+
+    #[test]
+    fn concurrent_writers_of_many_shards_keep_each_keys_versions_in_order() {
+        use crate::storage::oplog::FsyncPolicy;
+        let dir = std::env::temp_dir().join(format!(
+            "nundb-shards-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let log = Arc::new(OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap());
+        let db = Arc::new(Database::with_log("t", Strategy::None, Some(log.clone())));
+        let keys: Vec<String> = (0..64).map(|i| format!("k{i}")).collect();
+        let (outbox, got) = super::super::outbox::Collect::outbox(1 << 20, 1 << 30);
+        for k in &keys {
+            db.watch(k, &outbox);
+        }
+        let (threads, rounds) = (4, 100);
+        let writers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (db, keys) = (db.clone(), keys.clone());
+                std::thread::spawn(move || {
+                    for round in 0..rounds {
+                        for k in &keys {
+                            db.write(k, WriteOp::Set(&format!("{t}.{round}"))).unwrap();
+                            super::super::outbox::take_touched().release();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let writes = threads * rounds * keys.len();
+        assert_eq!(
+            db.last_lsn(),
+            writes as u64,
+            "the last LSN is the highest one"
+        );
+        for k in &keys {
+            assert_eq!(
+                db.get(k).map(|(_, v)| v),
+                Some(threads as i32 * rounds as i32 - 1)
+            );
+        }
+        // The watcher saw every version of every key, each key's in order.
+        let mut seen: HashMap<String, i32> = HashMap::new();
+        for line in got.take_lines() {
+            let Some(rest) = line.strip_prefix("changed-version ") else {
+                continue;
+            };
+            let mut parts = rest.split(' ');
+            let (key, version) = (parts.next().unwrap(), parts.next().unwrap());
+            let last = seen.entry(key.to_string()).or_insert(-1);
+            assert_eq!(version.parse::<i32>().unwrap(), *last + 1, "{key}");
+            *last += 1;
+        }
+        assert_eq!(
+            seen.values().map(|v| *v as usize + 1).sum::<usize>(),
+            writes
+        );
+        // The log holds each key's versions in LSN order too.
+        log.sync_now().unwrap();
+        drop((db, log));
+        let mut logged: HashMap<String, i32> = HashMap::new();
+        OpLog::open(&dir, FsyncPolicy::No, 0, &mut |r| {
+            let last = logged.entry(r.key.clone()).or_insert(-1);
+            if r.version != *last + 1 {
+                return Err(format!("{} at version {} after {last}", r.key, r.version));
+            }
+            *last += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(logged, seen);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

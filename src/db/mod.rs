@@ -6,6 +6,7 @@ pub mod key;
 pub mod outbox;
 pub mod pattern;
 pub mod security;
+pub mod shards;
 
 pub use database::{Database, Entry, WriteError, WriteOp, Written, CONNECTIONS_KEY, TOKEN_KEY};
 
