@@ -13,7 +13,7 @@ use super::key::Key;
 /// How many shards a database's map has (a divisor of [`FLOOR_BUCKETS`], so a key and its
 /// floor share a shard).
 pub const SHARDS: usize = 16;
-const _: () = assert!(FLOOR_BUCKETS as usize % SHARDS == 0);
+const _: () = assert!((FLOOR_BUCKETS as usize).is_multiple_of(SHARDS));
 
 /// One shard's keys, in order.
 pub type Map = BTreeMap<Key, Entry>;
