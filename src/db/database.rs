@@ -179,8 +179,8 @@ pub struct Database {
     name: String,
     /// The conflict strategy's [`Strategy::code`] (read by every write: no lock to share).
     strategy: AtomicU8,
-    /// Keys in order in each shard (sorted `keys` at the cost of a merge, no over-allocated
-    /// hash table).
+    /// Keys in order in each shard (sorted `keys` through a merge, no over-allocated hash
+    /// table).
     pub(super) data: Shards,
     /// Per key, the sessions watching it by outbox id (O(1) watch and unwatch at any scale).
     watchers: Mutex<HashMap<String, HashMap<u64, Shared<Outbox>>>>,
@@ -298,14 +298,10 @@ impl Database {
     /// Sorted live keys matching `filter`.
     pub fn keys(&self, filter: impl Fn(&str) -> bool) -> Vec<String> {
         let data = self.data.read_all();
-        let mut keys: Vec<&Key> = data
-            .iter()
-            .flat_map(|shard| shard.iter())
+        shards::merged(&data, Bound::Unbounded)
             .filter(|(k, e)| !e.deleted && filter(k))
-            .map(|(k, _)| k)
-            .collect();
-        keys.sort_unstable();
-        keys.into_iter().map(Key::to_string).collect()
+            .map(|(k, _)| k.to_string())
+            .collect()
     }
 
     /// Number of live keys.
@@ -653,20 +649,9 @@ impl Database {
     pub fn copy_chunk(&self, after: Option<&str>, max: usize) -> Vec<(String, Entry)> {
         let data = self.data.read_all();
         let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-        // The first `max` of each shard hold the first `max` of the whole map.
-        let mut chunk: Vec<(&Key, &Entry)> = data
-            .iter()
-            .flat_map(|shard| {
-                shard
-                    .range::<str, _>((from, Bound::Unbounded))
-                    .filter(|(k, _)| &***k != CONNECTIONS_KEY)
-                    .take(max)
-            })
-            .collect();
-        chunk.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        chunk.truncate(max);
-        chunk
-            .into_iter()
+        shards::merged(&data, from)
+            .filter(|(k, _)| &***k != CONNECTIONS_KEY)
+            .take(max)
             .map(|(k, e)| (k.to_string(), e.clone()))
             .collect()
     }

@@ -3,7 +3,9 @@
 //! records always hash to the same shard: a write that reads or changes them takes one lock.
 //! Whole-map work (listing, snapshots, loading) locks every shard, always in index order.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{btree_map, BTreeMap, BinaryHeap};
+use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::conflicts::parse_record_key;
@@ -62,6 +64,71 @@ impl Shards {
     /// Every shard write-locked, in index order.
     pub fn write_all(&self) -> Vec<RwLockWriteGuard<'_, Map>> {
         self.0.iter().map(|p| write(&p.0)).collect()
+    }
+}
+
+/// The entries of every shard after `from`, in key order: a merge that looks at one entry per
+/// shard at a time, so taking the first few of a large map costs only those few.
+pub fn merged<'a>(shards: &'a [RwLockReadGuard<'_, Map>], from: Bound<&str>) -> Merged<'a> {
+    let mut merged = Merged {
+        ranges: shards
+            .iter()
+            .map(|shard| shard.range::<str, _>((from, Bound::Unbounded)))
+            .collect(),
+        heads: BinaryHeap::with_capacity(shards.len()),
+    };
+    for i in 0..merged.ranges.len() {
+        merged.advance(i);
+    }
+    merged
+}
+
+/// Iterator of [`merged`].
+pub struct Merged<'a> {
+    ranges: Vec<btree_map::Range<'a, Key, Entry>>,
+    /// The next entry of each shard that has one, smallest key on top.
+    heads: BinaryHeap<Reverse<(&'a Key, usize, EntryRef<'a>)>>,
+}
+
+/// An entry riding along with its key in the merge's heap (never compared: keys are unique).
+struct EntryRef<'a>(&'a Entry);
+
+impl PartialEq for EntryRef<'_> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for EntryRef<'_> {}
+
+impl PartialOrd for EntryRef<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for EntryRef<'_> {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+impl<'a> Merged<'a> {
+    /// Puts shard `i`'s next entry in the heap.
+    fn advance(&mut self, i: usize) {
+        if let Some((key, entry)) = self.ranges[i].next() {
+            self.heads.push(Reverse((key, i, EntryRef(entry))));
+        }
+    }
+}
+
+impl<'a> Iterator for Merged<'a> {
+    type Item = (&'a Key, &'a Entry);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Reverse((key, i, entry)) = self.heads.pop()?;
+        self.advance(i);
+        Some((key, entry.0))
     }
 }
 
