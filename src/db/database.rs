@@ -57,20 +57,30 @@ fn raise_floor(data: &mut Map, floor: &str, version: i32) {
     }
 }
 
-/// Puts a snapshot or full-sync entry into its shard of `data`; returns true for a tombstone
-/// (whose retention then starts).
-fn insert_loaded(data: &mut [RwLockWriteGuard<'_, Map>], key: String, entry: Entry) -> bool {
+/// Puts a snapshot or full-sync entry into its shard of `data`, adding a tombstone to
+/// `tombstones` (whose retention then starts). Returns how the number of live keys changed.
+fn insert_loaded(
+    data: &mut [RwLockWriteGuard<'_, Map>],
+    key: String,
+    entry: Entry,
+    tombstones: &mut Vec<(String, i32)>,
+) -> i64 {
     let data = &mut *data[shards::index(&key)];
     if key == CONNECTIONS_KEY {
-        return false;
+        return 0;
     }
     if is_floor_key(&key) {
         raise_floor(data, &key, entry.version);
-        return false;
+        return 0;
     }
-    let tombstone = entry.deleted;
-    data.insert(Key::from(key), entry);
-    tombstone
+    let now_live = !entry.deleted;
+    if entry.deleted {
+        tombstones.push((key.clone(), entry.version));
+    }
+    let was_live = data
+        .insert(Key::from(key), entry)
+        .is_some_and(|old| !old.deleted);
+    i64::from(now_live) - i64::from(was_live)
 }
 
 /// A stored value. A removed key stays as a tombstone until the tombstone retention has passed,
@@ -509,21 +519,24 @@ impl Database {
         };
     }
 
-    /// Replaces the contents with snapshot entries taken at `lsn`.
+    /// Adds snapshot entries taken at `lsn` (a snapshot comes in chunks: the live count follows
+    /// each entry instead of a recount of the whole map per chunk).
     pub fn load(&self, entries: Vec<(String, Entry)>, lsn: u64) {
         let mut data = self.data.write_all();
         let mut tombstones = Vec::new();
+        let mut live = 0;
         for (key, entry) in entries {
-            let version = entry.version;
-            if insert_loaded(&mut data, key.clone(), entry) {
-                tombstones.push((key, version));
-            }
+            live += insert_loaded(&mut data, key, entry, &mut tombstones);
         }
         self.retain_tombstones(tombstones);
         self.last_lsn.store(lsn, Ordering::Release);
         self.snapshot_lsn.store(lsn, Ordering::Release);
         self.security_changed();
-        self.recount(&data);
+        if live >= 0 {
+            self.live.fetch_add(live.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            self.live.fetch_sub(live.unsigned_abs(), Ordering::Relaxed);
+        }
     }
 
     /// Replaces the contents (a full sync taken at `lsn`) and disconnects the watchers, whose
@@ -536,10 +549,7 @@ impl Database {
             }
             let mut tombstones = Vec::new();
             for (key, entry) in entries {
-                let version = entry.version;
-                if insert_loaded(&mut data, key.clone(), entry) {
-                    tombstones.push((key, version));
-                }
+                insert_loaded(&mut data, key, entry, &mut tombstones);
             }
             self.retain_tombstones(tombstones);
             self.strategy
@@ -1065,8 +1075,29 @@ mod tests {
         );
         assert_eq!(db.stored_entries(), 3, "$connections, kept, the tombstone");
         assert_eq!(db.len(), 2);
-        assert_eq!(db.expire_tombstones(Duration::ZERO), 1);
-        assert_eq!(db.stored_entries(), 3, "$connections, kept, one floor");
+        // A later chunk counts its own keys only (a key seen again replaces its entry).
+        db.load(
+            vec![
+                ("kept".to_string(), Entry::removed(4)),
+                ("more".to_string(), Entry::live("y", 0)),
+            ],
+            10,
+        );
+        assert_eq!(db.len(), 2, "$connections and more");
+        assert_eq!(db.keys(|_| true), ["$connections", "more"]);
+        db.load(vec![("kept".to_string(), Entry::live("z", 5))], 10);
+        assert_eq!(db.len(), 3);
+        db.write("kept", WriteOp::Remove).unwrap();
+        db.write("more", WriteOp::Remove).unwrap();
+        assert_eq!(db.expire_tombstones(Duration::ZERO), 3);
+        let floors: std::collections::HashSet<&str> =
+            ["gone", "kept", "more"].map(floor_key).into();
+        assert_eq!(
+            db.stored_entries(),
+            1 + floors.len(),
+            "$connections and floors"
+        );
+        assert_eq!(db.len(), 1);
         assert_eq!(version(db.write("gone", WriteOp::Set("back"))), Ok(42));
     }
 }
