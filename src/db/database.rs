@@ -340,8 +340,8 @@ impl Database {
     }
 
     /// Applies a write: computes the new entry, appends it to the operation log (if any), stores
-    /// it and notifies watchers, all under the lock of the key's shard. Returns the new version and the LSN to
-    /// wait on before acknowledging (0 when nothing was logged).
+    /// it and notifies watchers, all under the lock of the key's shard. Returns the new version
+    /// and the LSN to wait on before acknowledging (0 when nothing was logged).
     pub fn write(&self, key: &str, op: WriteOp<'_>) -> Result<Written, WriteError> {
         let mut data = write(self.data.of(key));
         self.write_locked(&mut data, key, op)
