@@ -12,8 +12,8 @@ use super::conflicts::parse_record_key;
 use super::database::{read, write, Entry, FLOOR_BUCKETS, FLOOR_PREFIX};
 use super::key::Key;
 
-/// How many shards a database's map has (a divisor of [`FLOOR_BUCKETS`], so a key and its
-/// floor share a shard).
+/// How many shards a database's map has (a divisor of the 64 version-floor buckets, so a key
+/// and its floor share a shard).
 pub const SHARDS: usize = 16;
 const _: () = assert!((FLOOR_BUCKETS as usize).is_multiple_of(SHARDS));
 
