@@ -1066,26 +1066,24 @@ mod tests {
     #[test]
     fn loaded_tombstones_start_their_retention() {
         let db = Database::new("t", Strategy::None);
-        db.load(
-            vec![
-                ("gone".to_string(), Entry::removed(41)),
-                ("kept".to_string(), Entry::live("x", 3)),
-            ],
-            10,
-        );
+        let chunk = |entries: Vec<(&str, Entry)>| {
+            let entries = entries.into_iter().map(|(k, e)| (k.to_string(), e));
+            db.load(entries.collect(), 10);
+        };
+        chunk(vec![
+            ("gone", Entry::removed(41)),
+            ("kept", Entry::live("x", 3)),
+        ]);
         assert_eq!(db.stored_entries(), 3, "$connections, kept, the tombstone");
         assert_eq!(db.len(), 2);
         // A later chunk counts its own keys only (a key seen again replaces its entry).
-        db.load(
-            vec![
-                ("kept".to_string(), Entry::removed(4)),
-                ("more".to_string(), Entry::live("y", 0)),
-            ],
-            10,
-        );
+        chunk(vec![
+            ("kept", Entry::removed(4)),
+            ("more", Entry::live("y", 0)),
+        ]);
         assert_eq!(db.len(), 2, "$connections and more");
         assert_eq!(db.keys(|_| true), ["$connections", "more"]);
-        db.load(vec![("kept".to_string(), Entry::live("z", 5))], 10);
+        chunk(vec![("kept", Entry::live("z", 5))]);
         assert_eq!(db.len(), 3);
         db.write("kept", WriteOp::Remove).unwrap();
         db.write("more", WriteOp::Remove).unwrap();
