@@ -31,14 +31,18 @@ struct Padded(RwLock<Map>);
 pub struct Shards([Padded; SHARDS]);
 
 /// The version-floor bucket of `key` (FNV-1a of the name, so every node and every restart picks
-/// the same one). A floor key is its own bucket and a conflict record is in its key's bucket.
+/// the same one). A floor key is its own bucket and a conflict record is in its key's bucket
+/// (even when that key looks like a conflict record itself).
 pub fn bucket(key: &str) -> usize {
-    if let Some(n) = key.strip_prefix(FLOOR_PREFIX) {
+    let mut named = key;
+    while let Some((of, _)) = parse_record_key(named) {
+        named = of;
+    }
+    if let Some(n) = named.strip_prefix(FLOOR_PREFIX) {
         if let Ok(b) = n.parse::<usize>() {
             return b % FLOOR_BUCKETS as usize;
         }
     }
-    let named = parse_record_key(key).map_or(key, |(of, _)| of);
     let hash = named.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
@@ -146,6 +150,15 @@ mod tests {
             assert_eq!(
                 index(&record_key(&key, 1_700_000_000_000_000 + i)),
                 index(&key)
+            );
+        }
+        // A key that looks like a conflict record, and the records of its conflicts.
+        for key in ["$conflicts_x_1", "$conflicts_$conflicts_x_1_2", "a_b"] {
+            assert_eq!(index(&record_key(key, 7)), index(key), "{key}");
+            assert_eq!(
+                index(&record_key(&record_key(key, 7), 8)),
+                index(key),
+                "{key}"
             );
         }
         let used: std::collections::HashSet<usize> =
