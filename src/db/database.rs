@@ -532,11 +532,8 @@ impl Database {
         self.last_lsn.store(lsn, Ordering::Release);
         self.snapshot_lsn.store(lsn, Ordering::Release);
         self.security_changed();
-        if live >= 0 {
-            self.live.fetch_add(live.unsigned_abs(), Ordering::Relaxed);
-        } else {
-            self.live.fetch_sub(live.unsigned_abs(), Ordering::Relaxed);
-        }
+        // Two's complement: adding a negative change wraps to the subtraction.
+        self.live.fetch_add(live as u64, Ordering::Relaxed);
     }
 
     /// Replaces the contents (a full sync taken at `lsn`) and disconnects the watchers, whose

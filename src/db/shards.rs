@@ -5,6 +5,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{btree_map, BTreeMap, BinaryHeap};
+use std::iter::Peekable;
 use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -77,7 +78,7 @@ pub fn merged<'a>(shards: &'a [RwLockReadGuard<'_, Map>], from: Bound<&str>) -> 
     let mut merged = Merged {
         ranges: shards
             .iter()
-            .map(|shard| shard.range::<str, _>((from, Bound::Unbounded)))
+            .map(|shard| shard.range::<str, _>((from, Bound::Unbounded)).peekable())
             .collect(),
         heads: BinaryHeap::with_capacity(shards.len()),
     };
@@ -89,39 +90,16 @@ pub fn merged<'a>(shards: &'a [RwLockReadGuard<'_, Map>], from: Bound<&str>) -> 
 
 /// Iterator of [`merged`].
 pub struct Merged<'a> {
-    ranges: Vec<btree_map::Range<'a, Key, Entry>>,
-    /// The next entry of each shard that has one, smallest key on top.
-    heads: BinaryHeap<Reverse<(&'a Key, usize, EntryRef<'a>)>>,
+    ranges: Vec<Peekable<btree_map::Range<'a, Key, Entry>>>,
+    /// The next key of each shard that has one (and which shard), smallest on top.
+    heads: BinaryHeap<Reverse<(&'a Key, usize)>>,
 }
 
-/// An entry riding along with its key in the merge's heap (never compared: keys are unique).
-struct EntryRef<'a>(&'a Entry);
-
-impl PartialEq for EntryRef<'_> {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for EntryRef<'_> {}
-
-impl PartialOrd for EntryRef<'_> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for EntryRef<'_> {
-    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
-        std::cmp::Ordering::Equal
-    }
-}
-
-impl<'a> Merged<'a> {
-    /// Puts shard `i`'s next entry in the heap.
+impl Merged<'_> {
+    /// Puts shard `i`'s next key in the heap.
     fn advance(&mut self, i: usize) {
-        if let Some((key, entry)) = self.ranges[i].next() {
-            self.heads.push(Reverse((key, i, EntryRef(entry))));
+        if let Some(&(key, _)) = self.ranges[i].peek() {
+            self.heads.push(Reverse((key, i)));
         }
     }
 }
@@ -130,9 +108,10 @@ impl<'a> Iterator for Merged<'a> {
     type Item = (&'a Key, &'a Entry);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let Reverse((key, i, entry)) = self.heads.pop()?;
+        let Reverse((_, i)) = self.heads.pop()?;
+        let item = self.ranges[i].next();
         self.advance(i);
-        Some((key, entry.0))
+        item
     }
 }
 
