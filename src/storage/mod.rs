@@ -8,6 +8,7 @@ pub mod backlog;
 pub mod oplog;
 pub mod record;
 pub mod s3;
+pub mod segment;
 pub mod snapshot;
 
 use std::io;

@@ -1,12 +1,13 @@
 //! The operation log (WAL): numbered segment files of [`Record`]s. Appends only encode into a
-//! buffer; before a write is acknowledged its record is written to the file by whichever waiting
-//! thread flushes first, together with everything appended meanwhile (group write). `always` also
+//! buffer; before a write is acknowledged its record is written to the segment (copied into its
+//! mapped page cache, [`super::segment`]) by whichever waiting thread flushes first, together
+//! with everything appended meanwhile (group write). `always` also
 //! fsyncs in that flush (group commit), `everysec` leaves the fsync to a background tick once a
 //! second, `no` leaves it to the OS. Every policy survives kill -9 of the process.
 
 use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::backlog::{self, Backlog, Tail};
 use super::record::{self, decode, Decoded, Record, RecordRef, HEADER};
+use super::segment::Segment;
 use crate::sync::Condition;
 
 /// When appended records are forced to disk.
@@ -42,7 +44,7 @@ impl FsyncPolicy {
 const SEGMENT_SUFFIX: &str = ".oplog";
 
 struct Inner {
-    /// The segment being appended to; shared with the flusher, which writes outside this lock.
+    /// The file of the segment being appended to, for fsync outside this lock.
     file: Arc<File>,
     next_lsn: u64,
     /// LSN of the last record encoded into `buf` (or written before it).
@@ -87,6 +89,9 @@ pub struct OpLog {
     dir: PathBuf,
     policy: FsyncPolicy,
     inner: Mutex<Inner>,
+    /// The segment being appended to: written only by the thread holding the group write's
+    /// `busy` flag (or rolling the log), after `inner`'s lock is released.
+    tail: Mutex<Segment>,
     flush: Mutex<FlushState>,
     flushed: Condition,
     size: AtomicU64,
@@ -126,6 +131,17 @@ impl std::fmt::Debug for OpLog {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Opens (creating if needed) a segment file for appending through [`Segment`], which maps it
+/// and so needs it readable as well as writable.
+fn open_segment(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
 }
 
 fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
@@ -205,18 +221,22 @@ fn defer_shipping() -> bool {
     })
 }
 
-/// Reads one segment, calling `apply` for each valid record. Returns the length of the valid
-/// prefix. A record cut short at the end of the last segment is a torn tail (reported, not an
-/// error); any other damage is an error naming the file.
+/// Reads one segment (its first `limit` bytes, when given), calling `apply` for each valid
+/// record. Returns the length of the valid prefix and the records in it. In the last segment,
+/// a record length of zero ends the records (space reserved ahead, or a group write cut short,
+/// [`super::segment`]), and a record cut short or damaged with nothing but zeros after it is a
+/// torn tail (reported, not an error); any other damage is an error naming the file.
 fn read_segment(
     path: &Path,
     is_last: bool,
+    limit: Option<u64>,
     apply: &mut dyn FnMut(Record) -> Result<(), String>,
 ) -> Result<(u64, u64), String> {
     let err = |e: io::Error| format!("cannot read operation log {}: {e}", path.display());
     let file = File::open(path).map_err(err)?;
     let file_len = file.metadata().map_err(err)?.len();
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let file_len = limit.map_or(file_len, |l| l.min(file_len));
+    let mut reader = BufReader::with_capacity(1 << 20, file.take(file_len));
     let mut offset: u64 = 0;
     let mut count = 0;
     let mut buf = Vec::new();
@@ -231,6 +251,9 @@ fn read_segment(
             return torn(path, is_last, offset, file_len, count, "incomplete header");
         }
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
+        if len == 0 && is_last {
+            return end_of_records(path, &mut reader, offset, file_len, count).map_err(err);
+        }
         if offset + HEADER as u64 + len > file_len {
             return torn(path, is_last, offset, file_len, count, "incomplete record");
         }
@@ -247,8 +270,7 @@ fn read_segment(
                 return torn(path, is_last, offset, file_len, count, "incomplete record")
             }
             Decoded::Corrupt(why) => {
-                let end = offset + HEADER as u64 + len;
-                if is_last && end == file_len {
+                if is_last && only_zeros(&mut reader).map_err(err)? {
                     return torn(path, is_last, offset, file_len, count, &why);
                 }
                 return Err(format!(
@@ -256,6 +278,46 @@ fn read_segment(
                     path.display()
                 ));
             }
+        }
+    }
+}
+
+/// The records of the last segment end at `offset`, where a record length of zero was read:
+/// the rest is reserved space (all zeros, cut quietly) or a group write cut short (cut as a torn
+/// tail).
+fn end_of_records(
+    path: &Path,
+    rest: &mut impl Read,
+    offset: u64,
+    file_len: u64,
+    count: u64,
+) -> io::Result<(u64, u64)> {
+    if only_zeros(rest)? {
+        log::debug!(
+            "operation log {}: records end at offset {offset}; cutting {} reserved bytes",
+            path.display(),
+            file_len - offset
+        );
+    } else {
+        log::warn!(
+            "operation log {}: torn tail at offset {offset} (a group write cut short); cutting {} bytes",
+            path.display(),
+            file_len - offset
+        );
+    }
+    Ok((offset, count))
+}
+
+/// True when nothing but zeros is left to read.
+fn only_zeros(r: &mut impl Read) -> io::Result<bool> {
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = read_up_to(r, &mut buf)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        if n < buf.len() {
+            return Ok(true);
         }
     }
 }
@@ -327,7 +389,7 @@ impl OpLog {
                 last_term = r.term;
                 apply(r)
             };
-            let (valid, records) = read_segment(path, is_last, &mut check)?;
+            let (valid, records) = read_segment(path, is_last, None, &mut check)?;
             if is_last {
                 let file = OpenOptions::new().write(true).open(path).map_err(err)?;
                 if file.metadata().map_err(err)?.len() != valid {
@@ -349,12 +411,12 @@ impl OpLog {
             segments.push((last_lsn + 1, path));
         }
         let current = &segments[segments.len() - 1].1;
-        let file = OpenOptions::new().append(true).open(current).map_err(err)?;
+        let tail = Segment::open(open_segment(current).map_err(err)?).map_err(err)?;
         Ok(OpLog {
             dir: dir.to_path_buf(),
             policy,
             inner: Mutex::new(Inner {
-                file: Arc::new(file),
+                file: Arc::clone(tail.file()),
                 next_lsn: last_lsn + 1,
                 appended_lsn: last_lsn,
                 appended_term: last_term,
@@ -362,6 +424,7 @@ impl OpLog {
                 spare: Vec::with_capacity(64 * 1024),
                 segments,
             }),
+            tail: Mutex::new(tail),
             flush: Mutex::new(FlushState {
                 written_lsn: last_lsn,
                 synced_lsn: last_lsn,
@@ -414,15 +477,20 @@ impl OpLog {
         let mut state = self.exclusive();
         let mut inner = lock(&self.inner);
         inner.buf.clear();
+        let mut tail = lock(&self.tail);
+        // Cut first: the new segment may be this one, and must start after its records.
+        tail.trim()?;
         let path = segment_path(&self.dir, base + 1);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let new = Segment::open(open_segment(&path)?)?;
         for (_, old) in inner.segments.drain(..) {
             if old != path {
                 fs::remove_file(&old)?;
             }
         }
         sync_dir(&self.dir)?;
-        inner.file = Arc::new(file);
+        inner.file = Arc::clone(new.file());
+        *tail = new;
+        drop(tail);
         inner.segments.push((base + 1, path));
         inner.next_lsn = base + 1;
         inner.appended_lsn = base;
@@ -818,18 +886,16 @@ impl OpLog {
 
     /// Takes the buffer and writes it (caller holds the busy flag). Returns the LSN covered.
     fn flush_once(&self, sync: bool) -> io::Result<u64> {
-        let (mut buf, upto, file) = {
+        let (mut buf, upto) = {
             let mut inner = lock(&self.inner);
             let spare = std::mem::take(&mut inner.spare);
-            (
-                std::mem::replace(&mut inner.buf, spare),
-                inner.appended_lsn,
-                Arc::clone(&inner.file),
-            )
+            (std::mem::replace(&mut inner.buf, spare), inner.appended_lsn)
         };
-        if !buf.is_empty() {
-            (&*file).write_all(&buf)?;
-        }
+        let file = {
+            let mut tail = lock(&self.tail);
+            tail.write(&buf)?;
+            Arc::clone(tail.file())
+        };
         if sync {
             timed_sync(&file)?;
         }
@@ -856,8 +922,11 @@ impl OpLog {
         let mut state = self.exclusive();
         let mut inner = lock(&self.inner);
         let buf = std::mem::take(&mut inner.buf);
-        (&*inner.file).write_all(&buf)?;
-        timed_sync(&inner.file)?;
+        let mut tail = lock(&self.tail);
+        tail.write(&buf)?;
+        // The sealed segment ends at its last record: recovery reads sealed ones strictly.
+        tail.trim()?;
+        timed_sync(tail.file())?;
         state.written_lsn = inner.appended_lsn;
         state.synced_lsn = inner.appended_lsn;
         let first = inner.next_lsn;
@@ -865,9 +934,10 @@ impl OpLog {
             return Ok(first);
         }
         let path = segment_path(&self.dir, first);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let new = Segment::open(open_segment(&path)?)?;
         sync_dir(&self.dir)?;
-        inner.file = Arc::new(file);
+        inner.file = Arc::clone(new.file());
+        *tail = new;
         inner.segments.push((first, path));
         Ok(first)
     }
@@ -894,7 +964,14 @@ impl OpLog {
     pub fn read_from(&self, from: u64) -> Result<Option<Vec<Record>>, String> {
         self.write_now()
             .map_err(|e| format!("cannot flush the operation log: {e}"))?;
-        let segments = lock(&self.inner).segments.clone();
+        // The live segment is read only as far as its records reached after that flush: space
+        // reserved after them, and later group writes, may be half copied. Both are taken
+        // together, so a roll cannot slip between them.
+        let (segments, written) = {
+            let inner = lock(&self.inner);
+            let written = lock(&self.tail).len();
+            (inner.segments.clone(), written)
+        };
         if segments.first().map(|(f, _)| *f > from).unwrap_or(true) {
             return Ok(None);
         }
@@ -906,7 +983,8 @@ impl OpLog {
                 continue;
             }
             let _ = first;
-            read_segment(path, i + 1 == n, &mut |r| {
+            let is_last = i + 1 == n;
+            read_segment(path, is_last, is_last.then_some(written), &mut |r| {
                 if r.lsn >= from {
                     out.push(r);
                 }
@@ -1100,6 +1178,103 @@ mod tests {
         assert_eq!(through_7, bytes);
         log.write_now().unwrap();
         assert_eq!(log.read_from(7).unwrap().unwrap(), [r, next]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Keys of replayed records, in order.
+    fn keys(records: &[Record]) -> Vec<String> {
+        records.iter().map(|r| r.key.clone()).collect()
+    }
+
+    /// A log with `keys` written, left as kill -9 leaves it: never closed, so its segment still
+    /// ends in reserved zeros. Returns the segment and the bytes of its records.
+    fn killed_log(dir: &Path, keys: &[&str]) -> (PathBuf, Vec<u8>) {
+        let log = OpLog::open(dir, FsyncPolicy::EverySec, 0, &mut |_| Ok(())).unwrap();
+        let mut expected = Vec::new();
+        for k in keys {
+            let mut r = rec(k);
+            log.append(&mut r).unwrap();
+            r.encode(&mut expected);
+        }
+        log.write_now().unwrap();
+        std::mem::forget(log);
+        let seg = list_segments(dir).unwrap()[0].1.clone();
+        let bytes = fs::read(&seg).unwrap();
+        assert!(bytes.len() > expected.len(), "no space was reserved");
+        assert_eq!(&bytes[..expected.len()], &expected[..]);
+        assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
+        (seg, expected)
+    }
+
+    #[test]
+    fn a_killed_log_ends_at_its_last_record_and_appends_after_it() {
+        let dir = tmp("killed");
+        let (seg, records) = killed_log(&dir, &["a", "b", "c"]);
+        // The reserved zeros are cut at start-up, and nothing else.
+        assert_eq!(keys(&replay(&dir).unwrap()), ["a", "b", "c"]);
+        assert_eq!(fs::read(&seg).unwrap(), records);
+        let log = OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap();
+        assert_eq!(log.append(&mut rec("d")).unwrap(), 4);
+        assert_eq!(
+            keys(&log.read_from(1).unwrap().unwrap()),
+            ["a", "b", "c", "d"]
+        );
+        drop(log);
+        // Closed, the segment ends at its last record.
+        let mut expected = records;
+        let mut d = rec("d");
+        d.lsn = 4;
+        d.term = 1;
+        d.encode(&mut expected);
+        assert_eq!(fs::read(&seg).unwrap(), expected);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_group_write_cut_short_ends_the_log_where_the_group_began() {
+        let dir = tmp("cut-group");
+        let (seg, records) = killed_log(&dir, &["a", "b"]);
+        // A group of two records killed mid-copy: its first length (copied last) is still zero.
+        let mut group = Vec::new();
+        for (lsn, k) in [(3, "c"), (4, "d")] {
+            let mut r = rec(k);
+            r.lsn = lsn;
+            r.term = 1;
+            r.encode(&mut group);
+        }
+        group[..4].fill(0);
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[records.len()..records.len() + group.len()].copy_from_slice(&group);
+        fs::write(&seg, &bytes).unwrap();
+        assert_eq!(keys(&replay(&dir).unwrap()), ["a", "b"]);
+        assert_eq!(fs::read(&seg).unwrap(), records);
+        let log = OpLog::open(&dir, FsyncPolicy::No, 0, &mut |_| Ok(())).unwrap();
+        assert_eq!(log.append(&mut rec("e")).unwrap(), 3);
+        drop(log);
+        assert_eq!(keys(&replay(&dir).unwrap()), ["a", "b", "e"]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_damaged_last_record_before_reserved_zeros_is_a_torn_tail() {
+        let dir = tmp("torn-zeros");
+        let (seg, records) = killed_log(&dir, &["a", "b", "c"]);
+        let mut bytes = fs::read(&seg).unwrap();
+        // The last record's value byte, with nothing but zeros after it.
+        bytes[records.len() - 1] ^= 0x40;
+        fs::write(&seg, &bytes).unwrap();
+        assert_eq!(keys(&replay(&dir).unwrap()), ["a", "b"]);
+        let _ = fs::remove_dir_all(&dir);
+        // The same damage with a record after it is corruption, not a torn tail.
+        let dir = tmp("mid-zeros");
+        let (seg, records) = killed_log(&dir, &["a", "b", "c"]);
+        let mut bytes = fs::read(&seg).unwrap();
+        let first = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        bytes[HEADER + first - 1] ^= 0x40;
+        fs::write(&seg, &bytes).unwrap();
+        let e = replay(&dir).unwrap_err();
+        assert!(e.contains("corrupted operation log"), "{e}");
+        assert!(records.len() > HEADER + first);
         let _ = fs::remove_dir_all(&dir);
     }
 
