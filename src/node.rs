@@ -192,28 +192,25 @@ impl Node {
     /// their sessions disconnected if that fails. Never waits.
     pub fn deliver_when_durable(&self, touched: Touched) {
         let lsn = touched.lsn();
-        let (Some(log), Some(cluster)) = (self.log().cloned(), self.cluster().cloned()) else {
+        let (Some(log), Some(cluster)) = (self.log(), self.cluster()) else {
             self.deliver(touched);
             return;
         };
-        let shipper = Arc::clone(&log);
-        log.on_durable(
-            lsn,
-            Box::new(move |durable| {
-                // The whole flush at once: the other completions of the group find it noted.
-                let moved = durable.is_some_and(|upto| cluster.note_durable(upto));
-                if durable.is_some() && cluster.is_visible(lsn) {
-                    touched.release();
-                } else {
-                    log::warn!("change {lsn} was not committed; disconnecting its watchers");
-                    touched.abandon();
-                }
-                // The new commit point goes to the secondaries after the replies.
-                if moved {
-                    cluster.ship(&shipper);
-                }
-            }),
-        );
+        let cluster = Arc::clone(cluster);
+        log.on_durable(lsn, move |durable, log| {
+            // The whole flush at once: the other completions of the group find it noted.
+            let moved = durable.is_some_and(|upto| cluster.note_durable(upto));
+            if durable.is_some() && cluster.is_visible(lsn) {
+                touched.release();
+            } else {
+                log::warn!("change {lsn} was not committed; disconnecting its watchers");
+                touched.abandon();
+            }
+            // The new commit point goes to the secondaries after the replies.
+            if moved {
+                cluster.ship(log);
+            }
+        });
     }
 
     /// What log shipping needs from this node (a cluster node with storage).

@@ -9,7 +9,7 @@
 use std::io::IoSlice;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use super::replication::{close_frame, open_frame};
@@ -240,9 +240,11 @@ impl Outgoing {
     }
 }
 
-/// The primary's streams to its secondaries.
+/// The primary's streams to its secondaries, and how many there are: every write of a node
+/// ships, and a node without secondaries (a single node) reads only that count, where taking
+/// the list's lock would move its cache line between the cores of all writers.
 #[derive(Debug, Default)]
-pub struct Streams(RwLock<Vec<Arc<Outgoing>>>);
+pub struct Streams(RwLock<Vec<Arc<Outgoing>>>, AtomicUsize);
 
 /// Keeps a stream listed while it is alive; unlists it when dropped.
 #[derive(Debug)]
@@ -254,10 +256,10 @@ pub struct Listed<'a> {
 impl Streams {
     /// Lists `stream` so writes ship to it, until the returned guard is dropped.
     pub fn list<'a>(&'a self, stream: &Arc<Outgoing>) -> Listed<'a> {
-        self.0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::clone(stream));
+        let mut streams = self.0.write().unwrap_or_else(|e| e.into_inner());
+        streams.push(Arc::clone(stream));
+        self.1.store(streams.len(), Ordering::SeqCst);
+        drop(streams);
         Listed {
             streams: self,
             stream: Arc::clone(stream),
@@ -267,6 +269,9 @@ impl Streams {
     /// Ships to every listed stream that is free; wakes the sender threads (through `log`)
     /// when one must take over.
     pub fn ship(&self, log: &OpLog, cluster: &Cluster) {
+        if self.1.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let mut wake = false;
         {
             let streams = self.0.read().unwrap_or_else(|e| e.into_inner());
@@ -282,11 +287,9 @@ impl Streams {
 
 impl Drop for Listed<'_> {
     fn drop(&mut self) {
-        self.streams
-            .0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|s| !Arc::ptr_eq(s, &self.stream));
+        let mut streams = self.streams.0.write().unwrap_or_else(|e| e.into_inner());
+        streams.retain(|s| !Arc::ptr_eq(s, &self.stream));
+        self.streams.1.store(streams.len(), Ordering::SeqCst);
     }
 }
 

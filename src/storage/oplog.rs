@@ -81,8 +81,8 @@ fn timed_sync(file: &File) -> io::Result<()> {
 const MAX_SPARE: usize = 4 << 20;
 
 /// Work to run once a log record is durable (with the LSN the log is now durable up to, at
-/// least the record's), or when the log failed first (`None`).
-pub type Completion = Box<dyn FnOnce(Option<u64>) + Send>;
+/// least the record's), or when the log failed first (`None`); it is given the log.
+type Completion = Box<dyn FnOnce(Option<u64>, &OpLog) + Send>;
 
 /// The log of one node.
 pub struct OpLog {
@@ -504,7 +504,7 @@ impl OpLog {
         // Records still awaited were replaced by the primary's: they will never be durable here.
         let orphans = std::mem::take(&mut *lock(&self.completions));
         for (_, done) in orphans {
-            done(None);
+            done(None, self);
         }
         Ok(())
     }
@@ -740,32 +740,42 @@ impl OpLog {
         }
     }
 
-    /// Runs `done` once log record `lsn` is durable per the policy, on whichever thread makes
-    /// it so. A record not yet being written is flushed now by the caller. If a flush is under
-    /// way, the caller waits for it up to 10 µs (not with `always`: an fsync takes far
-    /// longer) and runs `done` itself if that flush covered the record; past the wait, the
-    /// flushing thread runs `done` (flushing again if it must) when it finishes. A failed log
-    /// runs it with `None`. Lets a session hand its reply over instead of sleeping until
-    /// someone else's write finishes.
-    pub fn on_durable(&self, lsn: u64, done: Completion) {
-        if self.policy != FsyncPolicy::Always && self.wait_for_running_write() {
-            let state = lock(&self.flush);
-            if !state.busy && state.written_lsn >= lsn && !self.failed.load(Ordering::Acquire) {
-                let durable = state.written_lsn;
-                drop(state);
-                done(Some(durable));
-                return;
-            }
+    /// Runs `done` (given the LSN now durable and the log) once log record `lsn` is durable
+    /// per the policy, on whichever thread makes it so. If a flush is under way, the caller
+    /// first waits for it up to 10 µs (not with `always`: an fsync takes far longer). With
+    /// nobody flushing, the caller flushes (if the record still needs it) and runs `done`
+    /// itself, without queueing it; otherwise the flushing thread runs `done` (flushing again
+    /// if it must) when it finishes. A failed log runs it with `None`. Lets a session hand its
+    /// reply over instead of sleeping until someone else's write finishes.
+    pub fn on_durable(&self, lsn: u64, done: impl FnOnce(Option<u64>, &OpLog) + Send + 'static) {
+        let sync = self.policy == FsyncPolicy::Always;
+        if !sync {
+            self.wait_for_running_write();
         }
-        lock(&self.completions).push((lsn, done));
+        let state = lock(&self.flush);
+        if !state.busy && !self.failed.load(Ordering::Acquire) {
+            let durable_of = |s: &FlushState| if sync { s.synced_lsn } else { s.written_lsn };
+            let durable = if durable_of(&state) >= lsn {
+                let durable = durable_of(&state);
+                drop(state);
+                Some(durable)
+            } else {
+                self.flush_turn(state, sync).ok().map(|s| durable_of(&s))
+            };
+            done(durable, self);
+            // Completions queued while this thread flushed found it busy: they are its to run.
+            self.complete();
+            return;
+        }
+        drop(state);
+        lock(&self.completions).push((lsn, Box::new(done)));
         self.complete();
     }
 
-    /// Spins while another thread's group write runs, for at most `write_wait`. True when one
-    /// ran and ended meanwhile.
-    fn wait_for_running_write(&self) -> bool {
+    /// Spins while another thread's group write runs, for at most `write_wait`.
+    fn wait_for_running_write(&self) {
         if !self.writing.load(Ordering::Acquire) {
-            return false;
+            return;
         }
         let started = Instant::now();
         let mut spins = 0u32;
@@ -773,10 +783,9 @@ impl OpLog {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(32) && started.elapsed() >= self.write_wait {
-                return false;
+                return;
             }
         }
-        true
     }
 
     /// Flushes and runs completions until none waits for a record already appended, unless
@@ -784,6 +793,11 @@ impl OpLog {
     /// `busy` before looking at the completions, and `on_durable` adds one before looking at
     /// `busy`, so none is left behind).
     fn complete(&self) {
+        // Nothing queued (the usual case): a completion queued after this look is run by its own
+        // thread, which looks at `busy` only after queueing it.
+        if lock(&self.completions).is_empty() {
+            return;
+        }
         let sync = self.policy == FsyncPolicy::Always;
         let durable_of = |s: &FlushState| if sync { s.synced_lsn } else { s.written_lsn };
         loop {
@@ -808,7 +822,7 @@ impl OpLog {
                 .extract_if(.., |(l, _)| durable.is_none_or(|d| *l <= d))
                 .collect();
             for (_, done) in ready {
-                done(durable);
+                done(durable, self);
             }
             let Some(durable) = durable else { return };
             let last = self.last_lsn();
@@ -894,9 +908,10 @@ impl OpLog {
         let file = {
             let mut tail = lock(&self.tail);
             tail.write(&buf)?;
-            Arc::clone(tail.file())
+            // Cloned only to fsync: the count's cache line is shared by every flushing core.
+            sync.then(|| Arc::clone(tail.file()))
         };
-        if sync {
+        if let Some(file) = file {
             timed_sync(&file)?;
         }
         // Kept for the next flush, unless a burst grew it past what is worth keeping.
@@ -1082,12 +1097,9 @@ mod tests {
             })
         };
         let (tx, rx) = std::sync::mpsc::channel();
-        log.on_durable(
-            lsn,
-            Box::new(move |durable| {
-                tx.send((std::thread::current().id(), durable)).unwrap();
-            }),
-        );
+        log.on_durable(lsn, move |durable, _| {
+            tx.send((std::thread::current().id(), durable)).unwrap();
+        });
         writer.join().unwrap();
         let ran = rx.recv().unwrap();
         let _ = fs::remove_dir_all(&dir);
