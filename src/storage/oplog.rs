@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::backlog::{self, Backlog, Tail};
 use super::record::{self, decode, Decoded, Record, RecordRef, HEADER};
-use super::segment::Segment;
+use super::segment::{Segment, MAX_COPIED};
 use crate::sync::Condition;
 
 /// When appended records are forced to disk.
@@ -223,9 +223,9 @@ fn defer_shipping() -> bool {
 
 /// Reads one segment (its first `limit` bytes, when given), calling `apply` for each valid
 /// record. Returns the length of the valid prefix and the records in it. In the last segment,
-/// a record length of zero ends the records (space reserved ahead, or a group write cut short,
-/// [`super::segment`]), and a record cut short or damaged with nothing but zeros after it is a
-/// torn tail (reported, not an error); any other damage is an error naming the file.
+/// a record length of zero ends the records (space reserved ahead, or a copied group write cut
+/// short, [`super::segment`]), and a record cut short or damaged with nothing but zeros after
+/// it is a torn tail (reported, not an error); any other damage is an error naming the file.
 fn read_segment(
     path: &Path,
     is_last: bool,
@@ -252,7 +252,7 @@ fn read_segment(
         }
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
         if len == 0 && is_last {
-            return end_of_records(path, &mut reader, offset, file_len, count).map_err(err);
+            return end_of_records(path, &mut reader, offset, file_len, count);
         }
         if offset + HEADER as u64 + len > file_len {
             return torn(path, is_last, offset, file_len, count, "incomplete record");
@@ -282,25 +282,35 @@ fn read_segment(
     }
 }
 
-/// The records of the last segment end at `offset`, where a record length of zero was read:
-/// the rest is reserved space (all zeros, cut quietly) or a group write cut short (cut as a torn
-/// tail).
+/// The records of the last segment end at `offset`, where a record length of zero was read
+/// (`rest` follows that record header). After it comes reserved space (all zeros, cut
+/// quietly), or a copied group write cut short (bytes within [`MAX_COPIED`] of `offset`, cut
+/// as a torn tail). Anything further is damage to records that were written: an error.
 fn end_of_records(
     path: &Path,
     rest: &mut impl Read,
     offset: u64,
     file_len: u64,
     count: u64,
-) -> io::Result<(u64, u64)> {
-    if only_zeros(rest)? {
-        log::debug!(
-            "operation log {}: records end at offset {offset}; cutting {} reserved bytes",
+) -> Result<(u64, u64), String> {
+    let err = |e: io::Error| format!("cannot read operation log {}: {e}", path.display());
+    let mut copied = [0u8; MAX_COPIED - HEADER];
+    let n = read_up_to(rest, &mut copied).map_err(err)?;
+    if !only_zeros(rest).map_err(err)? {
+        return Err(format!(
+            "corrupted operation log {} at offset {offset}: a record length of zero with records after it; refusing to start (move the file away to start without it)",
+            path.display()
+        ));
+    }
+    if copied[..n].iter().any(|&b| b != 0) {
+        log::warn!(
+            "operation log {}: torn tail at offset {offset} (a group write cut short); cutting {} bytes",
             path.display(),
             file_len - offset
         );
     } else {
-        log::warn!(
-            "operation log {}: torn tail at offset {offset} (a group write cut short); cutting {} bytes",
+        log::debug!(
+            "operation log {}: records end at offset {offset}; cutting {} reserved bytes",
             path.display(),
             file_len - offset
         );
@@ -1198,24 +1208,112 @@ mod tests {
         records.iter().map(|r| r.key.clone()).collect()
     }
 
-    /// A log with `keys` written, left as kill -9 leaves it: never closed, so its segment still
-    /// ends in reserved zeros. Returns the segment and the bytes of its records.
+    /// A log with `keys` written (each its own group write), left as kill -9 leaves it: never
+    /// closed, so its segment still ends in reserved zeros. Returns the segment and the bytes
+    /// of its records.
     fn killed_log(dir: &Path, keys: &[&str]) -> (PathBuf, Vec<u8>) {
         let log = OpLog::open(dir, FsyncPolicy::EverySec, 0, &mut |_| Ok(())).unwrap();
         let mut expected = Vec::new();
         for k in keys {
             let mut r = rec(k);
             log.append(&mut r).unwrap();
+            log.write_now().unwrap();
             r.encode(&mut expected);
         }
-        log.write_now().unwrap();
         std::mem::forget(log);
-        let seg = list_segments(dir).unwrap()[0].1.clone();
-        let bytes = fs::read(&seg).unwrap();
-        assert!(bytes.len() > expected.len(), "no space was reserved");
+        let seg = list_segments(dir).unwrap().pop().unwrap().1;
+        let mut bytes = fs::read(&seg).unwrap();
+        if super::super::segment::mappable(&File::open(&seg).unwrap()) {
+            assert!(bytes.len() > expected.len(), "no space was reserved");
+        } else {
+            // A filesystem the log writes with pwrite: reserve as a mapped log would have.
+            bytes.resize(expected.len() + (64 << 10), 0);
+            fs::write(&seg, &bytes).unwrap();
+        }
         assert_eq!(&bytes[..expected.len()], &expected[..]);
         assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
         (seg, expected)
+    }
+
+    /// Encoded records `first..first + n` of keys `k<lsn>` with 100-byte values, term 1.
+    fn encoded(first: u64, n: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for lsn in first..first + n {
+            let mut r = rec(&format!("k{lsn}"));
+            r.value = "x".repeat(100);
+            r.lsn = lsn;
+            r.term = 1;
+            r.encode(&mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn a_zero_length_with_records_past_one_copied_group_is_corruption() {
+        let dir = tmp("zero-mid");
+        let (seg, _) = killed_log(&dir, &["a"]);
+        let mut bytes = fs::read(&seg).unwrap();
+        // Twenty records (over 2 KiB, well past one copied group) after a, then a's length
+        // zeroed: records that were written would be lost by a cut there.
+        let more = encoded(2, 20);
+        assert!(more.len() > MAX_COPIED * 2);
+        let end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+        bytes[end..end + more.len()].copy_from_slice(&more);
+        bytes[..4].fill(0);
+        fs::write(&seg, &bytes).unwrap();
+        let e = replay(&dir).unwrap_err();
+        assert!(
+            e.contains("corrupted operation log") && e.contains("length of zero"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_written_group_cut_short_in_reserved_space_is_a_torn_tail() {
+        let dir = tmp("cut-pwrite");
+        let (seg, records) = killed_log(&dir, &["a"]);
+        // A group too large to copy (written with pwrite) cut short by the kill: its first
+        // 1,500 bytes landed in the reserved zeros.
+        let group = encoded(2, 20);
+        assert!(group.len() >= MAX_COPIED);
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[records.len()..records.len() + 1500].copy_from_slice(&group[..1500]);
+        fs::write(&seg, &bytes).unwrap();
+        let whole = (0..)
+            .scan(0usize, |at, _| {
+                let len = u32::from_le_bytes(group[*at..*at + 4].try_into().unwrap()) as usize;
+                *at += HEADER + len;
+                Some(*at)
+            })
+            .take_while(|end| *end <= 1500)
+            .count();
+        let replayed = replay(&dir).unwrap();
+        assert_eq!(replayed.len(), 1 + whole);
+        assert_eq!(replayed.last().unwrap().lsn, 1 + whole as u64);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_log_killed_after_a_roll_keeps_its_sealed_segment_exact() {
+        let dir = tmp("killed-roll");
+        let log = OpLog::open(&dir, FsyncPolicy::EverySec, 0, &mut |_| Ok(())).unwrap();
+        let mut sealed = Vec::new();
+        for k in ["a", "b"] {
+            let mut r = rec(k);
+            log.append(&mut r).unwrap();
+            log.write_now().unwrap();
+            r.encode(&mut sealed);
+        }
+        assert_eq!(log.roll().unwrap(), 3);
+        log.append(&mut rec("c")).unwrap();
+        log.write_now().unwrap();
+        std::mem::forget(log);
+        let segments = list_segments(&dir).unwrap();
+        assert_eq!(segments.len(), 2);
+        assert_eq!(fs::read(&segments[0].1).unwrap(), sealed);
+        assert_eq!(keys(&replay(&dir).unwrap()), ["a", "b", "c"]);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -8,19 +8,21 @@
 //!
 //! Reserved space reads as zeros. Recovery ends a log at the first record length of zero
 //! ([`super::oplog`]), and a segment is cut back to its records when it is sealed or closed.
-//! A group is copied with its first four bytes (that length) last, so a copy cut short by
-//! kill -9 also ends the log where the group began. Where space cannot be reserved or mapped
-//! (a full disk, a filesystem without `fallocate`), the segment falls back to positioned writes.
+//! A group is copied with its first four bytes (that length) last, in one store, so a copy cut
+//! short by kill -9 also ends the log where the group began; only groups smaller than
+//! [`MAX_COPIED`] are copied, so recovery knows how far such a cut can reach. Larger groups,
+//! filesystems where a page fault on reserved space could still fail (anything but ext4, XFS
+//! and tmpfs), and space that cannot be reserved or mapped (a full disk) use positioned writes.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{compiler_fence, fence, Ordering};
 use std::sync::Arc;
 
-/// Bytes reserved and mapped at a time (more when one group write is larger).
+/// Bytes reserved and mapped at a time.
 const WINDOW: u64 = 2 << 20;
 
 /// Alignment of a window's file offset: a multiple of every page size Linux uses.
@@ -32,7 +34,24 @@ const LENGTH: usize = 4;
 /// Group writes this large go through `pwrite`: one call is cheap for this many bytes, and the
 /// kernel fills fresh pages for it for less than page faults on the map cost (50 connections
 /// × 16 pipelined sets, whose groups are a few KiB each: 6% slower when they were copied).
-const PWRITE_FROM: usize = 1024;
+/// Recovery relies on it too: a copy cut short leaves bytes no further than this past its start.
+pub const MAX_COPIED: usize = 1024;
+
+/// Filesystems (`statfs` magic numbers) where a page fault on space reserved with `fallocate`
+/// cannot fail for want of space: ext4, XFS, tmpfs. Elsewhere (copy-on-write filesystems,
+/// network filesystems) it could, and the process would get SIGBUS instead of an error.
+const MAPPABLE: [i64; 3] = [0xEF53, 0x5846_5342, 0x0102_1994];
+
+/// True when `file` is on a filesystem listed in [`MAPPABLE`].
+pub(crate) fn mappable(file: &File) -> bool {
+    // SAFETY: fstatfs only writes the struct passed by pointer, zeroed beforehand.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the descriptor is open for the call.
+    let ok = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0;
+    #[allow(clippy::unnecessary_cast)]
+    let kind = st.f_type as i64;
+    ok && MAPPABLE.contains(&kind)
+}
 
 /// A writable shared mapping of `len` bytes of the segment from file offset `start`.
 struct Window {
@@ -124,12 +143,13 @@ impl Segment {
     /// everything after the last record.
     pub fn open(file: File) -> io::Result<Segment> {
         let len = file.metadata()?.len();
+        let mapping = mappable(&file);
         Ok(Segment {
             file: Arc::new(file),
             len,
             reserved: len,
             window: None,
-            mapping: true,
+            mapping,
         })
     }
 
@@ -149,14 +169,15 @@ impl Segment {
     }
 
     /// Appends one group write (whole records) after the last record. A small group is copied
-    /// into the map, its first four bytes last; a large one is written with `pwrite`.
+    /// into the map, its first four bytes last and in one store; a large one is written with
+    /// `pwrite`.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
         let n = bytes.len() as u64;
         let len = self.len;
-        let window = if bytes.len() < PWRITE_FROM {
+        let window = if bytes.len() < MAX_COPIED {
             self.window_for(n)
         } else {
             None
@@ -164,18 +185,24 @@ impl Segment {
         match window {
             Some(w) => {
                 let off = (len - w.start) as usize;
-                let head = LENGTH.min(bytes.len());
-                // SAFETY: `window_for` returned a window holding [len, len + n), so both copies
-                // stay inside the mapping; only this segment writes it.
+                // SAFETY: `window_for` returned a window holding [len, len + n), so every store
+                // stays inside the mapping; only this segment writes it.
                 unsafe {
                     let dst = w.ptr.as_ptr().add(off);
-                    std::ptr::copy_nonoverlapping(
-                        bytes.as_ptr().add(head),
-                        dst.add(head),
-                        bytes.len() - head,
-                    );
-                    fence(Ordering::Release);
-                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, head);
+                    match bytes.first_chunk::<LENGTH>() {
+                        Some(head) => {
+                            std::ptr::copy_nonoverlapping(
+                                bytes.as_ptr().add(LENGTH),
+                                dst.add(LENGTH),
+                                bytes.len() - LENGTH,
+                            );
+                            // The rest of the group is stored before its first length.
+                            compiler_fence(Ordering::SeqCst);
+                            fence(Ordering::SeqCst);
+                            dst.cast::<u32>().write_unaligned(u32::from_ne_bytes(*head));
+                        }
+                        None => std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()),
+                    }
                 }
             }
             None => {
@@ -210,28 +237,28 @@ impl Segment {
         self.window.as_ref()
     }
 
-    /// Reserves and maps a window from the aligned offset at or below `len` that holds at least
-    /// the next `n` bytes.
+    /// Reserves and maps a window from the aligned offset at or below `len`, which holds the
+    /// next `n` bytes (fewer than [`MAX_COPIED`]).
     fn map_from_here(&mut self, n: u64) -> io::Result<Window> {
         let start = self.len / ALIGN * ALIGN;
-        let needed = (self.len - start + n).div_ceil(ALIGN) * ALIGN;
-        let size = needed.max(WINDOW);
-        let end = start + size;
+        let end = start + WINDOW;
+        debug_assert!(self.len + n <= end);
         if end > self.reserved {
             reserve(&self.file, self.reserved, end - self.reserved)?;
             self.reserved = end;
         }
-        Window::map(&self.file, start, size)
+        Window::map(&self.file, start, WINDOW)
     }
 
     /// Unmaps and cuts the reserved space off, so the file ends at its last record (before the
     /// segment is sealed, or when the log closes). Appending again reserves anew.
     pub fn trim(&mut self) -> io::Result<()> {
         self.window = None;
-        if self.reserved != self.len {
+        // The file's own size, not `reserved`: a failed reservation or write may have grown it.
+        if self.file.metadata()?.len() != self.len {
             self.file.set_len(self.len)?;
-            self.reserved = self.len;
         }
+        self.reserved = self.len;
         Ok(())
     }
 }
@@ -266,7 +293,8 @@ mod tests {
         (path, file)
     }
 
-    /// Groups of every size from 1 byte to past a window, each byte numbered by its offset.
+    /// Groups of every size from 1 byte to past a window (copied below [`MAX_COPIED`], written
+    /// from it), each byte numbered by its offset.
     fn groups() -> Vec<Vec<u8>> {
         let mut at = 0u64;
         let mut out = Vec::new();
@@ -293,7 +321,7 @@ mod tests {
             // Copied groups leave reserved space after them; written ones may end the file.
             if !mapping {
                 assert_eq!(on_disk.len(), expected.len());
-            } else if g.len() < PWRITE_FROM {
+            } else if g.len() < MAX_COPIED {
                 assert!(on_disk.len() > expected.len());
             }
             assert_eq!(on_disk.len() as u64, seg.reserved);
