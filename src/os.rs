@@ -6,6 +6,21 @@ use std::io::{self, IoSlice};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// Takes an exclusive advisory lock on `file` without waiting; false when another open file
+/// (another process) holds it. The kernel drops it when the process ends, even by kill -9.
+pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    // SAFETY: flock only reads its integer arguments; the descriptor is open for the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
 /// Raises the soft limit on open descriptors to the hard limit; returns the limit now in force.
 /// Every session holds one descriptor, so the default soft limit (often 1024) would cap a node
 /// far below what it can hold.

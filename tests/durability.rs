@@ -295,6 +295,30 @@ fn corrupted_log_record_refuses_to_start_naming_the_file() {
 }
 
 #[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = temp_dir("locked");
+    let s = Server::start_in(dir.clone(), &[]);
+    setup_db(&s);
+    s.tcp_client("d", "t").set("a", "1").unwrap();
+    let (code, out) = start_failing(&dir);
+    assert_ne!(code, Some(0));
+    assert!(out.contains("is in use by another nun-db process"), "{out}");
+    // The running server was not disturbed, and its lock goes with it (even by kill -9).
+    assert_eq!(
+        s.tcp_client("d", "t").get("a").unwrap().as_deref(),
+        Some("1")
+    );
+    drop(s);
+    let s = Server::start_in(dir.clone(), &[]);
+    assert_eq!(
+        s.tcp_client("d", "t").get("a").unwrap().as_deref(),
+        Some("1")
+    );
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn corrupted_snapshot_refuses_to_start_naming_the_file() {
     let dir = temp_dir("corrupt-snap");
     {

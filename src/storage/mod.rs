@@ -46,6 +46,8 @@ pub struct StorageConfig {
 #[derive(Debug)]
 pub struct Storage {
     config: StorageConfig,
+    /// Holds the data directory's lock for as long as this node runs.
+    _dir_lock: std::fs::File,
     log: Arc<OpLog>,
     snapshot_lock: Mutex<()>,
     /// The bucket, when snapshots are read from or written to S3.
@@ -54,6 +56,27 @@ pub struct Storage {
 
 /// Entries copied per lock acquisition while snapshotting.
 const SNAPSHOT_CHUNK: usize = 4096;
+
+/// Locks the data directory (its `LOCK` file) for this process: two nodes appending to one log
+/// would corrupt it, and one cutting the other's reserved log space at start-up would crash it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
+    let path = dir.join("LOCK");
+    let err = |e: io::Error| format!("cannot lock data directory {}: {e}", dir.display());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(err)?;
+    if !crate::os::try_lock_exclusive(&file).map_err(err)? {
+        return Err(format!(
+            "data directory {} is in use by another nun-db process (it holds {}); give each node its own --dbs-dir",
+            dir.display(),
+            path.display()
+        ));
+    }
+    Ok(file)
+}
 
 fn log_dir(dir: &Path) -> PathBuf {
     dir.join("oplog")
@@ -131,6 +154,7 @@ impl Storage {
     pub fn open(config: StorageConfig, dbs: &Databases) -> Result<Arc<Storage>, String> {
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", config.dir.display()))?;
+        let dir_lock = lock_dir(&config.dir)?;
         let started = Instant::now();
         let remote = if config.read.is_s3() || config.write.is_s3() {
             Some(Remote::connect(config.s3.clone(), config.write)?)
@@ -158,6 +182,7 @@ impl Storage {
         );
         let storage = Arc::new(Storage {
             config,
+            _dir_lock: dir_lock,
             log,
             snapshot_lock: Mutex::new(()),
             remote,
