@@ -140,12 +140,11 @@ impl Conn {
         let need = need.max(self.end - self.start + 1);
         while self.end - self.start < need {
             self.make_room(need);
-            let stream = &*self.stream;
+            let fd = self.stream.as_raw_fd();
             let n = match self
                 .spin
-                .wait(stream.as_raw_fd(), &mut self.buf[self.end..], |b| {
-                    (&*stream).read(b)
-                }) {
+                .wait(fd, &mut self.buf[self.end..], |b| crate::os::recv(fd, b))
+            {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
