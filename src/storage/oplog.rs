@@ -1,7 +1,7 @@
 //! The operation log (WAL): numbered segment files of [`Record`]s. Appends only encode into a
-//! buffer; before a write is acknowledged its record is written to the segment (copied into its
-//! mapped page cache, [`super::segment`]) by whichever waiting thread flushes first, together
-//! with everything appended meanwhile (group write). `always` also
+//! buffer; before a write is acknowledged its record is written to the segment's page cache
+//! (small groups copied into a map of it, [`super::segment`]) by whichever waiting thread
+//! flushes first, together with everything appended meanwhile (group write). `always` also
 //! fsyncs in that flush (group commit), `everysec` leaves the fsync to a background tick once a
 //! second, `no` leaves it to the OS. Every policy survives kill -9 of the process.
 
@@ -1142,6 +1142,29 @@ mod tests {
         );
         assert_ne!(ran_on, me);
         assert_eq!(durable, Some(1));
+    }
+
+    #[test]
+    fn a_writer_alone_flushes_and_answers_on_its_own_thread() {
+        for policy in [FsyncPolicy::EverySec, FsyncPolicy::Always] {
+            let dir = tmp("alone");
+            let log = OpLog::open(&dir, policy, 0, &mut |_| Ok(())).unwrap();
+            let lsn = log.append(&mut rec("a")).unwrap();
+            let ran = Arc::new(Mutex::new(None));
+            let seen = Arc::clone(&ran);
+            log.on_durable(lsn, move |durable, log| {
+                *seen.lock().unwrap() =
+                    Some((std::thread::current().id(), durable, log.last_lsn()));
+            });
+            let me = std::thread::current().id();
+            assert_eq!(*ran.lock().unwrap(), Some((me, Some(1), 1)), "{policy:?}");
+            assert!(lock(&log.completions).is_empty());
+            // Already durable: answered at once, nothing written again.
+            log.on_durable(lsn, |durable, _| assert_eq!(durable, Some(1)));
+            drop(log);
+            assert_eq!(keys(&replay(&dir).unwrap()), ["a"]);
+            let _ = fs::remove_dir_all(&dir);
+        }
     }
 
     #[test]
