@@ -44,8 +44,6 @@ impl FsyncPolicy {
 const SEGMENT_SUFFIX: &str = ".oplog";
 
 struct Inner {
-    /// The file of the segment being appended to, for fsync outside this lock.
-    file: Arc<File>,
     next_lsn: u64,
     /// LSN of the last record encoded into `buf` (or written before it).
     appended_lsn: u64,
@@ -65,6 +63,17 @@ struct FlushState {
     synced_lsn: u64,
     /// A thread is writing (and maybe syncing) a taken buffer, or rolling the segment.
     busy: bool,
+}
+
+impl FlushState {
+    /// The LSN durable per the policy: synced when `sync` (`always`), else written.
+    fn durable(&self, sync: bool) -> u64 {
+        if sync {
+            self.synced_lsn
+        } else {
+            self.written_lsn
+        }
+    }
 }
 
 /// fsync of the log's data, timed for `nundb_fsync_duration_seconds`.
@@ -426,7 +435,6 @@ impl OpLog {
             dir: dir.to_path_buf(),
             policy,
             inner: Mutex::new(Inner {
-                file: Arc::clone(tail.file()),
                 next_lsn: last_lsn + 1,
                 appended_lsn: last_lsn,
                 appended_term: last_term,
@@ -498,7 +506,6 @@ impl OpLog {
             }
         }
         sync_dir(&self.dir)?;
-        inner.file = Arc::clone(new.file());
         *tail = new;
         drop(tail);
         inner.segments.push((base + 1, path));
@@ -692,7 +699,7 @@ impl OpLog {
             return Ok(());
         }
         self.flush_to(target, false)?;
-        let file = Arc::clone(&lock(&self.inner).file);
+        let file = Arc::clone(lock(&self.tail).file());
         if let Err(e) = timed_sync(&file) {
             log::error!("fsync of the operation log failed: {e}; refusing further writes");
             self.failed.store(true, Ordering::Release);
@@ -764,13 +771,12 @@ impl OpLog {
         }
         let state = lock(&self.flush);
         if !state.busy && !self.failed.load(Ordering::Acquire) {
-            let durable_of = |s: &FlushState| if sync { s.synced_lsn } else { s.written_lsn };
-            let durable = if durable_of(&state) >= lsn {
-                let durable = durable_of(&state);
+            let durable = if state.durable(sync) >= lsn {
+                let durable = state.durable(sync);
                 drop(state);
                 Some(durable)
             } else {
-                self.flush_turn(state, sync).ok().map(|s| durable_of(&s))
+                self.flush_turn(state, sync).ok().map(|s| s.durable(sync))
             };
             done(durable, self);
             // Completions queued while this thread flushed found it busy: they are its to run.
@@ -809,7 +815,6 @@ impl OpLog {
             return;
         }
         let sync = self.policy == FsyncPolicy::Always;
-        let durable_of = |s: &FlushState| if sync { s.synced_lsn } else { s.written_lsn };
         loop {
             let durable = {
                 let state = lock(&self.flush);
@@ -818,10 +823,10 @@ impl OpLog {
                 } else if state.busy {
                     return;
                 } else {
-                    let now = durable_of(&state);
+                    let now = state.durable(sync);
                     let behind = lock(&self.completions).iter().any(|(l, _)| *l > now);
                     if behind && self.last_lsn() > now {
-                        self.flush_turn(state, sync).ok().map(|s| durable_of(&s))
+                        self.flush_turn(state, sync).ok().map(|s| s.durable(sync))
                     } else {
                         Some(now)
                     }
@@ -859,11 +864,7 @@ impl OpLog {
         if state.written_lsn < appended || (sync && state.synced_lsn < appended) {
             state = self.flush_turn(state, sync)?;
         }
-        Ok(Some(if sync {
-            state.synced_lsn
-        } else {
-            state.written_lsn
-        }))
+        Ok(Some(state.durable(sync)))
     }
 
     /// One group flush by the caller (who found nobody flushing): takes the buffer, writes it
@@ -961,7 +962,6 @@ impl OpLog {
         let path = segment_path(&self.dir, first);
         let new = Segment::open(open_segment(&path)?)?;
         sync_dir(&self.dir)?;
-        inner.file = Arc::clone(new.file());
         *tail = new;
         inner.segments.push((first, path));
         Ok(first)
